@@ -1,0 +1,69 @@
+// Argument validation shared by every backend (CPU, CUDA, emulated CUDA) of the fused conv ops.
+// The Python layer validates first with friendlier messages; these checks guard direct
+// torch.ops.resnext_kernels.* callers so that no kernel ever sees inconsistent arguments.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "conv_geometry.h"
+
+namespace rk {
+
+inline bool is_acc_dtype_of(at::ScalarType acc, at::ScalarType in) {
+  return in == at::kDouble ? acc == at::kDouble : acc == at::kFloat;
+}
+
+// Checks the arguments of conv_bn_relu_infer and returns the geometry of the convolution.
+inline ConvGeom check_conv_bn_relu_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                                        const at::Tensor& scale, const at::Tensor& shift,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (C_out, C_in/groups, KH, KW), got ",
+              weight.dim(), "-D");
+  TORCH_CHECK(input.is_floating_point(), op, ": input must be a floating-point tensor, got ",
+              input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+              " must match input dtype ", input.scalar_type());
+  TORCH_CHECK(is_acc_dtype_of(scale.scalar_type(), input.scalar_type()) && scale.scalar_type() == shift.scalar_type(),
+              op, ": scale and shift must be ", (input.scalar_type() == at::kDouble ? "float64" : "float32"),
+              " for ", input.scalar_type(), " input, got ", scale.scalar_type(), " and ", shift.scalar_type());
+  TORCH_CHECK(weight.device() == input.device() && scale.device() == input.device() &&
+                  shift.device() == input.device(),
+              op, ": input, weight, scale and shift must be on the same device");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 elements");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  const int64_t C_in = input.size(1), C_out = weight.size(0);
+  TORCH_CHECK(C_in % groups == 0, op, ": input channels (", C_in, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(C_out % groups == 0, op, ": weight.size(0) (", C_out, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(weight.size(1) * groups == C_in, op, ": weight.size(1) must be C_in/groups = ", C_in / groups,
+              ", got ", weight.size(1));
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == C_out && shift.dim() == 1 && shift.size(0) == C_out, op,
+              ": scale and shift must be 1-D with C_out = ", C_out, " elements");
+  ConvGeom g{};
+  g.N = input.size(0);
+  g.C_in = C_in;
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.C_out = C_out;
+  g.KH = static_cast<int32_t>(weight.size(2));
+  g.KW = static_cast<int32_t>(weight.size(3));
+  g.stride_h = static_cast<int32_t>(stride[0]);
+  g.stride_w = static_cast<int32_t>(stride[1]);
+  g.pad_h = static_cast<int32_t>(padding[0]);
+  g.pad_w = static_cast<int32_t>(padding[1]);
+  g.dil_h = static_cast<int32_t>(dilation[0]);
+  g.dil_w = static_cast<int32_t>(dilation[1]);
+  g.groups = static_cast<int32_t>(groups);
+  g.OH = conv_out_size(g.H, g.KH, g.stride_h, g.pad_h, g.dil_h);
+  g.OW = conv_out_size(g.W, g.KW, g.stride_w, g.pad_w, g.dil_w);
+  TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the (padded) input ", g.H, "x", g.W,
+              " is smaller than the dilated kernel ", g.KH, "x", g.KW);
+  return g;
+}
+
+}  // namespace rk

@@ -1,0 +1,231 @@
+// CPU kernel of conv_bn_relu_infer: grouped KxK convolution + folded BatchNorm + optional ReLU in one
+// pass over NHWC data.
+//
+// How it works
+//   * The weight is packed once per call into wp[kh][kw][ci][co] (ci local to the group, co over all
+//     output channels) in the accumulation type, with the BN scale folded in; the accumulator of an
+//     output pixel starts at the BN shift, so the epilogue is only the optional ReLU and the store.
+//   * Work items are output rows (n, oh), split across threads by at::parallel_for; a row is processed
+//     in column tiles sized so that a thread's scratch stays cache-sized.
+//   * Vectorization runs across output channels (contiguous in NHWC and in wp), in one of two ways:
+//       broadcast: when a group has >= kBroadcastMinWidth output channels (dense and wide groups), each
+//                  input value is broadcast and multiplied into its group's slice of the accumulator;
+//       expand:    when groups are narrow (ResNeXt's 4 or 8 channels per group, depthwise), the input
+//                  columns of the tile are first expanded to e[ci][co] = x[group(co) * cpg_in + ci], so
+//                  that the inner loop runs over all C_out channels with no per-group bookkeeping.
+//   * Runtime ISA dispatch: the row function is compiled for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3)
+//     and baseline x86-64 with GCC's target_clones; the loader picks the best at first call.
+// Accumulation is float for float32/bfloat16 and double for float64. All indexing is 64-bit.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/conv_checks.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RK_CPU_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RK_CPU_ISA_CLONES
+#endif
+#define RK_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+namespace rk {
+namespace cpu {
+namespace {
+
+// Narrowest group (in output channels) for which broadcasting inputs beats expanding them.
+constexpr int64_t kBroadcastMinWidth = 16;
+// Per-thread scratch budget (elements of the accumulation type) that sizes the column tiles.
+constexpr int64_t kScratchBudget = 64 * 1024;
+
+template <typename acc_t>
+RK_ALWAYS_INLINE void axpy(acc_t* __restrict acc, acc_t a, const acc_t* __restrict w, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += a * w[i];
+}
+
+template <typename acc_t>
+RK_ALWAYS_INLINE void fma_rows(acc_t* __restrict acc, const acc_t* __restrict x, const acc_t* __restrict w,
+                               int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += x[i] * w[i];
+}
+
+struct Tiling {
+  bool expand;       // expand narrow groups (see header comment) or broadcast
+  int64_t tile_ow;   // output columns per tile
+  int64_t span;      // input columns a tile reads: (tile_ow - 1) * stride_w + (KW - 1) * dil_w + 1
+  int64_t acc_size;  // tile_ow * C_out
+  int64_t expand_size;
+};
+
+inline Tiling plan_tiling(const ConvGeom& g) {
+  const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
+  Tiling t{};
+  t.expand = g.groups > 1 && cpg_out < kBroadcastMinWidth;
+  // Per output column: the accumulator row, plus (expand) KH expanded input columns per stride step.
+  const int64_t per_col = g.C_out + (t.expand ? int64_t(g.KH) * g.stride_w * cpg_in * g.C_out : 0);
+  t.tile_ow = std::clamp<int64_t>(kScratchBudget / std::max<int64_t>(per_col, 1), 1, g.OW);
+  t.span = (t.tile_ow - 1) * g.stride_w + int64_t(g.KW - 1) * g.dil_w + 1;
+  t.acc_size = t.tile_ow * g.C_out;
+  t.expand_size = t.expand ? int64_t(g.KH) * t.span * cpg_in * g.C_out : 0;
+  return t;
+}
+
+// Computes output rows [row_begin, row_end) (row = n * OH + oh). `acc` and `ex` are the thread's scratch.
+template <typename scalar_t, typename acc_t>
+RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const scalar_t* __restrict in,
+                                     const acc_t* __restrict wp, const acc_t* __restrict shift,
+                                     const int64_t* __restrict src_channel, scalar_t* __restrict out, bool relu,
+                                     int64_t row_begin, int64_t row_end, acc_t* __restrict acc,
+                                     acc_t* __restrict ex) {
+  const int64_t C_in = g.C_in, C_out = g.C_out;
+  const int64_t cpg_in = C_in / g.groups, cpg_out = C_out / g.groups;
+  const int64_t tap_stride = cpg_in * C_out;  // wp elements per (kh, kw)
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / g.OH, oh = row % g.OH;
+    const int64_t ih0 = oh * g.stride_h - g.pad_h;
+    for (int64_t ow0 = 0; ow0 < g.OW; ow0 += tl.tile_ow) {
+      const int64_t nt = std::min(tl.tile_ow, g.OW - ow0);
+      const int64_t iw0 = ow0 * g.stride_w - g.pad_w;
+      for (int64_t t = 0; t < nt; ++t) std::copy(shift, shift + C_out, acc + t * C_out);
+
+      if (tl.expand) {
+        // ex[kh][j][ci][co] = x[n, ih0 + kh*dil, iw0 + j, src_channel[co] + ci] for in-bounds columns j.
+        for (int32_t kh = 0; kh < g.KH; ++kh) {
+          const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
+          if (ih < 0 || ih >= g.H) continue;
+          for (int64_t j = 0; j < tl.span; ++j) {
+            const int64_t iw = iw0 + j;
+            if (iw < 0 || iw >= g.W) continue;
+            const scalar_t* px = in + ((n * g.H + ih) * g.W + iw) * C_in;
+            acc_t* e = ex + (int64_t(kh) * tl.span + j) * tap_stride;
+            for (int64_t ci = 0; ci < cpg_in; ++ci, e += C_out) {
+              for (int64_t co = 0; co < C_out; ++co) e[co] = static_cast<acc_t>(px[src_channel[co] + ci]);
+            }
+          }
+        }
+      }
+
+      for (int64_t t = 0; t < nt; ++t) {
+        acc_t* a = acc + t * C_out;
+        for (int32_t kh = 0; kh < g.KH; ++kh) {
+          const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
+          if (ih < 0 || ih >= g.H) continue;
+          for (int32_t kw = 0; kw < g.KW; ++kw) {
+            const int64_t j = t * g.stride_w + int64_t(kw) * g.dil_w;
+            const int64_t iw = iw0 + j;
+            if (iw < 0 || iw >= g.W) continue;
+            const acc_t* w = wp + (int64_t(kh) * g.KW + kw) * tap_stride;
+            if (tl.expand) {
+              const acc_t* e = ex + (int64_t(kh) * tl.span + j) * tap_stride;
+              for (int64_t ci = 0; ci < cpg_in; ++ci) fma_rows(a, e + ci * C_out, w + ci * C_out, C_out);
+            } else {
+              const scalar_t* px = in + ((n * g.H + ih) * g.W + iw) * C_in;
+              for (int64_t grp = 0; grp < g.groups; ++grp) {
+                for (int64_t ci = 0; ci < cpg_in; ++ci) {
+                  axpy(a + grp * cpg_out, static_cast<acc_t>(px[grp * cpg_in + ci]),
+                       w + ci * C_out + grp * cpg_out, cpg_out);
+                }
+              }
+            }
+          }
+        }
+        scalar_t* o = out + ((n * g.OH + oh) * g.OW + ow0 + t) * C_out;
+        if (relu) {
+          for (int64_t co = 0; co < C_out; ++co) o[co] = static_cast<scalar_t>(a[co] > acc_t(0) ? a[co] : acc_t(0));
+        } else {
+          for (int64_t co = 0; co < C_out; ++co) o[co] = static_cast<scalar_t>(a[co]);
+        }
+      }
+    }
+  }
+}
+
+// One ISA-dispatched entry point per dtype (target_clones needs plain functions).
+#define RK_DEFINE_CONV_ROWS(NAME, scalar_t, acc_t)                                                          \
+  RK_CPU_ISA_CLONES void NAME(const ConvGeom& g, const Tiling& tl, const scalar_t* in, const acc_t* wp,      \
+                              const acc_t* shift, const int64_t* src_channel, scalar_t* out, bool relu,     \
+                              int64_t row_begin, int64_t row_end, acc_t* acc, acc_t* ex) {                  \
+    conv_rows_impl<scalar_t, acc_t>(g, tl, in, wp, shift, src_channel, out, relu, row_begin, row_end, acc, \
+                                    ex);                                                                    \
+  }
+RK_DEFINE_CONV_ROWS(conv_rows, float, float)
+RK_DEFINE_CONV_ROWS(conv_rows, double, double)
+RK_DEFINE_CONV_ROWS(conv_rows, c10::BFloat16, float)
+#undef RK_DEFINE_CONV_ROWS
+
+// wp[kh][kw][ci][co] = weight[co][ci][kh][kw] * scale[co], in the accumulation type.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale) {
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor s = scale.contiguous();
+  const scalar_t* wsrc = w.data_ptr<scalar_t>();
+  const acc_t* sc = s.data_ptr<acc_t>();
+  const int64_t cpg_in = g.C_in / g.groups, khw = int64_t(g.KH) * g.KW;
+  std::vector<acc_t> wp(khw * cpg_in * g.C_out);
+  for (int64_t co = 0; co < g.C_out; ++co) {
+    for (int64_t ci = 0; ci < cpg_in; ++ci) {
+      for (int64_t k = 0; k < khw; ++k) {
+        wp[(k * cpg_in + ci) * g.C_out + co] = static_cast<acc_t>(wsrc[(co * cpg_in + ci) * khw + k]) * sc[co];
+      }
+    }
+  }
+  return wp;
+}
+
+template <typename scalar_t, typename acc_t>
+void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, const at::Tensor& weight,
+                            const at::Tensor& scale, const at::Tensor& shift, at::Tensor& out_nhwc, bool relu) {
+  const std::vector<acc_t> wp = pack_weight<scalar_t, acc_t>(g, weight, scale);
+  const at::Tensor shift_c = shift.contiguous();
+  const acc_t* sh = shift_c.data_ptr<acc_t>();
+  const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
+  std::vector<int64_t> src_channel(g.C_out);
+  for (int64_t co = 0; co < g.C_out; ++co) src_channel[co] = (co / cpg_out) * cpg_in;
+  const Tiling tl = plan_tiling(g);
+  const scalar_t* in = input_nhwc.data_ptr<scalar_t>();
+  scalar_t* out = out_nhwc.data_ptr<scalar_t>();
+  // Grain: enough rows per task that a task does at least ~64k multiply-adds.
+  const int64_t macs_per_row = g.OW * g.C_out * cpg_in * g.KH * g.KW;
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(macs_per_row, 1));
+  at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(tl.acc_size), ex(tl.expand_size);
+    conv_rows(g, tl, in, wp.data(), sh, src_channel.data(), out, relu, begin, end, acc.data(), ex.data());
+  });
+}
+
+at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scale,
+                                  const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const ConvGeom g = check_conv_bn_relu_args("resnext_kernels::conv_bn_relu_infer", input, weight, scale, shift,
+                                             stride, padding, dilation, groups);
+  TORCH_CHECK(input.device().is_cpu(), "conv_bn_relu_infer (CPU kernel): input must be a CPU tensor");
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+              "conv_bn_relu_infer (CPU kernel): input dtype must be float32, float64 or bfloat16, got ", dtype,
+              " (resnext_kernels.ops routes other dtypes to ATen)");
+  const bool channels_last_out = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  at::Tensor out = at::empty({g.N, g.C_out, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() > 0) {
+    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_bn_relu_infer_cpu", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      conv_bn_relu_cpu_typed<scalar_t, acc_t>(g, x, weight, scale, shift, out, relu);
+    });
+  }
+  return channels_last_out ? out : out.contiguous();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace rk
+
+TORCH_LIBRARY_IMPL(resnext_kernels, CPU, m) {
+  m.impl("conv_bn_relu_infer", &rk::cpu::conv_bn_relu_infer_cpu);
+}

@@ -1,0 +1,21 @@
+"""resnext_kernels: fused grouped-convolution + BatchNorm + ReLU kernels (CPU and CUDA) for ResNeXt.
+
+Importing the package loads the compiled operator library (``torch.ops.resnext_kernels``) and
+registers the Python-side pieces (fake kernels, autocast handling). See ``README.md``.
+"""
+
+import torch  # noqa: F401  (the operator library links against torch; import it first)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.resnext_kernels.*)
+except ImportError as e:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "resnext_kernels: the compiled extension resnext_kernels._C could not be loaded "
+        f"({e}). Build it with `pip install --no-build-isolation .` in the project checkout."
+    ) from e
+
+from . import nn, ops  # noqa: E402
+from .ops import Decision, conv_bn_relu, explain, force_reference  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["Decision", "conv_bn_relu", "explain", "force_reference", "nn", "ops"]

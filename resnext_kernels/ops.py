@@ -1,0 +1,279 @@
+"""Functional API of resnext_kernels: argument checking, the dispatch decision, fake kernels, autocast.
+
+The fused operation is ``relu?(batch_norm(conv2d(input, weight, stride, padding, dilation, groups)))``
+with no convolution bias. Every call goes to one of three paths:
+
+* ``"cpu"``:  the project's C++ kernel (``torch.ops.resnext_kernels.conv_bn_relu_infer`` on CPU),
+* ``"cuda"``: the project's CUDA kernel (same op on CUDA tensors),
+* ``"aten"``: PyTorch's own ``conv2d -> batch_norm -> relu`` (cuDNN on GPU, oneDNN on CPU) for every case
+  the kernels do not cover, or when the reference path is forced.
+
+:func:`explain` returns the path a call takes and why; :func:`force_reference` (or the environment
+variable ``RESNEXT_KERNELS_FORCE_ATEN=1``) forces the ATen path for A/B comparisons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _build_info
+
+__all__ = [
+    "Decision",
+    "conv_bn_relu",
+    "explain",
+    "force_reference",
+    "fold_batch_norm",
+]
+
+FORCE_ATEN_ENV = "RESNEXT_KERNELS_FORCE_ATEN"
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_force = threading.local()
+
+IntPair = int | Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Which implementation a call runs (``"cpu"``, ``"cuda"`` or ``"aten"``) and why."""
+
+    path: str
+    reason: str
+
+    @property
+    def fused(self) -> bool:
+        return self.path != "aten"
+
+
+@contextlib.contextmanager
+def force_reference(enabled: bool = True) -> Iterator[None]:
+    """Within the block (in this thread), every fused op runs the ATen reference sequence instead."""
+    previous = getattr(_force, "enabled", False)
+    _force.enabled = enabled
+    try:
+        yield
+    finally:
+        _force.enabled = previous
+
+
+def _reference_forced() -> str | None:
+    if getattr(_force, "enabled", False):
+        return "forced by resnext_kernels.ops.force_reference()"
+    if os.environ.get(FORCE_ATEN_ENV, "0") not in ("", "0"):
+        return f"forced by the environment variable {FORCE_ATEN_ENV}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checking (Python exceptions that name the argument; the C++ kernels re-check with TORCH_CHECK)
+# ----------------------------------------------------------------------------------------------------
+
+def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, Sequence) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _check_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_conv_args(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
+                     groups: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    _check_tensor(input, "input")
+    _check_tensor(weight, "weight")
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (C_out, C_in/groups, KH, KW), got shape {tuple(weight.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride_p = _pair(stride, "stride", 1)
+    padding_p = _pair(padding, "padding", 0)
+    dilation_p = _pair(dilation, "dilation", 1)
+    c_in, c_out = input.shape[1], weight.shape[0]
+    if c_in % groups:
+        raise ValueError(f"input channels ({c_in}) must be divisible by groups ({groups})")
+    if c_out % groups:
+        raise ValueError(f"weight.shape[0] (output channels, {c_out}) must be divisible by groups ({groups})")
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(f"weight.shape[1] must be input channels / groups = {c_in // groups}, "
+                         f"got weight of shape {tuple(weight.shape)}")
+    for dim, (size, k) in enumerate(zip(input.shape[2:], weight.shape[2:])):
+        if size + 2 * padding_p[dim] < dilation_p[dim] * (k - 1) + 1:
+            raise ValueError(f"input spatial size {tuple(input.shape[2:])} (padded by {padding_p}) is smaller "
+                             f"than the dilated kernel {tuple(weight.shape[2:])} (dilation {dilation_p})")
+    return stride_p, padding_p, dilation_p
+
+
+def _check_bn_args(input: Tensor, c_out: int, running_mean: Tensor | None, running_var: Tensor | None,
+                   bn_weight: Tensor | None, bn_bias: Tensor | None, training: bool, eps: float) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if t is None:
+            continue
+        _check_tensor(t, name)
+        if t.dim() != 1 or t.shape[0] != c_out:
+            raise ValueError(f"{name} must be 1-D with {c_out} elements (the output channels), "
+                             f"got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dispatch decision
+# ----------------------------------------------------------------------------------------------------
+
+def _cuda_unsupported_reason(input: Tensor, weight: Tensor) -> str | None:
+    """Mirror of the CUDA kernel's coverage rules (csrc/cuda/kernels/conv_bn_relu_fwd.cuh)."""
+    from . import _cuda_coverage
+    return _cuda_coverage.unsupported_reason(input, weight)
+
+
+def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntPair = 1, dilation: IntPair = 1,
+            groups: int = 1, training: bool = False, requires_grad: bool | None = None) -> Decision:
+    """Tells which path :func:`conv_bn_relu` takes for these arguments, and why.
+
+    ``requires_grad`` defaults to whether autograd would record the call (grad mode on and input or
+    weight requiring grad).
+    """
+    _check_conv_args(input, weight, stride, padding, dilation, groups)
+    forced = _reference_forced()
+    if forced:
+        return Decision("aten", forced)
+    if training:
+        return Decision("aten", "batch-statistics (training-mode) BatchNorm runs PyTorch's conv2d -> "
+                                "batch_norm -> relu; the fused kernels cover inference-form BN")
+    if requires_grad is None:
+        requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+    if requires_grad:
+        return Decision("aten", "autograd is recording this call; the fused inference kernel has no backward, "
+                                "so PyTorch's differentiable sequence runs")
+    device = input.device.type
+    if device == "cpu":
+        if input.dtype not in _CPU_DTYPES:
+            return Decision("aten", f"the CPU kernel covers float32, float64 and bfloat16, not {input.dtype}")
+        return Decision("cpu", "C++ fused kernel")
+    if device == "cuda":
+        if not _build_info.WITH_CUDA:
+            return Decision("aten", "resnext_kernels was built without CUDA kernels "
+                                    "(see `python -m resnext_kernels.info`)")
+        if input.dtype not in _CUDA_DTYPES:
+            return Decision("aten", f"the CUDA kernel covers float16, bfloat16, float32 and float64, "
+                                    f"not {input.dtype}")
+        reason = _cuda_unsupported_reason(input, weight)
+        if reason is not None:
+            return Decision("aten", reason)
+        return Decision("cuda", "CUDA fused kernel")
+    return Decision("aten", f"no fused kernel for device type {device!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The functional op
+# ----------------------------------------------------------------------------------------------------
+
+def fold_batch_norm(running_mean: Tensor, running_var: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                    eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) with ``bn(y) == y * scale + shift`` in inference form, in ``dtype``."""
+    inv_std = torch.rsqrt(running_var.to(dtype) + eps)
+    scale = inv_std if bn_weight is None else bn_weight.to(dtype) * inv_std
+    shift = -running_mean.to(dtype) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(dtype)
+    return scale.contiguous(), shift.contiguous()
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Casts like autocast casts F.conv2d (a lower-precision op): floating, non-double inputs."""
+    device = input.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and input.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device)
+        return input.to(dtype), weight.to(dtype)
+    return input, weight
+
+
+def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                 bn_weight: Tensor | None = None, bn_bias: Tensor | None = None, *, training: bool = False,
+                 momentum: float = 0.1, eps: float = 1e-5, stride: IntPair = 1, padding: IntPair = 1,
+                 dilation: IntPair = 1, groups: int = 1, relu: bool = True) -> Tensor:
+    """``relu(batch_norm(conv2d(input, weight, None, stride, padding, dilation, groups), ...))`` fused.
+
+    BatchNorm arguments follow :func:`torch.nn.functional.batch_norm` (``running_mean``,
+    ``running_var``, ``bn_weight``, ``bn_bias``, ``training``, ``momentum``, ``eps``): in training mode
+    the batch statistics are used and the running buffers updated in place, exactly as there. ``relu``
+    switches the final ReLU. Which implementation runs is described by :func:`explain`.
+    """
+    stride_p, padding_p, dilation_p = _check_conv_args(input, weight, stride, padding, dilation, groups)
+    _check_bn_args(input, weight.shape[0], running_mean, running_var, bn_weight, bn_bias, training, eps)
+    decision = explain(input, weight, stride=stride_p, padding=padding_p, dilation=dilation_p, groups=groups,
+                       training=training)
+    if not decision.fused:
+        y = F.conv2d(input, weight, None, stride_p, padding_p, dilation_p, groups)
+        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+        return F.relu(y) if relu else y
+    x, w = _autocast(input, weight)
+    scale, shift = fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps,
+                                   _accumulation_dtype(x.dtype))
+    return torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, list(stride_p), list(padding_p),
+                                                        list(dilation_p), groups, relu)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes, dtypes and memory formats for torch.compile and opcheck
+# ----------------------------------------------------------------------------------------------------
+
+def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _suggest_memory_format(t: Tensor) -> torch.memory_format:
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(t)
+
+
+@torch.library.register_fake("resnext_kernels::conv_bn_relu_infer")
+def _conv_bn_relu_infer_fake(input, weight, scale, shift, stride, padding, dilation, groups, relu):
+    torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "input and weight must be 4-D")
+    torch._check(weight.shape[1] * groups == input.shape[1], lambda: "weight.shape[1] * groups != C_in")
+    n, _, h, w = input.shape
+    oh = _conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = _conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
+    return input.new_empty((n, weight.shape[0], oh, ow)).contiguous(memory_format=_suggest_memory_format(input))

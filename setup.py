@@ -1,0 +1,205 @@
+"""Build script of resnext_kernels.
+
+Extensions:
+  resnext_kernels._C    the operators: CPU kernels (C++), and CUDA kernels when nvcc is available.
+  resnext_kernels._emu  the project's CUDA kernels compiled by g++ for the CUDA-on-CPU emulator
+                        (tests run every CUDA kernel through it; see csrc/emu/README.md).
+
+Environment switches:
+  FORCE_CUDA=1                 a missing CUDA toolkit is an error instead of a CPU-only build
+  RESNEXT_KERNELS_NO_CUDA=1    build the CPU kernels only, even when nvcc is present
+  RESNEXT_KERNELS_NO_EMULATOR=1  skip the emulated build of the CUDA kernels
+  TORCH_CUDA_ARCH_LIST         CUDA architectures (default "8.0;9.0", plus PTX of the newest)
+  CUDA_HOME                    CUDA toolkit root (default: derived from nvcc, then /usr/local/cuda)
+  NVCC_THREADS                 nvcc --threads (default 2: the archs compile in parallel)
+  MAX_JOBS                     parallel compile jobs of ninja (torch's own switch)
+  RESNEXT_KERNELS_DEBUG=1      -O0 -g builds
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _say(msg):
+    print(f"[resnext_kernels] {msg}", file=sys.stderr, flush=True)
+
+
+def _cuda_home_from_nvcc(nvcc):
+    """The toolkit root as nvcc itself reports it (robust to wrapper scripts and symlinks)."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if not m:
+        return None
+    return os.path.realpath(m.group(1).strip())
+
+
+def find_cuda_home():
+    """CUDA_HOME/CUDA_PATH if set, else the root nvcc reports, else /usr/local/cuda; None if absent."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = _cuda_home_from_nvcc(nvcc)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+def pip_cuda_include_dirs():
+    """Headers shipped by the `nvidia-*` pip packages (cublas_v2.h, cusparse.h, cuda_fp16.h, ...)."""
+    try:
+        import nvidia  # noqa: F401  (namespace package installed with CUDA builds of torch)
+    except ImportError:
+        return []
+    dirs = []
+    for base in getattr(sys.modules["nvidia"], "__path__", []):
+        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported: settle it first.
+CUDA_HOME = None if _env_flag("RESNEXT_KERNELS_NO_CUDA") else find_cuda_home()
+if CUDA_HOME:
+    os.environ["CUDA_HOME"] = CUDA_HOME
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def cuda_build_decision():
+    """(build_cuda, reason)."""
+    if _env_flag("RESNEXT_KERNELS_NO_CUDA"):
+        return False, "RESNEXT_KERNELS_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"this torch ({torch.__version__}) is a CPU-only build"
+    if CUDA_HOME is None:
+        return False, "no CUDA toolkit found (no nvcc on PATH, CUDA_HOME unset, no /usr/local/cuda)"
+    return True, f"nvcc found in {CUDA_HOME}; torch built with CUDA {torch.version.cuda}"
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def cuda_header_dirs():
+    """Where cuda_fp16.h & co. live, for the g++-compiled emulator and for the toolkit's gaps."""
+    dirs = []
+    if CUDA_HOME:
+        dirs += [d for d in (os.path.join(CUDA_HOME, "include"),
+                             os.path.join(CUDA_HOME, "targets", "x86_64-linux", "include")) if os.path.isdir(d)]
+    return dirs
+
+
+def extra_cuda_include_dirs():
+    """pip-installed headers that the toolkit lacks but torch's headers include (cusparse.h, cublas_v2.h)."""
+    have = set()
+    for d in cuda_header_dirs():
+        have |= set(os.listdir(d))
+    extra = []
+    for d in pip_cuda_include_dirs():
+        if any(h in os.listdir(d) and h not in have for h in ("cusparse.h", "cublas_v2.h", "cublasLt.h")):
+            extra.append(d)
+    return extra
+
+
+def build_extensions():
+    debug = _env_flag("RESNEXT_KERNELS_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-std=c++20", "-fopenmp-simd", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    build_cuda, reason = cuda_build_decision()
+    if not build_cuda and _env_flag("FORCE_CUDA"):
+        raise RuntimeError(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+    extensions = []
+    c_sources = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
+    if build_cuda:
+        _say(f"building CUDA + CPU kernels ({reason}); TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        nvcc_flags = opt + [
+            "-std=c++20",
+            "--threads", os.environ.get("NVCC_THREADS", "2"),
+            "-Xptxas", "-v",  # resource usage of every kernel in the build log (spill check: scripts/check_ptxas.py)
+            "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        ]
+        extensions.append(CUDAExtension(
+            "resnext_kernels._C",
+            c_sources + sources("csrc/cuda/*.cu"),
+            include_dirs=include_dirs + extra_cuda_include_dirs(),
+            define_macros=[("RK_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        ))
+    else:
+        _say(f"building CPU kernels only: {reason}. Set FORCE_CUDA=1 to make this an error.")
+        extensions.append(CppExtension("resnext_kernels._C", c_sources, include_dirs=include_dirs,
+                                       extra_compile_args={"cxx": cxx_flags}))
+
+    if _env_flag("RESNEXT_KERNELS_NO_EMULATOR"):
+        _say("skipping the emulated CUDA build (RESNEXT_KERNELS_NO_EMULATOR=1)")
+    else:
+        emu_includes = cuda_header_dirs() or pip_cuda_include_dirs()
+        if not emu_includes:
+            _say("skipping the emulated CUDA build: no CUDA headers (cuda_fp16.h) found")
+        else:
+            extensions.append(CppExtension(
+                "resnext_kernels._emu",
+                sources("csrc/emu/*.cpp"),
+                include_dirs=include_dirs + emu_includes,
+                define_macros=[("RK_EMULATOR", "1")],
+                extra_compile_args={"cxx": cxx_flags},
+            ))
+    return extensions
+
+
+def write_build_info(build_cuda):
+    """Recorded at build time, printed by `python -m resnext_kernels.info`."""
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"] if build_cuda else ""
+    nvcc_version = ""
+    if build_cuda:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+        m = re.search(r"release ([0-9.]+)", out.stdout)
+        nvcc_version = m.group(1) if m else "unknown"
+    with open(os.path.join(ROOT, "resnext_kernels", "_build_info.py"), "w") as f:
+        f.write("# Generated by setup.py; do not edit.\n")
+        f.write(f"WITH_CUDA = {build_cuda!r}\n")
+        f.write(f"CUDA_ARCH_LIST = {archs!r}\n")
+        f.write(f"NVCC_VERSION = {nvcc_version!r}\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+
+
+EXTENSIONS = build_extensions()
+write_build_info(any(isinstance(e.sources, list) and any(s.endswith(".cu") for s in e.sources) for e in EXTENSIONS))
+
+setup(
+    name="resnext_kernels",
+    version="0.1.0",
+    description="Fused grouped-convolution + BatchNorm + ReLU kernels (CPU and CUDA) for ResNeXt",
+    packages=find_packages(include=["resnext_kernels", "resnext_kernels.*"]),
+    ext_modules=EXTENSIONS,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+)

@@ -1,0 +1,357 @@
+"""The fused grouped conv + BN + ReLU op (inference form) on CPU, against float64 references."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import (RESNEXT50_STAGES, random_bn, reference_conv_affine_relu, reference_conv_bn_relu,
+                       rel_err)
+from torch import nn
+
+import resnext_kernels as rk
+from resnext_kernels import ops
+
+# (N, C_in, C_out, H, W, groups, kernel, stride, padding, dilation)
+EDGE_CASES = [
+    (1, 32, 32, 7, 9, 32, 3, 1, 1, 1),     # depthwise, odd H/W
+    (2, 64, 64, 8, 8, 32, 3, 2, 1, 1),     # ResNeXt groups, stride 2
+    (2, 16, 24, 9, 7, 1, 3, 1, 0, 1),      # dense, padding 0, C_out != C_in
+    (1, 24, 24, 11, 10, 3, 3, 1, 2, 2),    # dilation 2
+    (1, 64, 128, 6, 5, 1, 3, 2, 1, 1),     # dense, wide output (broadcast path, several blocks)
+    (2, 128, 128, 5, 5, 2, 3, 1, 1, 1),    # 64 channels per group
+    (1, 12, 12, 5, 5, 6, 1, 1, 0, 1),      # 1x1 kernel
+    (1, 8, 8, 1, 1, 2, 3, 1, 1, 1),        # 1x1 spatial
+    (1, 10, 20, 6, 7, 5, 3, 2, 0, 1),      # stride 2, padding 0, odd channel counts
+    (1, 16, 16, 9, 9, 4, 5, 1, 2, 1),      # 5x5 kernel
+    (3, 48, 48, 4, 6, 16, 3, (1, 2), (1, 0), (2, 1)),  # asymmetric stride/padding/dilation
+    (0, 32, 32, 8, 8, 32, 3, 1, 1, 1),     # empty batch
+]
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def _make(case, dtype, channels_last, generator=None):
+    n, cin, cout, h, w, groups, k, stride, padding, dilation = case
+    x = torch.randn(n, cin, h, w, generator=generator).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(cout, cin // groups, k, k, generator=generator) / (cin // groups * k * k) ** 0.5).to(dtype)
+    return x, wt, random_bn(cout, generator=generator), (_pair(stride), _pair(padding), _pair(dilation), groups)
+
+
+def _bf16_bound(x, wt, bn, conv_args, ref):
+    """PyTorch's own bfloat16 error on the same problem (the bar a bf16 kernel is held to)."""
+    stride, padding, dilation, groups = conv_args
+    mean, var, gamma, beta = bn
+    own = F.relu(F.batch_norm(F.conv2d(x, wt, None, stride, padding, dilation, groups),
+                              mean.bfloat16(), var.bfloat16(), gamma.bfloat16(), beta.bfloat16(), False, 0.0, 1e-5))
+    return rel_err(own, ref)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: "x".join(map(str, c)).replace(" ", ""))
+def test_matches_reference(case, dtype, channels_last):
+    x, wt, bn, (stride, padding, dilation, groups) = _make(case, dtype, channels_last)
+    mean, var, gamma, beta = bn
+    x_before, w_before, bn_before = x.clone(), wt.clone(), [t.clone() for t in bn]
+    assert rk.explain(x, wt, stride=stride, padding=padding, dilation=dilation, groups=groups).path == "cpu"
+
+    out = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, stride=stride, padding=padding, dilation=dilation,
+                          groups=groups)
+    ref = reference_conv_bn_relu(x, wt, mean, var, gamma, beta, 1e-5, stride, padding, dilation, groups)
+
+    assert out.shape == ref.shape and out.dtype == dtype
+    expected_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format)
+    err = rel_err(out, ref)
+    if dtype == torch.float64:
+        assert err <= 1e-12
+    elif dtype == torch.float32:
+        assert err <= 1e-5
+    else:
+        assert err <= 2 * _bf16_bound(x, wt, bn, (stride, padding, dilation, groups), ref) + 1e-3
+    # inputs and BN buffers are never modified
+    assert torch.equal(x, x_before) and torch.equal(wt, w_before)
+    assert all(torch.equal(a, b) for a, b in zip(bn, bn_before))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 8, 15, 16, 17, 32, 64])
+def test_channels_per_group(channels):
+    groups = 4
+    case = (2, channels * groups, channels * groups, 6, 5, groups, 3, 1, 1, 1)
+    x, wt, (mean, var, gamma, beta), (stride, padding, dilation, g) = _make(case, torch.float64, True)
+    out = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, stride=stride, padding=padding, dilation=dilation,
+                          groups=g)
+    ref = reference_conv_bn_relu(x, wt, mean, var, gamma, beta, 1e-5, stride, padding, dilation, g)
+    assert rel_err(out, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels,size", RESNEXT50_STAGES)
+def test_resnext50_stage_shapes(channels, size, stride):
+    x = torch.randn(1, channels, size, size).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(channels, channels // 32, 3, 3) / (channels // 32 * 9) ** 0.5
+    mean, var, gamma, beta = random_bn(channels)
+    out = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, stride=stride, padding=1, groups=32)
+    ref = reference_conv_bn_relu(x, wt, mean, var, gamma, beta, 1e-5, stride, 1, 1, 32)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_without_relu_and_without_affine():
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    wt = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    mean, var, _, _ = random_bn(8, dtype=torch.float64)
+    out = rk.conv_bn_relu(x, wt, mean, var, None, None, groups=2, relu=False)
+    ref = reference_conv_bn_relu(x, wt, mean, var, None, None, 1e-5, 1, 1, 1, 2, relu=False)
+    assert (ref < 0).any() and rel_err(out, ref) <= 1e-12
+
+
+def test_non_contiguous_input():
+    base = torch.randn(2, 16, 12, 14, dtype=torch.float64)
+    x = base[:, ::2, 1::2, ::2]  # strided view
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(8, 2, 3, 3, dtype=torch.float64)
+    mean, var, gamma, beta = random_bn(8, dtype=torch.float64)
+    out = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, groups=4)
+    ref = reference_conv_bn_relu(x, wt, mean, var, gamma, beta, 1e-5, 1, 1, 1, 4)
+    assert rel_err(out, ref) <= 1e-12
+
+
+def test_raw_op_contract():
+    x = torch.randn(2, 12, 7, 6)
+    wt = torch.randn(6, 4, 3, 3)
+    scale, shift = torch.rand(6) + 0.5, torch.randn(6)
+    out = torch.ops.resnext_kernels.conv_bn_relu_infer(x, wt, scale, shift, [2, 1], [1, 0], [1, 2], 3, False)
+    ref = reference_conv_affine_relu(x, wt, scale, shift, (2, 1), (1, 0), (1, 2), 3, relu=False)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_fold_batch_norm():
+    mean, var, gamma, beta = random_bn(5, dtype=torch.float64)
+    scale, shift = ops.fold_batch_norm(mean, var, gamma, beta, 1e-3, torch.float64)
+    y = torch.randn(3, 5, 2, 2, dtype=torch.float64)
+    expected = F.batch_norm(y, mean, var, gamma, beta, False, 0.0, 1e-3)
+    torch.testing.assert_close(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------
+
+def _sequential(cin, cout, stride, groups, dilation=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, dilation, dilation, groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def _randomize_bn(bn):
+    with torch.no_grad():
+        mean, var, gamma, beta = random_bn(bn.num_features)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(gamma)
+        bn.bias.copy_(beta)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_module_state_dict_and_eval_output(channels_last):
+    ref = _sequential(128, 128, 1, 32)
+    _randomize_bn(ref[1])
+    ref.eval()
+    ours = rk.nn.FusedGroupedConvBNReLU(128, 128, stride=1, groups=32).eval()
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 128, 13, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert ours.explain(x).path == "cpu"
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+    # and back: our state dict loads into the torch.nn sequence
+    ref2 = _sequential(128, 128, 1, 32)
+    ref2.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_module_from_modules_shares_tensors():
+    seq = _sequential(16, 16, 2, 4, dilation=2)
+    _randomize_bn(seq[1])
+    seq.eval()
+    ours = rk.nn.FusedGroupedConvBNReLU.from_modules(seq[0], seq[1])
+    assert ours.conv.weight is seq[0].weight
+    x = torch.randn(1, 16, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), seq(x), rtol=1e-4, atol=1e-5)
+
+
+def test_module_training_mode_matches_torch_nn():
+    """Training mode (batch statistics) runs the ATen sequence and updates running stats like BatchNorm2d."""
+    for momentum in (0.1, None):
+        ref = _sequential(32, 32, 1, 8)
+        ref[1].momentum = momentum
+        ours = rk.nn.FusedGroupedConvBNReLU(32, 32, groups=8, momentum=momentum)
+        ours.load_state_dict(ref.state_dict())
+        for step in range(3):
+            x = torch.randn(4 + step, 32, 6, 6)
+            assert ours.explain(x).path == "aten"
+            torch.testing.assert_close(ours(x), ref(x))
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+
+
+def test_module_grad_runs_differentiable_path():
+    ours = rk.nn.FusedGroupedConvBNReLU(8, 8, groups=2).eval()
+    x = torch.randn(1, 8, 5, 5, requires_grad=True)
+    decision = ours.explain(x)
+    assert decision.path == "aten" and "autograd" in decision.reason
+    ours(x).sum().backward()
+    assert x.grad is not None and ours.conv.weight.grad is not None
+
+
+def test_module_torch_compile_fullgraph():
+    ours = rk.nn.FusedGroupedConvBNReLU(64, 64, groups=32).eval()
+    _randomize_bn(ours.bn)
+    x = torch.randn(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(ours, fullgraph=True)
+    with torch.no_grad():
+        expected = ours(x)
+        torch.testing.assert_close(compiled(x), expected)
+
+
+def test_autocast_cpu_bfloat16():
+    ours = rk.nn.FusedGroupedConvBNReLU(32, 32, groups=8).eval()
+    _randomize_bn(ours.bn)
+    x = torch.randn(2, 32, 9, 9)
+    with torch.no_grad():
+        expected = ours(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ours(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, expected.double()) < 2e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch decisions and the forced reference path
+# --------------------------------------------------------------------------------------------------
+
+def test_fp16_on_cpu_falls_back_with_reason():
+    x = torch.randn(1, 8, 5, 5).half()
+    wt = torch.randn(8, 2, 3, 3).half()
+    mean, var, gamma, beta = (t.half() for t in random_bn(8))
+    decision = rk.explain(x, wt, groups=4)
+    assert decision.path == "aten" and "float16" in decision.reason
+    out = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, groups=4)
+    ref = reference_conv_bn_relu(x, wt, mean, var, gamma, beta, 1e-5, 1, 1, 1, 4)
+    assert out.dtype == torch.float16 and rel_err(out, ref) < 5e-3
+
+
+def test_force_reference_context_and_env(monkeypatch):
+    x = torch.randn(1, 8, 5, 5)
+    wt = torch.randn(8, 2, 3, 3)
+    mean, var, gamma, beta = random_bn(8)
+    fused = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, groups=4)
+    with rk.force_reference():
+        decision = rk.explain(x, wt, groups=4)
+        assert decision.path == "aten" and "force_reference" in decision.reason
+        forced = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, groups=4)
+    assert rk.explain(x, wt, groups=4).path == "cpu"
+    torch.testing.assert_close(fused, forced, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv(ops.FORCE_ATEN_ENV, "1")
+    assert "environment" in rk.explain(x, wt, groups=4).reason
+
+
+def test_meta_device_runs_reference_shapes():
+    x = torch.empty(2, 8, 7, 7, device="meta")
+    wt = torch.empty(8, 2, 3, 3, device="meta")
+    mean, var, gamma, beta = (torch.empty(8, device="meta") for _ in range(4))
+    assert rk.explain(x, wt, groups=4, stride=2).path == "aten"
+    out = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, groups=4, stride=2)
+    assert out.shape == (2, 8, 4, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# opcheck: schema, fake kernel (shapes and strides), autograd registration, torch.compile consistency
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [
+    ((2, 16, 7, 6), (16, 4, 3, 3), [1, 1], [1, 1], [1, 1], 4, True, torch.contiguous_format),
+    ((2, 16, 7, 6), (16, 4, 3, 3), [2, 2], [0, 0], [1, 1], 4, False, torch.channels_last),
+    ((1, 8, 9, 9), (8, 1, 3, 3), [1, 2], [2, 1], [2, 1], 8, True, torch.channels_last),
+    ((0, 8, 5, 5), (8, 8, 1, 1), [1, 1], [0, 0], [1, 1], 1, True, torch.contiguous_format),
+    ((1, 4, 1, 1), (4, 2, 3, 3), [1, 1], [1, 1], [1, 1], 2, True, torch.channels_last),
+])
+def test_opcheck(case):
+    xs, ws, stride, padding, dilation, groups, relu, fmt = case
+    x = torch.randn(xs).contiguous(memory_format=fmt)
+    wt = torch.randn(ws)
+    scale, shift = torch.rand(ws[0]) + 0.5, torch.randn(ws[0])
+    torch.library.opcheck(torch.ops.resnext_kernels.conv_bn_relu_infer,
+                          (x, wt, scale, shift, stride, padding, dilation, groups, relu))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: clear Python exceptions naming the argument (and nothing modified)
+# --------------------------------------------------------------------------------------------------
+
+def _good_args():
+    x = torch.randn(2, 8, 6, 6)
+    wt = torch.randn(8, 2, 3, 3)
+    mean, var, gamma, beta = random_bn(8)
+    return dict(input=x, weight=wt, running_mean=mean, running_var=var, bn_weight=gamma, bn_bias=beta), 4
+
+
+BAD_INPUTS = [
+    ("input", lambda a: a.update(input=torch.randn(8, 6, 6)), ValueError, "input must be 4-D"),
+    ("weight", lambda a: a.update(weight=torch.randn(8, 2, 3)), ValueError, "weight must be 4-D"),
+    ("weight", lambda a: a.update(weight=torch.randn(8, 3, 3, 3)), ValueError, "weight.shape[1]"),
+    ("dtype", lambda a: a.update(weight=a["weight"].double()), TypeError, "weight dtype"),
+    ("integer", lambda a: a.update(input=a["input"].int(), weight=a["weight"].int()), TypeError, "floating-point"),
+    ("running_mean", lambda a: a.update(running_mean=torch.randn(7)), ValueError, "running_mean must be 1-D"),
+    ("bn_weight", lambda a: a.update(bn_weight=torch.randn(8, 1)), ValueError, "bn_weight must be 1-D"),
+    ("running_var", lambda a: a.update(running_var=None), ValueError, "both be tensors"),
+    ("bn_bias", lambda a: a.update(bn_bias=[0.0] * 8), TypeError, "bn_bias must be a torch.Tensor"),
+    ("stride", lambda a: a.update(stride=0), ValueError, "stride must be >= 1"),
+    ("padding", lambda a: a.update(padding=-1), ValueError, "padding must be >= 0"),
+    ("dilation", lambda a: a.update(dilation=(1, 0)), ValueError, "dilation must be >= 1"),
+    ("stride-type", lambda a: a.update(stride=1.5), TypeError, "stride must be an int"),
+    ("groups", lambda a: a.update(groups=3), ValueError, "divisible by groups"),
+    ("groups-zero", lambda a: a.update(groups=0), ValueError, "groups must be a positive int"),
+    ("eps", lambda a: a.update(eps=0.0), ValueError, "eps must be a positive"),
+    ("too-small", lambda a: a.update(input=torch.randn(2, 8, 1, 1), padding=0), ValueError, "smaller than"),
+    ("device", lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "weight is on meta"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_clear_error(name, mutate, exc, message):
+    args, groups = _good_args()
+    snapshot = {k: v.clone() for k, v in args.items()}
+    call = dict(args, groups=groups)
+    mutate(call)
+    with pytest.raises(exc, match=message.replace("[", r"\[").replace("]", r"\]")):
+        rk.conv_bn_relu(**call)
+    for k, v in snapshot.items():
+        assert torch.equal(args[k], v), f"{k} was modified"
+
+
+def test_raw_op_rejects_bad_arguments():
+    x, wt = torch.randn(1, 8, 5, 5), torch.randn(8, 2, 3, 3)
+    scale, shift = torch.ones(8), torch.zeros(8)
+    op = torch.ops.resnext_kernels.conv_bn_relu_infer
+    with pytest.raises(RuntimeError, match="divisible by groups"):
+        op(x, wt, scale, shift, [1, 1], [1, 1], [1, 1], 3, True)
+    with pytest.raises(RuntimeError, match="scale and shift must be float32"):
+        op(x, wt, scale.double(), shift.double(), [1, 1], [1, 1], [1, 1], 4, True)
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        op(x, wt, scale, shift, [0, 1], [1, 1], [1, 1], 4, True)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float64 or bfloat16"):
+        op(x.half(), wt.half(), scale, shift, [1, 1], [1, 1], [1, 1], 4, True)
+
+
+def test_module_deepcopy_and_repr():
+    m = rk.nn.FusedGroupedConvBNReLU(8, 8, groups=2, relu=False)
+    assert "relu=False" in repr(m)
+    m2 = copy.deepcopy(m)
+    assert m2.conv.weight is not m.conv.weight and torch.equal(m2.conv.weight, m.conv.weight)
