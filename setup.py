@@ -127,7 +127,8 @@ def extra_cuda_include_dirs():
 def build_extensions():
     debug = _env_flag("RESNEXT_KERNELS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++20", "-fopenmp-simd", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is inlined into our code and is serial without it.
+    cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     build_cuda, reason = cuda_build_decision()
@@ -151,11 +152,12 @@ def build_extensions():
             include_dirs=include_dirs + extra_cuda_include_dirs(),
             define_macros=[("RK_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
         ))
     else:
         _say(f"building CPU kernels only: {reason}. Set FORCE_CUDA=1 to make this an error.")
         extensions.append(CppExtension("resnext_kernels._C", c_sources, include_dirs=include_dirs,
-                                       extra_compile_args={"cxx": cxx_flags}))
+                                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]))
 
     if _env_flag("RESNEXT_KERNELS_NO_EMULATOR"):
         _say("skipping the emulated CUDA build (RESNEXT_KERNELS_NO_EMULATOR=1)")

@@ -13,9 +13,16 @@
 //       expand:    when groups are narrow (ResNeXt's 4 or 8 channels per group, depthwise), the input
 //                  columns of the tile are first expanded to e[ci][co] = x[group(co) * cpg_in + ci], so
 //                  that the inner loop runs over all C_out channels with no per-group bookkeeping.
-//   * Runtime ISA dispatch: the row function is compiled for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3)
-//     and baseline x86-64 with GCC's target_clones; the loader picks the best at first call.
-// Accumulation is float for float32/bfloat16 and double for float64. All indexing is 64-bit.
+//   * Blocked path (float32/bfloat16 on AVX-512 or AVX2 machines, block widths a multiple of the vector
+//     width): a microkernel keeps TP output pixels x NV vectors of output channels in registers over all
+//     taps and input channels (GCC vector extensions; TP*NV is sized to the ISA's register file), so each
+//     multiply-add costs at most one load. Expanded input rows are cached per thread and reused by the
+//     next output rows (stride 1 reads each input row KH times).
+//   * Generic path (float64, baseline CPUs, other widths): the same arithmetic with the accumulator in
+//     memory, compiled for AVX-512 / AVX2 / baseline with GCC's target_clones.
+// Runtime ISA dispatch: __builtin_cpu_supports picks the AVX-512 (x86-64-v4) or AVX2 (x86-64-v3) build of
+// the blocked path once per process. Accumulation is float for float32/bfloat16 and double for float64.
+// All indexing is 64-bit.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,13 +33,15 @@
 #include <vector>
 
 #include "common/conv_checks.h"
+#include "cpu/conv_blocked.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RK_X86_DISPATCH 1
 #define RK_CPU_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define RK_X86_DISPATCH 0
 #define RK_CPU_ISA_CLONES
 #endif
-#define RK_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 namespace rk {
 namespace cpu {
@@ -41,7 +50,7 @@ namespace {
 // Narrowest group (in output channels) for which broadcasting inputs beats expanding them.
 constexpr int64_t kBroadcastMinWidth = 16;
 // Per-thread scratch budget (elements of the accumulation type) that sizes the column tiles.
-constexpr int64_t kScratchBudget = 64 * 1024;
+constexpr int64_t kScratchBudget = 256 * 1024;
 
 template <typename acc_t>
 RK_ALWAYS_INLINE void axpy(acc_t* __restrict acc, acc_t a, const acc_t* __restrict w, int64_t n) {
@@ -60,6 +69,8 @@ struct Tiling {
   bool expand;       // expand narrow groups (see header comment) or broadcast
   int64_t tile_ow;   // output columns per tile
   int64_t span;      // input columns a tile reads: (tile_ow - 1) * stride_w + (KW - 1) * dil_w + 1
+  int64_t n_tiles;   // ceil(OW / tile_ow)
+  int64_t row_slots; // expanded input rows kept per thread: the (KH - 1) * dil_h + 1 rows one output row reads
   int64_t acc_size;  // tile_ow * C_out
   int64_t expand_size;
 };
@@ -68,12 +79,14 @@ inline Tiling plan_tiling(const ConvGeom& g) {
   const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
   Tiling t{};
   t.expand = g.groups > 1 && cpg_out < kBroadcastMinWidth;
-  // Per output column: the accumulator row, plus (expand) KH expanded input columns per stride step.
-  const int64_t per_col = g.C_out + (t.expand ? int64_t(g.KH) * g.stride_w * cpg_in * g.C_out : 0);
+  t.row_slots = int64_t(g.KH - 1) * g.dil_h + 1;
+  // Per output column: the accumulator row, plus (expand) the cached expanded input columns.
+  const int64_t per_col = g.C_out + (t.expand ? t.row_slots * g.stride_w * cpg_in * g.C_out : 0);
   t.tile_ow = std::clamp<int64_t>(kScratchBudget / std::max<int64_t>(per_col, 1), 1, g.OW);
+  t.n_tiles = (g.OW + t.tile_ow - 1) / t.tile_ow;
   t.span = (t.tile_ow - 1) * g.stride_w + int64_t(g.KW - 1) * g.dil_w + 1;
   t.acc_size = t.tile_ow * g.C_out;
-  t.expand_size = t.expand ? int64_t(g.KH) * t.span * cpg_in * g.C_out : 0;
+  t.expand_size = t.expand ? t.row_slots * t.span * cpg_in * g.C_out : 0;
   return t;
 }
 
@@ -160,6 +173,64 @@ RK_DEFINE_CONV_ROWS(conv_rows, double, double)
 RK_DEFINE_CONV_ROWS(conv_rows, c10::BFloat16, float)
 #undef RK_DEFINE_CONV_ROWS
 
+enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
+
+CpuIsa detected_isa() {
+#if RK_X86_DISPATCH
+  static const CpuIsa isa = __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
+                            : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
+                                                                  : CpuIsa::kBaseline;
+  return isa;
+#else
+  return CpuIsa::kBaseline;
+#endif
+}
+
+#if RK_X86_DISPATCH
+// One entry point per (ISA, dtype); the always_inline templates below them get each ISA's code.
+#define RK_DEFINE_BLOCKED(NAME, TARGET, VEC, scalar_t)                                                     \
+  __attribute__((target(TARGET))) void NAME(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int nv, \
+                                            int64_t row_begin, int64_t row_end) {                        \
+    blocked_rows_dispatch<VEC>(P, S, nv, row_begin, row_end);                                            \
+  }
+RK_DEFINE_BLOCKED(blocked_rows_avx512, "arch=x86-64-v4", Avx512Vec, float)
+RK_DEFINE_BLOCKED(blocked_rows_avx512, "arch=x86-64-v4", Avx512Vec, c10::BFloat16)
+RK_DEFINE_BLOCKED(blocked_rows_avx2, "arch=x86-64-v3", Avx2Vec, float)
+RK_DEFINE_BLOCKED(blocked_rows_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
+#undef RK_DEFINE_BLOCKED
+#endif
+
+// Vectors per microkernel block on this machine for this problem, or 0 when the generic path must run.
+template <typename scalar_t>
+int blocked_vectors(const ConvGeom& g, const Tiling& tl) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return 0;
+  } else {
+    if (g.KH > kMaxBlockedKernel || g.KW > kMaxBlockedKernel) return 0;
+    const int64_t width = tl.expand ? g.C_out : g.C_out / g.groups;
+    switch (detected_isa()) {
+      case CpuIsa::kAvx512: return vectors_per_block<Avx512Vec>(width);
+      case CpuIsa::kAvx2: return vectors_per_block<Avx2Vec>(width);
+      default: return 0;
+    }
+  }
+}
+
+template <typename scalar_t>
+void run_blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int nv, int64_t row_begin,
+                      int64_t row_end) {
+#if RK_X86_DISPATCH
+  if (detected_isa() == CpuIsa::kAvx512) {
+    blocked_rows_avx512(P, S, nv, row_begin, row_end);
+  } else {
+    blocked_rows_avx2(P, S, nv, row_begin, row_end);
+  }
+#else
+  (void)P, (void)S, (void)nv, (void)row_begin, (void)row_end;
+  TORCH_INTERNAL_ASSERT(false, "blocked CPU path selected on a build without x86 dispatch");
+#endif
+}
+
 // wp[kh][kw][ci][co] = weight[co][ci][kh][kw] * scale[co], in the accumulation type.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale) {
@@ -169,13 +240,17 @@ std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, cons
   const acc_t* sc = s.data_ptr<acc_t>();
   const int64_t cpg_in = g.C_in / g.groups, khw = int64_t(g.KH) * g.KW;
   std::vector<acc_t> wp(khw * cpg_in * g.C_out);
-  for (int64_t co = 0; co < g.C_out; ++co) {
-    for (int64_t ci = 0; ci < cpg_in; ++ci) {
-      for (int64_t k = 0; k < khw; ++k) {
-        wp[(k * cpg_in + ci) * g.C_out + co] = static_cast<acc_t>(wsrc[(co * cpg_in + ci) * khw + k]) * sc[co];
+  // One packed row (k, ci) holds all output channels: written contiguously, rows split across threads.
+  at::parallel_for(0, khw * cpg_in, std::max<int64_t>(1, 16384 / std::max<int64_t>(g.C_out, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t k = r / cpg_in, ci = r % cpg_in;
+      acc_t* dst = wp.data() + r * g.C_out;
+      for (int64_t co = 0; co < g.C_out; ++co) {
+        dst[co] = static_cast<acc_t>(wsrc[(co * cpg_in + ci) * khw + k]) * sc[co];
       }
     }
-  }
+  });
   return wp;
 }
 
@@ -194,6 +269,24 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
   // Grain: enough rows per task that a task does at least ~64k multiply-adds.
   const int64_t macs_per_row = g.OW * g.C_out * cpg_in * g.KH * g.KW;
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(macs_per_row, 1));
+  const int nv = blocked_vectors<scalar_t>(g, tl);
+  if (nv > 0) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const std::vector<float> zero_expanded(tl.expand ? cpg_in * g.C_out : 0, 0.f);
+      const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
+      const BlockedProblem<scalar_t> P{&g, tl.tile_ow, tl.span, tl.n_tiles, tl.row_slots, tl.expand, in,
+                                       wp.data(), sh, src_channel.data(), out, relu, zero_expanded.data(),
+                                       zero_input.data()};
+      at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> expanded(tl.expand_size);
+        std::vector<int64_t> slot_tag(tl.row_slots, -1);
+        std::vector<const void*> src(int64_t(kMaxPixelsPerBlock) * g.KH * g.KW);
+        BlockedScratch S{expanded.data(), slot_tag.data(), src.data()};
+        run_blocked_rows(P, S, nv, begin, end);
+      });
+      return;
+    }
+  }
   at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(tl.acc_size), ex(tl.expand_size);
     conv_rows(g, tl, in, wp.data(), sh, src_channel.data(), out, relu, begin, end, acc.data(), ex.data());

@@ -1,0 +1,284 @@
+// Register-blocked path of the CPU fused conv kernel (float32 and bfloat16 inputs, float accumulation).
+//
+// The unit of work is a microkernel call: TP consecutive output pixels of one row x CB = NV * lanes
+// consecutive output channels. Its TP x NV accumulator vectors live in registers from the first tap to
+// the store; per (tap, input channel) it loads NV weight vectors (shared by the TP pixels) and either
+// broadcasts one input value per pixel (broadcast mode: the block lies inside one group) or loads NV
+// vectors of expanded input per pixel (expand mode: lanes span several narrow groups). TP is the
+// largest count whose accumulators fit the ISA's register budget, leaving room for weights and inputs.
+//
+// Sources of out-of-image taps point at a row of zeros, so the microkernel has no bounds branches; taps
+// whose input row is outside the image are skipped as a whole.
+//
+// This header is included by conv_bn_relu.cpp only; everything is always_inline so that each
+// ISA entry point (compiled with its own target attribute) gets code for its own vector width.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "common/conv_geometry.h"
+
+namespace rk {
+namespace cpu {
+
+#define RK_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+struct Avx512Vec {
+  typedef float vec __attribute__((vector_size(64)));
+  typedef int32_t ivec __attribute__((vector_size(64)));
+  static constexpr int kLanes = 16;
+  static constexpr int kAccRegs = 24;  // of 32 zmm registers
+};
+struct Avx2Vec {
+  typedef float vec __attribute__((vector_size(32)));
+  typedef int32_t ivec __attribute__((vector_size(32)));
+  static constexpr int kLanes = 8;
+  static constexpr int kAccRegs = 12;  // of 16 ymm registers
+};
+
+template <class V>
+RK_ALWAYS_INLINE typename V::vec vload(const float* p) {
+  typename V::vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <class V>
+RK_ALWAYS_INLINE void vstore(float* p, typename V::vec v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <class V>
+RK_ALWAYS_INLINE void vstore(c10::BFloat16* p, typename V::vec v) {
+  for (int i = 0; i < V::kLanes; ++i) p[i] = c10::BFloat16(v[i]);
+}
+
+// Largest kernel height/width the blocked path takes (its per-row tables are on the stack).
+constexpr int kMaxBlockedKernel = 16;
+// Most pixels a microkernel computes at once (sizes the source-pointer scratch).
+constexpr int kMaxPixelsPerBlock = 8;
+
+template <class V, int NV>
+constexpr int pixels_per_block() {
+  return std::min(kMaxPixelsPerBlock, V::kAccRegs / NV);
+}
+
+// Everything a thread needs to compute output rows, fixed for one call of the op.
+template <typename scalar_t>
+struct BlockedProblem {
+  const ConvGeom* g;
+  int64_t tile_ow, span, n_tiles, row_slots;
+  bool expand;
+  const scalar_t* in;
+  const float* wp;      // [KH][KW][cpg_in][C_out], BN scale folded in
+  const float* shift;   // [C_out]
+  const int64_t* src_channel;  // first input channel of output channel co's group
+  scalar_t* out;
+  bool relu;
+  const float* zero_expanded;  // cpg_in * C_out zeros
+  const scalar_t* zero_input;  // C_in zeros
+};
+
+// Per-thread scratch: the cache of expanded input rows (row_slots of span * cpg_in * C_out), their tags,
+// and the microkernel's source pointers, src[p * KH * KW + tap].
+struct BlockedScratch {
+  float* expanded;
+  int64_t* slot_tag;
+  const void** src;
+};
+
+template <class V, int NV, int TP, bool EXPAND, typename scalar_t>
+RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool* row_ok, const void* const* src,
+                                  const float* w, const float* shift, scalar_t* out) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes;
+  const ConvGeom& g = *P.g;
+  const int64_t C_out = g.C_out, cpg_in = g.C_in / g.groups, tap_stride = cpg_in * C_out;
+  const int64_t taps = int64_t(g.KH) * g.KW;
+  vec acc[TP][NV];
+  for (int v = 0; v < NV; ++v) {
+    const vec s = vload<V>(shift + v * L);
+    for (int p = 0; p < TP; ++p) acc[p][v] = s;
+  }
+  for (int32_t kh = 0; kh < g.KH; ++kh) {
+    if (!row_ok[kh]) continue;
+    for (int32_t kw = 0; kw < g.KW; ++kw) {
+      const int64_t tap = int64_t(kh) * g.KW + kw;
+      const float* wt = w + tap * tap_stride;
+      const void* s[TP];
+      for (int p = 0; p < TP; ++p) s[p] = src[p * taps + tap];
+      for (int64_t ci = 0; ci < cpg_in; ++ci) {
+        vec wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = vload<V>(wt + ci * C_out + v * L);
+#pragma GCC unroll 8
+        for (int p = 0; p < TP; ++p) {
+          if constexpr (EXPAND) {
+            const float* e = static_cast<const float*>(s[p]) + ci * C_out;
+            for (int v = 0; v < NV; ++v) acc[p][v] += vload<V>(e + v * L) * wv[v];
+          } else {
+            const float x = static_cast<float>(static_cast<const scalar_t*>(s[p])[ci]);
+            for (int v = 0; v < NV; ++v) acc[p][v] += x * wv[v];
+          }
+        }
+      }
+    }
+  }
+  for (int p = 0; p < TP; ++p) {
+    for (int v = 0; v < NV; ++v) {
+      vec r = acc[p][v];
+      if (P.relu) r = r > vec{} ? r : vec{};
+      vstore<V>(out + p * C_out + v * L, r);
+    }
+  }
+}
+
+// Expands input row ih of image n for one column tile into a cache slot, unless the slot holds it already:
+// e[j][ci][co] = x[n, ih, iw0 + j, src_channel[co] + ci]. When a vector's lanes cover whole groups and a
+// group has no more inputs than outputs, the inputs a vector needs sit in one vector-sized chunk, and each
+// ci is one in-register permute of it; otherwise elements are gathered one by one.
+template <class V, typename scalar_t>
+RK_ALWAYS_INLINE const float* expanded_row(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int64_t n,
+                                           int64_t ih, int64_t tile, int64_t iw0) {
+  using vec = typename V::vec;
+  using ivec = typename V::ivec;
+  constexpr int L = V::kLanes;
+  const ConvGeom& g = *P.g;
+  const int64_t C_in = g.C_in, C_out = g.C_out, cpg_in = C_in / g.groups, cpg_out = C_out / g.groups;
+  const int64_t tap_stride = cpg_in * C_out;
+  const int64_t slot = ih % P.row_slots;
+  float* rowbuf = S.expanded + slot * P.span * tap_stride;
+  const int64_t tag = (n * g.H + ih) * P.n_tiles + tile;
+  if (S.slot_tag[slot] == tag) return rowbuf;
+  S.slot_tag[slot] = tag;
+  const bool permute = cpg_in <= cpg_out && L % cpg_out == 0;
+  const int64_t chunk = (L / cpg_out) * cpg_in;  // inputs read by one vector of outputs (permute case)
+  ivec lane_src;
+  for (int l = 0; l < L; ++l) lane_src[l] = int32_t((l / cpg_out) * cpg_in);
+  for (int64_t j = 0; j < P.span; ++j) {
+    const int64_t iw = iw0 + j;
+    if (iw < 0 || iw >= g.W) continue;  // never read: the microkernel points at zeros there
+    const scalar_t* px = P.in + ((n * g.H + ih) * g.W + iw) * C_in;
+    float* e = rowbuf + j * tap_stride;
+    if (permute) {
+      for (int64_t co0 = 0; co0 < C_out; co0 += L) {
+        const scalar_t* src = px + P.src_channel[co0];
+        vec x{};
+        for (int64_t k = 0; k < chunk; ++k) x[k] = static_cast<float>(src[k]);
+        for (int64_t ci = 0; ci < cpg_in; ++ci) {
+          vstore<V>(e + ci * C_out + co0, __builtin_shuffle(x, lane_src + int32_t(ci)));
+        }
+      }
+    } else {
+      for (int64_t ci = 0; ci < cpg_in; ++ci) {
+        for (int64_t co = 0; co < C_out; ++co) e[ci * C_out + co] = static_cast<float>(px[P.src_channel[co] + ci]);
+      }
+    }
+  }
+  return rowbuf;
+}
+
+// Runs the microkernel on np (< TP) pixels: a block of exactly that width, so weights are still reused.
+template <class V, int NV, int TP, bool EXPAND, typename scalar_t>
+RK_ALWAYS_INLINE void microkernel_tail(int np, const BlockedProblem<scalar_t>& P, const bool* row_ok,
+                                       const void* const* src, const float* w, const float* shift, scalar_t* out) {
+  if constexpr (TP > 1) {
+    if (np == TP) return microkernel<V, NV, TP, EXPAND>(P, row_ok, src, w, shift, out);
+    microkernel_tail<V, NV, TP - 1, EXPAND>(np, P, row_ok, src, w, shift, out);
+  } else {
+    microkernel<V, NV, 1, EXPAND>(P, row_ok, src, w, shift, out);
+  }
+}
+
+// Computes output rows [row_begin, row_end) (row = n * OH + oh) with blocks of NV vectors.
+template <class V, int NV, bool EXPAND, typename scalar_t>
+RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int64_t row_begin,
+                                   int64_t row_end) {
+  constexpr int CB = NV * V::kLanes;
+  constexpr int TP = pixels_per_block<V, NV>();
+  const ConvGeom& g = *P.g;
+  const int64_t C_in = g.C_in, C_out = g.C_out;
+  const int64_t cpg_in = C_in / g.groups, cpg_out = C_out / g.groups, tap_stride = cpg_in * C_out;
+  const int64_t taps = int64_t(g.KH) * g.KW;
+  bool row_ok[kMaxBlockedKernel];
+  const float* rows[kMaxBlockedKernel];
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / g.OH, oh = row % g.OH;
+    const int64_t ih0 = oh * g.stride_h - g.pad_h;
+    for (int32_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
+      row_ok[kh] = ih >= 0 && ih < g.H;
+    }
+    for (int64_t tile = 0; tile < P.n_tiles; ++tile) {
+      const int64_t ow0 = tile * P.tile_ow, nt = std::min(P.tile_ow, g.OW - ow0);
+      const int64_t iw0 = ow0 * g.stride_w - g.pad_w;
+      if constexpr (EXPAND) {
+        for (int32_t kh = 0; kh < g.KH; ++kh) {
+          if (row_ok[kh]) rows[kh] = expanded_row<V>(P, S, n, ih0 + int64_t(kh) * g.dil_h, tile, iw0);
+        }
+      }
+      scalar_t* out_row = P.out + ((n * g.OH + oh) * g.OW + ow0) * C_out;
+      for (int64_t co0 = 0; co0 < C_out; co0 += CB) {
+        const int64_t in_ch0 = (co0 / cpg_out) * cpg_in;  // broadcast mode: the block's group's inputs
+        for (int64_t t0 = 0; t0 < nt; t0 += TP) {
+          const int np = int(std::min<int64_t>(TP, nt - t0));
+          for (int32_t kh = 0; kh < g.KH; ++kh) {
+            if (!row_ok[kh]) continue;
+            const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
+            for (int32_t kw = 0; kw < g.KW; ++kw) {
+              const void** s = S.src + int64_t(kh) * g.KW + kw;
+              for (int p = 0; p < np; ++p) {
+                const int64_t j = (t0 + p) * g.stride_w + int64_t(kw) * g.dil_w;
+                const int64_t iw = iw0 + j;
+                const bool inside = iw >= 0 && iw < g.W;
+                if constexpr (EXPAND) {
+                  s[p * taps] = (inside ? rows[kh] + j * tap_stride : P.zero_expanded) + co0;
+                } else {
+                  s[p * taps] = inside ? P.in + ((n * g.H + ih) * g.W + iw) * C_in + in_ch0 : P.zero_input;
+                }
+              }
+            }
+          }
+          const float* w = P.wp + co0;
+          microkernel_tail<V, NV, TP, EXPAND>(np, P, row_ok, S.src, w, P.shift + co0, out_row + t0 * C_out + co0);
+        }
+      }
+    }
+  }
+}
+
+// Vectors per block for a block width (C_out in expand mode, C_out/groups in broadcast mode); 0 when the
+// width is not a multiple of the vector width (the generic path runs).
+template <class V>
+inline int vectors_per_block(int64_t width) {
+  for (int nv : {4, 2, 1}) {
+    if (width % (int64_t(nv) * V::kLanes) == 0) return nv;
+  }
+  return 0;
+}
+
+template <class V, typename scalar_t>
+RK_ALWAYS_INLINE void blocked_rows_dispatch(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int nv,
+                                            int64_t row_begin, int64_t row_end) {
+#define RK_BLOCKED_CASE(NV)                                                      \
+  case NV:                                                                       \
+    if (P.expand)                                                                \
+      blocked_rows<V, NV, true>(P, S, row_begin, row_end);                       \
+    else                                                                         \
+      blocked_rows<V, NV, false>(P, S, row_begin, row_end);                      \
+    break;
+  switch (nv) {
+    RK_BLOCKED_CASE(4)
+    RK_BLOCKED_CASE(2)
+    RK_BLOCKED_CASE(1)
+    default:
+      break;
+  }
+#undef RK_BLOCKED_CASE
+}
+
+}  // namespace cpu
+}  // namespace rk
