@@ -16,4 +16,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(resnext_kernels, m) {
   m.def(RK_SCHEMA_CONV_BN_RELU_INFER);
+  m.def(RK_SCHEMA_CONV_BN_RELU_TRAIN);
+  m.def(RK_SCHEMA_CONV_BN_RELU_TRAIN_BACKWARD);
 }

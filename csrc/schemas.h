@@ -11,3 +11,21 @@
 #define RK_SCHEMA_CONV_BN_RELU_INFER                                                     \
   "conv_bn_relu_infer(Tensor input, Tensor weight, Tensor scale, Tensor shift, "         \
   "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor"
+
+// Training form: BatchNorm with the batch statistics of the conv output y = conv2d(input, weight):
+//   out = relu?((y - mean) / sqrt(var + eps) * bn_weight + bn_bias)
+// Returns out (memory format follows input), y (channels_last, input dtype: saved for backward), and the
+// per-channel batch mean and biased variance (accumulation dtype). Functional: running statistics are
+// updated by the caller (resnext_kernels.ops) from mean and var.
+#define RK_SCHEMA_CONV_BN_RELU_TRAIN                                                              \
+  "conv_bn_relu_train(Tensor input, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, float eps, " \
+  "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) "                        \
+  "-> (Tensor out, Tensor conv_out, Tensor mean, Tensor var)"
+
+// Backward of conv_bn_relu_train. output_mask selects (grad_input, grad_weight, grad of bn_weight and
+// bn_bias); a gradient not asked for comes back as an empty tensor.
+#define RK_SCHEMA_CONV_BN_RELU_TRAIN_BACKWARD                                                            \
+  "conv_bn_relu_train_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor conv_out, "          \
+  "Tensor mean, Tensor var, Tensor? bn_weight, Tensor? bn_bias, float eps, int[2] stride, "              \
+  "int[2] padding, int[2] dilation, int groups, bool relu, bool[3] output_mask) "                        \
+  "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)"

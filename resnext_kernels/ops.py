@@ -175,31 +175,44 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
     forced = _reference_forced()
     if forced:
         return Decision("aten", forced)
-    if training:
-        return Decision("aten", "batch-statistics (training-mode) BatchNorm runs PyTorch's conv2d -> "
-                                "batch_norm -> relu; the fused kernels cover inference-form BN")
-    if requires_grad is None:
-        requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-    if requires_grad:
-        return Decision("aten", "autograd is recording this call; the fused inference kernel has no backward, "
-                                "so PyTorch's differentiable sequence runs")
     device = input.device.type
     if device == "cpu":
         if input.dtype not in _CPU_DTYPES:
-            return Decision("aten", f"the CPU kernel covers float32, float64 and bfloat16, not {input.dtype}")
-        return Decision("cpu", "C++ fused kernel")
-    if device == "cuda":
+            return Decision("aten", f"the CPU kernels cover float32, float64 and bfloat16, not {input.dtype}")
+    elif device == "cuda":
         if not _build_info.WITH_CUDA:
             return Decision("aten", "resnext_kernels was built without CUDA kernels "
                                     "(see `python -m resnext_kernels.info`)")
         if input.dtype not in _CUDA_DTYPES:
-            return Decision("aten", f"the CUDA kernel covers float16, bfloat16, float32 and float64, "
+            return Decision("aten", f"the CUDA kernels cover float16, bfloat16, float32 and float64, "
                                     f"not {input.dtype}")
+        if training:
+            return Decision("aten", "batch-statistics (training-mode) BatchNorm has no CUDA kernel yet; "
+                                    "PyTorch's conv2d -> batch_norm -> relu runs")
         reason = _cuda_unsupported_reason(input, weight)
         if reason is not None:
             return Decision("aten", reason)
-        return Decision("cuda", "CUDA fused kernel")
-    return Decision("aten", f"no fused kernel for device type {device!r}")
+    else:
+        return Decision("aten", f"no fused kernel for device type {device!r}")
+    if training:
+        pixels = input.shape[0] * _out_hw(input, weight, stride, padding, dilation)
+        if pixels <= 1:
+            return Decision("aten", f"batch statistics need more than 1 value per channel, got {pixels}; "
+                                    "PyTorch's batch_norm handles (and reports) it")
+        return Decision(device, "fused kernels, training form (batch statistics, fused BN+ReLU backward)")
+    if requires_grad is None:
+        requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+    if requires_grad:
+        return Decision("aten", "autograd is recording an inference-form call; the fused inference kernel "
+                                "has no backward, so PyTorch's differentiable sequence runs")
+    return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)")
+
+
+def _out_hw(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair) -> int:
+    s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    oh = _conv_out_size(input.shape[2], weight.shape[2], s[0], p[0], d[0])
+    ow = _conv_out_size(input.shape[3], weight.shape[3], s[1], p[1], d[1])
+    return oh * ow
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,10 +263,26 @@ def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, run
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
         return F.relu(y) if relu else y
     x, w = _autocast(input, weight)
+    args = (list(stride_p), list(padding_p), list(dilation_p), groups, relu)
+    if training:
+        out, _, mean, var = torch.ops.resnext_kernels.conv_bn_relu_train(x, w, bn_weight, bn_bias, float(eps), *args)
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, mean, var, momentum,
+                                  x.shape[0] * _out_hw(x, w, stride_p, padding_p, dilation_p))
+        return out
     scale, shift = fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps,
                                    _accumulation_dtype(x.dtype))
-    return torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, list(stride_p), list(padding_p),
-                                                        list(dilation_p), groups, relu)
+    return torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, *args)
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,
+                          count: int) -> None:
+    """The running-statistics update of nn.BatchNorm2d: exponential average with ``momentum`` of the batch
+    mean and of the unbiased batch variance."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
+        running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,3 +306,67 @@ def _conv_bn_relu_infer_fake(input, weight, scale, shift, stride, padding, dilat
     oh = _conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
     ow = _conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
     return input.new_empty((n, weight.shape[0], oh, ow)).contiguous(memory_format=_suggest_memory_format(input))
+
+
+def _acc_dtype_of(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("resnext_kernels::conv_bn_relu_train")
+def _conv_bn_relu_train_fake(input, weight, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu):
+    out = _conv_bn_relu_infer_fake(input, weight, None, None, stride, padding, dilation, groups, relu)
+    conv_out = torch.empty_like(out, memory_format=torch.channels_last)
+    acc = _acc_dtype_of(input)
+    return out, conv_out, input.new_empty((weight.shape[0],), dtype=acc), input.new_empty((weight.shape[0],), dtype=acc)
+
+
+@torch.library.register_fake("resnext_kernels::conv_bn_relu_train_backward")
+def _conv_bn_relu_train_backward_fake(grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias, eps, stride,
+                                      padding, dilation, groups, relu, output_mask):
+    acc = _acc_dtype_of(input)
+    c_out = weight.shape[0]
+    grad_input = (torch.empty_like(input, memory_format=_suggest_memory_format(input)) if output_mask[0]
+                  else input.new_empty((0,)))
+    grad_weight = (torch.empty_like(weight, memory_format=_suggest_memory_format(weight)) if output_mask[1]
+                   else weight.new_empty((0,)))
+    n = c_out if output_mask[2] else 0
+    return grad_input, grad_weight, input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+
+def _train_setup_context(ctx, inputs, output):
+    input, weight, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu = inputs
+    _, conv_out, mean, var = output
+    ctx.save_for_backward(input, weight, conv_out, mean, var, bn_weight, bn_bias)
+    ctx.conv_bn_args = (eps, stride, padding, dilation, groups, relu)
+    ctx.mark_non_differentiable(conv_out, mean, var)
+
+
+def _train_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
+    input, weight, conv_out, mean, var, bn_weight, bn_bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] or need[3]]
+    grad_input, grad_weight, grad_gamma, grad_beta = torch.ops.resnext_kernels.conv_bn_relu_train_backward(
+        grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias, *ctx.conv_bn_args, mask)
+    return (grad_input if need[0] else None,
+            grad_weight if need[1] else None,
+            grad_gamma.to(bn_weight.dtype) if need[2] else None,
+            grad_beta.to(bn_bias.dtype) if need[3] else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("resnext_kernels::conv_bn_relu_train", _train_backward,
+                                setup_context=_train_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("resnext_kernels::conv_bn_relu_train_backward: double backward (gradients of gradients) "
+                       "of the fused conv+BN+ReLU is not supported; for higher-order gradients run the ATen path "
+                       "(resnext_kernels.ops.force_reference())")
+
+
+torch.library.register_autograd("resnext_kernels::conv_bn_relu_train_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -13,11 +13,10 @@ inline bool is_acc_dtype_of(at::ScalarType acc, at::ScalarType in) {
   return in == at::kDouble ? acc == at::kDouble : acc == at::kFloat;
 }
 
-// Checks the arguments of conv_bn_relu_infer and returns the geometry of the convolution.
-inline ConvGeom check_conv_bn_relu_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
-                                        const at::Tensor& scale, const at::Tensor& shift,
-                                        at::IntArrayRef stride, at::IntArrayRef padding,
-                                        at::IntArrayRef dilation, int64_t groups) {
+// Checks the convolution arguments shared by every fused op and returns the geometry.
+inline ConvGeom check_conv_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups) {
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
   TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (C_out, C_in/groups, KH, KW), got ",
               weight.dim(), "-D");
@@ -25,12 +24,7 @@ inline ConvGeom check_conv_bn_relu_args(const char* op, const at::Tensor& input,
               input.scalar_type());
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
               " must match input dtype ", input.scalar_type());
-  TORCH_CHECK(is_acc_dtype_of(scale.scalar_type(), input.scalar_type()) && scale.scalar_type() == shift.scalar_type(),
-              op, ": scale and shift must be ", (input.scalar_type() == at::kDouble ? "float64" : "float32"),
-              " for ", input.scalar_type(), " input, got ", scale.scalar_type(), " and ", shift.scalar_type());
-  TORCH_CHECK(weight.device() == input.device() && scale.device() == input.device() &&
-                  shift.device() == input.device(),
-              op, ": input, weight, scale and shift must be on the same device");
+  TORCH_CHECK(weight.device() == input.device(), op, ": input and weight must be on the same device");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
               ": stride, padding and dilation must have 2 elements");
   TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
@@ -42,8 +36,6 @@ inline ConvGeom check_conv_bn_relu_args(const char* op, const at::Tensor& input,
   TORCH_CHECK(C_out % groups == 0, op, ": weight.size(0) (", C_out, ") must be divisible by groups (", groups, ")");
   TORCH_CHECK(weight.size(1) * groups == C_in, op, ": weight.size(1) must be C_in/groups = ", C_in / groups,
               ", got ", weight.size(1));
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == C_out && shift.dim() == 1 && shift.size(0) == C_out, op,
-              ": scale and shift must be 1-D with C_out = ", C_out, " elements");
   ConvGeom g{};
   g.N = input.size(0);
   g.C_in = C_in;
@@ -63,6 +55,28 @@ inline ConvGeom check_conv_bn_relu_args(const char* op, const at::Tensor& input,
   g.OW = conv_out_size(g.W, g.KW, g.stride_w, g.pad_w, g.dil_w);
   TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the (padded) input ", g.H, "x", g.W,
               " is smaller than the dilated kernel ", g.KH, "x", g.KW);
+  return g;
+}
+
+// Checks a per-output-channel parameter vector (BN scale/shift/weight/bias/statistics).
+inline void check_channel_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
+                                 int64_t C_out) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C_out, op, ": ", name, " must be 1-D with C_out = ", C_out,
+              " elements, got ", t.sizes());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on the input's device");
+}
+
+// Checks the arguments of conv_bn_relu_infer and returns the geometry of the convolution.
+inline ConvGeom check_conv_bn_relu_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                                        const at::Tensor& scale, const at::Tensor& shift,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, int64_t groups) {
+  const ConvGeom g = check_conv_args(op, input, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(is_acc_dtype_of(scale.scalar_type(), input.scalar_type()) && scale.scalar_type() == shift.scalar_type(),
+              op, ": scale and shift must be ", (input.scalar_type() == at::kDouble ? "float64" : "float32"),
+              " for ", input.scalar_type(), " input, got ", scale.scalar_type(), " and ", shift.scalar_type());
+  check_channel_vector(op, "scale", scale, input, g.C_out);
+  check_channel_vector(op, "shift", shift, input, g.C_out);
   return g;
 }
 

@@ -34,6 +34,7 @@
 
 #include "common/conv_checks.h"
 #include "cpu/conv_blocked.h"
+#include "cpu/conv_cpu.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define RK_X86_DISPATCH 1
@@ -298,24 +299,30 @@ at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& wei
                                   at::IntArrayRef dilation, int64_t groups, bool relu) {
   const ConvGeom g = check_conv_bn_relu_args("resnext_kernels::conv_bn_relu_infer", input, weight, scale, shift,
                                              stride, padding, dilation, groups);
-  TORCH_CHECK(input.device().is_cpu(), "conv_bn_relu_infer (CPU kernel): input must be a CPU tensor");
+  const at::Tensor out = conv_affine_nhwc_cpu(g, input, weight, scale, shift, relu);
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? out : out.contiguous();
+}
+
+}  // namespace
+
+at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
+                                const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+  TORCH_CHECK(input.device().is_cpu(), "resnext_kernels (CPU kernel): input must be a CPU tensor");
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
-              "conv_bn_relu_infer (CPU kernel): input dtype must be float32, float64 or bfloat16, got ", dtype,
+              "resnext_kernels (CPU kernel): input dtype must be float32, float64 or bfloat16, got ", dtype,
               " (resnext_kernels.ops routes other dtypes to ATen)");
-  const bool channels_last_out = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   at::Tensor out = at::empty({g.N, g.C_out, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() > 0) {
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_bn_relu_infer_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "conv_affine_nhwc_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       conv_bn_relu_cpu_typed<scalar_t, acc_t>(g, x, weight, scale, shift, out, relu);
     });
   }
-  return channels_last_out ? out : out.contiguous();
+  return out;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace rk
 

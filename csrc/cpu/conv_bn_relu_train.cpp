@@ -1,0 +1,243 @@
+// CPU kernels of the training form of the fused op: BatchNorm with batch statistics, and its backward.
+//
+// Forward:  y = conv2d(input, weight) with the fused conv kernel (NHWC, input dtype), then per-channel
+//           statistics of y, then out = relu?(y * a + b) with a = gamma / sqrt(var + eps),
+//           b = beta - mean * a.
+// Backward: one pass forms the ReLU mask from (y, a, b) exactly as the forward did and reduces
+//           sum(g) and sum(g * xhat) per channel; a second pass writes
+//           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's data
+//           and weight gradients then come from ATen (oneDNN).
+//
+// Determinism: every per-channel reduction runs over fixed blocks of kStatBlock pixels, and the block
+// partials (float64) are merged in block order, so results are bitwise identical run to run and for any
+// number of threads. Statistics use two passes (mean, then the sum of squared deviations): no
+// cancellation of E[y^2] - E[y]^2.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "common/conv_checks.h"
+#include "cpu/conv_cpu.h"
+
+namespace rk {
+namespace cpu {
+namespace {
+
+constexpr int64_t kStatBlock = 256;  // pixels per partial reduction
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Per-channel double vector of an optional BN parameter (`fill` when absent).
+std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t C, double fill) {
+  std::vector<double> v(C, fill);
+  if (t.has_value() && t->defined()) {
+    const at::Tensor d = t->to(at::kDouble).contiguous();
+    const double* p = d.data_ptr<double>();
+    std::copy(p, p + C, v.begin());
+  }
+  return v;
+}
+
+// Reduces f(row pointer, partial) over fixed pixel blocks; returns the block partials merged in order.
+// f adds its contribution for one pixel row (C values) into a C-long double partial.
+template <typename F>
+std::vector<double> reduce_channels(int64_t M, int64_t C, int64_t width, const F& f) {
+  const int64_t nblocks = (M + kStatBlock - 1) / kStatBlock;
+  std::vector<double> partial(nblocks * C * width, 0.0);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double* p = partial.data() + b * C * width;
+      for (int64_t r = b * kStatBlock, r1 = std::min(M, r + kStatBlock); r < r1; ++r) f(r, p);
+    }
+  });
+  std::vector<double> total(C * width, 0.0);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const double* p = partial.data() + b * C * width;
+    for (int64_t i = 0; i < C * width; ++i) total[i] += p[i];
+  }
+  return total;
+}
+
+// The affine map of the normalization, in the accumulation type, shared by forward and backward so that
+// the backward's ReLU mask is exactly the forward's.
+template <typename acc_t>
+struct NormAffine {
+  std::vector<acc_t> a, b;  // y * a + b
+  std::vector<double> invstd;
+};
+
+template <typename acc_t>
+NormAffine<acc_t> norm_affine(const double* mean, const double* var, const std::vector<double>& gamma,
+                              const std::vector<double>& beta, double eps, int64_t C) {
+  NormAffine<acc_t> n{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<double>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    n.invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    const double a = gamma[c] * n.invstd[c];
+    n.a[c] = static_cast<acc_t>(a);
+    n.b[c] = static_cast<acc_t>(beta[c] - mean[c] * a);
+  }
+  return n;
+}
+
+std::vector<double> tensor_to_doubles(const at::Tensor& t) {
+  const at::Tensor d = t.to(at::kDouble).contiguous();
+  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+}
+
+at::Tensor doubles_to_tensor(const std::vector<double>& v, const at::TensorOptions& options) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, options.dtype(at::kDouble));
+  std::copy(v.begin(), v.end(), t.data_ptr<double>());
+  return t;
+}
+
+void check_train_bn_args(const char* op, const at::Tensor& input, const ConvGeom& g,
+                         const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                         double eps) {
+  if (bn_weight.has_value() && bn_weight->defined()) check_channel_vector(op, "bn_weight", *bn_weight, input, g.C_out);
+  if (bn_bias.has_value() && bn_bias->defined()) check_channel_vector(op, "bn_bias", *bn_bias, input, g.C_out);
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK(g.N * g.OH * g.OW > 1, op, ": Expected more than 1 value per channel when training, got ",
+              g.N * g.OH * g.OW);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu) {
+  constexpr const char* op = "resnext_kernels::conv_bn_relu_train";
+  const ConvGeom g = check_conv_args(op, input, weight, stride, padding, dilation, groups);
+  check_train_bn_args(op, input, g, bn_weight, bn_bias, eps);
+  const at::ScalarType acc = acc_type_of(input.scalar_type());
+  const int64_t C = g.C_out, M = g.N * g.OH * g.OW;
+  const at::Tensor conv_out = conv_affine_nhwc_cpu(g, input, weight, at::ones({C}, input.options().dtype(acc)),
+                                                   at::zeros({C}, input.options().dtype(acc)), false);
+  at::Tensor out = at::empty_like(conv_out);
+  std::vector<double> mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_bn_relu_train_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* y = conv_out.data_ptr<scalar_t>();
+    mean = reduce_channels(M, C, 1, [&](int64_t r, double* p) {
+      const scalar_t* row = y + r * C;
+      for (int64_t c = 0; c < C; ++c) p[c] += static_cast<double>(row[c]);
+    });
+    for (double& m : mean) m /= double(M);
+    var = reduce_channels(M, C, 1, [&](int64_t r, double* p) {
+      const scalar_t* row = y + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = static_cast<double>(row[c]) - mean[c];
+        p[c] += d * d;
+      }
+    });
+    for (double& v : var) v /= double(M);
+    const NormAffine<acc_t> n = norm_affine<acc_t>(mean.data(), var.data(), channel_values(bn_weight, C, 1.0),
+                                                   channel_values(bn_bias, C, 0.0), eps, C);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t z = static_cast<acc_t>(y[r * C + c]) * n.a[c] + n.b[c];
+          o[r * C + c] = static_cast<scalar_t>(relu && !(z > acc_t(0)) ? acc_t(0) : z);
+        }
+      }
+    });
+  });
+  const at::TensorOptions acc_options = input.options().dtype(acc);
+  return {input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? out : out.contiguous(), conv_out,
+          doubles_to_tensor(mean, acc_options).to(acc), doubles_to_tensor(var, acc_options).to(acc)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& conv_out,
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "resnext_kernels::conv_bn_relu_train_backward";
+  const ConvGeom g = check_conv_args(op, input, weight, stride, padding, dilation, groups);
+  check_train_bn_args(op, input, g, bn_weight, bn_bias, eps);
+  const int64_t C = g.C_out, M = g.N * g.OH * g.OW;
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.N, C, g.OH, g.OW}), op, ": grad_out has shape ",
+              grad_out.sizes(), ", expected the output's [", g.N, ", ", C, ", ", g.OH, ", ", g.OW, "]");
+  TORCH_CHECK(conv_out.sizes() == grad_out.sizes() && conv_out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  conv_out.scalar_type() == input.scalar_type(),
+              op, ": conv_out must be the channels_last conv output saved by conv_bn_relu_train");
+  check_channel_vector(op, "mean", mean, input, C);
+  check_channel_vector(op, "var", var, input, C);
+  const at::Tensor go = grad_out.to(input.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  const std::vector<double> mean_d = tensor_to_doubles(mean), var_d = tensor_to_doubles(var);
+  const std::vector<double> gamma = channel_values(bn_weight, C, 1.0), beta = channel_values(bn_bias, C, 0.0);
+  at::Tensor grad_y = at::empty_like(conv_out);
+  std::vector<double> sums;  // [sum g | sum g * xhat]
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_bn_relu_train_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const NormAffine<acc_t> n = norm_affine<acc_t>(mean_d.data(), var_d.data(), gamma, beta, eps, C);
+    const scalar_t* y = conv_out.data_ptr<scalar_t>();
+    const scalar_t* gop = go.data_ptr<scalar_t>();
+    auto masked_grad = [&](int64_t i, int64_t c) {
+      const acc_t z = static_cast<acc_t>(y[i]) * n.a[c] + n.b[c];
+      return relu && !(z > acc_t(0)) ? 0.0 : static_cast<double>(gop[i]);
+    };
+    sums = reduce_channels(M, C, 2, [&](int64_t r, double* p) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = r * C + c;
+        const double gi = masked_grad(i, c);
+        p[c] += gi;
+        p[C + c] += gi * (static_cast<double>(y[i]) - mean_d[c]) * n.invstd[c];
+      }
+    });
+    std::vector<acc_t> k1(C), k2(C), k3(C);  // grad_y = k1 * g - k2 - k3 * (y - mean)
+    for (int64_t c = 0; c < C; ++c) {
+      const double s = gamma[c] * n.invstd[c];
+      k1[c] = static_cast<acc_t>(s);
+      k2[c] = static_cast<acc_t>(s * sums[c] / double(M));
+      k3[c] = static_cast<acc_t>(s * sums[C + c] / double(M) * n.invstd[c]);
+    }
+    scalar_t* gy = grad_y.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = r * C + c;
+          const acc_t centered = static_cast<acc_t>(static_cast<double>(y[i]) - mean_d[c]);
+          gy[i] = static_cast<scalar_t>(k1[c] * static_cast<acc_t>(masked_grad(i, c)) - k2[c] - k3[c] * centered);
+        }
+      }
+    });
+  });
+  at::Tensor grad_input, grad_weight;
+  if (output_mask[0] || output_mask[1]) {
+    auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation,
+                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+                                          {output_mask[0], output_mask[1], false});
+    if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
+    if (output_mask[1]) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+  }
+  const at::TensorOptions acc_options = input.options().dtype(acc_type_of(input.scalar_type()));
+  auto empty = [&](const at::TensorOptions& o) { return at::empty({0}, o); };
+  at::Tensor grad_gamma = empty(acc_options), grad_beta = empty(acc_options);
+  if (output_mask[2]) {
+    grad_beta = doubles_to_tensor(std::vector<double>(sums.begin(), sums.begin() + C), acc_options)
+                    .to(acc_options.dtype());
+    grad_gamma = doubles_to_tensor(std::vector<double>(sums.begin() + C, sums.end()), acc_options)
+                     .to(acc_options.dtype());
+  }
+  return {output_mask[0] ? grad_input : empty(input.options()), output_mask[1] ? grad_weight : empty(weight.options()),
+          grad_gamma, grad_beta};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace rk
+
+TORCH_LIBRARY_IMPL(resnext_kernels, CPU, m) {
+  m.impl("conv_bn_relu_train", &rk::cpu::conv_bn_relu_train_cpu);
+  m.impl("conv_bn_relu_train_backward", &rk::cpu::conv_bn_relu_train_backward_cpu);
+}

@@ -1,0 +1,249 @@
+"""Training form of the fused op on CPU: batch statistics, running stats, backward, autograd, compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import RESNEXT50_STAGES, rel_err
+from torch import nn
+
+import resnext_kernels as rk
+
+train_op = torch.ops.resnext_kernels.conv_bn_relu_train
+backward_op = torch.ops.resnext_kernels.conv_bn_relu_train_backward
+
+
+def _sequential(cin, cout, k, stride, padding, dilation, groups, relu=True, **bn_kwargs):
+    layers = [nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=False), nn.BatchNorm2d(cout, **bn_kwargs)]
+    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+
+def _fused_like(ref, relu=True):
+    conv, bn = ref[0], ref[1]
+    ours = rk.nn.FusedGroupedConvBNReLU(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride,
+                                        conv.padding, conv.dilation, conv.groups, relu=relu, eps=bn.eps,
+                                        momentum=bn.momentum, affine=bn.affine,
+                                        track_running_stats=bn.track_running_stats)
+    ours.load_state_dict(ref.state_dict())
+    return ours.to(conv.weight.dtype)
+
+
+# (C_in, C_out, k, stride, padding, dilation, groups, relu, affine)
+GRADCHECK_CASES = [
+    (4, 4, 3, 1, 1, 1, 1, True, True),
+    (4, 6, 3, 2, 1, 1, 2, True, True),
+    (6, 6, 3, 1, 0, 1, 6, True, True),
+    (4, 4, 3, 1, 2, 2, 2, False, True),
+    (4, 4, 3, 2, 1, 2, 4, True, False),
+    (4, 8, 1, 1, 0, 1, 2, True, True),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gradcheck_every_input(case):
+    cin, cout, k, stride, padding, dilation, groups, relu, affine = case
+    d = torch.float64
+    x = torch.randn(2, cin, 5, 6, dtype=d, requires_grad=True)
+    w = torch.randn(cout, cin // groups, k, k, dtype=d, requires_grad=True)
+    gamma = (torch.rand(cout, dtype=d) + 0.5).requires_grad_() if affine else None
+    beta = (torch.randn(cout, dtype=d) * 0.1).requires_grad_() if affine else None
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups, relu)
+
+    def f(x, w, *bn):
+        g, b = bn if affine else (None, None)
+        return train_op(x, w, g, b, 1e-5, *args)[0]
+
+    inputs = (x, w, gamma, beta) if affine else (x, w)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("channels,size", RESNEXT50_STAGES)
+def test_stage_shapes_match_torch_nn(channels, size, channels_last):
+    """Output, input/weight/BN gradients and running stats against the PyTorch sequence (fp32)."""
+    ref = _sequential(channels, channels, 3, 1, 1, 1, 32)
+    ours = _fused_like(ref)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, channels, size // 2, size // 2).contiguous(memory_format=fmt)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert ours.explain(x1).path == "cpu"
+    y1, y2 = ours(x1), ref(x2)
+    assert y1.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y2)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    for (name, p1), p2 in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-3, msg=name)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_running_stats_after_100_steps(momentum):
+    ref = _sequential(8, 8, 3, 1, 1, 1, 4, momentum=momentum)
+    ours = _fused_like(ref)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(100):
+        n = 1 + step % 4
+        x = torch.randn(n, 8, 5 + step % 3, 4, generator=gen) * (1 + step % 5) + step % 7
+        ours(x)
+        ref(x)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert int(ours.bn.num_batches_tracked) == 100
+
+
+def test_track_running_stats_false_and_eval_without_buffers():
+    ref = _sequential(8, 8, 3, 1, 1, 1, 2, track_running_stats=False)
+    ours = _fused_like(ref)
+    x = torch.randn(3, 8, 6, 6)
+    torch.testing.assert_close(ours(x), ref(x))
+    ours.eval()
+    ref.eval()  # no running stats: batch statistics in eval mode too, like BatchNorm2d
+    assert ours.explain(x).path == "cpu"
+    torch.testing.assert_close(ours(x), ref(x))
+    assert ours.bn.running_mean is None
+
+
+def test_one_value_per_channel_raises_like_pytorch():
+    ours = rk.nn.FusedGroupedConvBNReLU(4, 4, groups=2)
+    x = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        ours(x)
+    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
+        train_op(x, ours.conv.weight, None, None, 1e-5, [1, 1], [1, 1], [1, 1], 2, True)
+
+
+def test_large_mean_statistics_are_stable():
+    """Two-pass statistics: a large common offset must not destroy the variance (E[x^2]-E[x]^2 would)."""
+    x = torch.randn(4, 4, 32, 32) * 0.01 + 1000.0
+    w = torch.zeros(4, 1, 1, 1)
+    w[:, 0] = 1.0
+    _, _, mean, var = train_op(x, w, None, None, 1e-5, [1, 1], [0, 0], [1, 1], 4, False)
+    ref_var = x.double().var(dim=(0, 2, 3), unbiased=False)
+    assert rel_err(var, ref_var) < 1e-3 and rel_err(mean, x.double().mean(dim=(0, 2, 3))) < 1e-6
+
+
+def test_bfloat16_training_error_within_pytorch_own():
+    ref = _sequential(32, 32, 3, 1, 1, 1, 8)
+    ref64 = _sequential(32, 32, 3, 1, 1, 1, 8).double()
+    ref64.load_state_dict(ref.state_dict())
+    ours = _fused_like(ref).bfloat16()
+    ref_bf = _fused_like(ref)  # noqa: F841 (keeps construction symmetric)
+    ref_bf16 = _sequential(32, 32, 3, 1, 1, 1, 8).bfloat16()
+    ref_bf16.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 32, 8, 8)
+    expected = ref64(x.double())
+    own = rel_err(ref_bf16(x.bfloat16()), expected)
+    assert rel_err(ours(x.bfloat16()), expected) <= 2 * own + 1e-3
+
+
+def test_needs_input_grad_respected_and_frozen_weight():
+    ours = rk.nn.FusedGroupedConvBNReLU(8, 8, groups=2)
+    ours.conv.weight.requires_grad_(False)
+    x = torch.randn(2, 8, 5, 5)  # no input grad
+    ours(x).sum().backward()
+    assert ours.conv.weight.grad is None and ours.bn.weight.grad is not None
+
+
+def test_double_backward_raises_clear_error():
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = train_op(x, w, None, None, 1e-5, [1, 1], [1, 1], [1, 1], 2, True)[0]
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="conv_bn_relu_train_backward"):
+        gx.sum().backward()
+
+
+def test_statistics_outputs_are_not_differentiable():
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    w = torch.randn(4, 2, 3, 3, requires_grad=True)
+    out, conv_out, mean, var = train_op(x, w, None, None, 1e-5, [1, 1], [1, 1], [1, 1], 2, True)
+    assert out.requires_grad and not mean.requires_grad and not var.requires_grad and not conv_out.requires_grad
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    x = torch.randn(4, 64, 12, 12)
+    w = torch.randn(64, 2, 3, 3, requires_grad=True)
+    gamma = torch.rand(64, requires_grad=True)
+
+    def run():
+        out = train_op(x, w, gamma, None, 1e-5, [1, 1], [1, 1], [1, 1], 32, True)
+        gw, gg = torch.autograd.grad((out[0] * out[0]).sum(), (w, gamma))
+        return [out[0], out[2], out[3], gw, gg]
+
+    threads = torch.get_num_threads()
+    first = run()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, run(), single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True], [False, False, True]])
+def test_opcheck_training_ops(mask):
+    x = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 2, 3, 3)
+    gamma, beta = torch.rand(8) + 0.5, torch.randn(8)
+    args = ([2, 1], [1, 1], [1, 1], 4, True)
+    torch.library.opcheck(train_op, (x.requires_grad_(), w.requires_grad_(), gamma.requires_grad_(),
+                                     beta.requires_grad_(), 1e-5, *args))
+    out, conv_out, mean, var = train_op(x.detach(), w.detach(), gamma.detach(), beta.detach(), 1e-5, *args)
+    torch.library.opcheck(backward_op, (torch.randn_like(out), x.detach(), w.detach(), conv_out, mean, var,
+                                        gamma.detach(), beta.detach(), 1e-5, *args, mask))
+
+
+def test_torch_compile_training_step_matches_eager():
+    torch.manual_seed(3)
+    ref = _sequential(16, 16, 3, 1, 1, 1, 4)
+    eager = _fused_like(ref)
+    compiled_model = _fused_like(ref)
+    step = torch.compile(lambda m, x: (m(x) ** 2).mean(), fullgraph=True)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    loss_e = (eager(x) ** 2).mean()
+    loss_c = step(compiled_model, x)
+    loss_e.backward()
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, msg=name)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled_model.state_dict()[key], value, msg=key)
+
+
+def test_autocast_cpu_training():
+    ours = rk.nn.FusedGroupedConvBNReLU(16, 16, groups=4)
+    x = torch.randn(2, 16, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert ours.conv.weight.grad.dtype == torch.float32 and ours.bn.weight.grad.dtype == torch.float32
+
+
+def test_train_op_inputs_unmodified():
+    x = torch.randn(2, 8, 5, 5)
+    w = torch.randn(8, 2, 3, 3)
+    gamma, beta = torch.rand(8), torch.randn(8)
+    before = [t.clone() for t in (x, w, gamma, beta)]
+    out = train_op(x, w, gamma, beta, 1e-5, [1, 1], [1, 1], [1, 1], 4, True)
+    backward_op(torch.ones_like(out[0]), x, w, out[1], out[2], out[3], gamma, beta, 1e-5, [1, 1], [1, 1], [1, 1], 4,
+                True, [True, True, True])
+    assert all(torch.equal(a, b) for a, b in zip((x, w, gamma, beta), before))
+
+
+def test_functional_training_matches_f_batch_norm():
+    x = torch.randn(3, 6, 7, 7, dtype=torch.float64)
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    rm, rv = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    rm2, rv2 = rm.clone(), rv.clone()
+    out = rk.conv_bn_relu(x, w, rm, rv, None, None, training=True, momentum=0.3, stride=2, groups=2, relu=False)
+    y = F.conv2d(x, w, None, 2, 1, 1, 2)
+    expected = F.batch_norm(y, rm2, rv2, None, None, True, 0.3, 1e-5)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
