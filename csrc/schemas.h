@@ -29,3 +29,15 @@
   "Tensor mean, Tensor var, Tensor? bn_weight, Tensor? bn_bias, float eps, int[2] stride, "              \
   "int[2] padding, int[2] dilation, int groups, bool relu, bool[3] output_mask) "                        \
   "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)"
+
+// The aggregated bottleneck (torchvision's Bottleneck / ResNeXt block) in inference form, one call per
+// block: every BatchNorm folded into per-channel scale/shift (accumulation dtype),
+//   h1  = relu(conv1x1(input, w1) * s1 + b1)
+//   h2  = relu(conv3x3(h1, w2, stride, padding=dilation, dilation, groups) * s2 + b2)
+//   id  = input, or conv1x1(input, w_down, stride) * s_down + b_down when w_down is given
+//   out = relu(conv1x1(h2, w3) * s3 + b3 + id)
+// The output memory format follows the input's.
+#define RK_SCHEMA_BOTTLENECK_INFER                                                                       \
+  "bottleneck_infer(Tensor input, Tensor w1, Tensor s1, Tensor b1, Tensor w2, Tensor s2, Tensor b2, "    \
+  "Tensor w3, Tensor s3, Tensor b3, Tensor? w_down, Tensor? s_down, Tensor? b_down, int stride, "       \
+  "int groups, int dilation) -> Tensor"

@@ -14,8 +14,9 @@ except ImportError as e:  # pragma: no cover - exercised only on broken installs
         f"({e}). Build it with `pip install --no-build-isolation .` in the project checkout."
     ) from e
 
-from . import nn, ops  # noqa: E402
+from . import models, nn, ops  # noqa: E402
+from .models import convert_model  # noqa: E402
 from .ops import Decision, conv_bn_relu, explain, force_reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Decision", "conv_bn_relu", "explain", "force_reference", "nn", "ops"]
+__all__ = ["Decision", "conv_bn_relu", "convert_model", "explain", "force_reference", "models", "nn", "ops"]

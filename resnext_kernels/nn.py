@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["FusedGroupedConvBNReLU"]
+__all__ = ["FusedBasicBlock", "FusedGroupedConvBNReLU", "FusedResNeXtBlock", "conv_bn", "explain_block"]
 
 
 def batch_norm_call_args(bn: nn.BatchNorm2d) -> tuple[bool, float, Tensor | None, Tensor | None]:
@@ -96,3 +97,145 @@ class FusedGroupedConvBNReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Residual blocks: drop-in replacements for torchvision's Bottleneck and BasicBlock
+# ----------------------------------------------------------------------------------------------------
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Tensor:
+    """``relu?(bn(conv(x)))`` through the fused op, with ``bn``'s training/eval semantics."""
+    training, momentum, running_mean, running_var = batch_norm_call_args(bn)
+    return ops.conv_bn_relu(x, conv.weight, running_mean, running_var, bn.weight, bn.bias, training=training,
+                            momentum=momentum, eps=bn.eps, stride=conv.stride, padding=conv.padding,
+                            dilation=conv.dilation, groups=conv.groups, relu=relu)
+
+
+def _is_plain_conv(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def _is_projection(downsample: nn.Module | None) -> bool:
+    """torchvision's shortcut: Sequential(conv1x1 (no bias), BatchNorm2d)."""
+    return (isinstance(downsample, nn.Sequential) and len(downsample) == 2 and _is_plain_conv(downsample[0])
+            and type(downsample[1]) is nn.BatchNorm2d)
+
+
+def _check_norm(norm: nn.Module, name: str) -> None:
+    if type(norm) is not nn.BatchNorm2d:
+        raise ValueError(f"{name}: the fused blocks need nn.BatchNorm2d normalization, got {type(norm).__name__}")
+
+
+def _bn_inference_args(bn: nn.BatchNorm2d) -> tuple:
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+
+
+def explain_block(block: nn.Module, x: Tensor) -> ops.Decision:
+    """Whether a fused block runs as one ``bottleneck_infer`` call ("block" path) or layer by layer, and why."""
+    forced = ops._reference_forced()
+    if forced:
+        return ops.Decision("aten", forced)
+    if not isinstance(block, FusedResNeXtBlock):
+        return ops.Decision("layers", f"{type(block).__name__} has no whole-block kernel")
+    bns = [block.bn1, block.bn2, block.bn3] + ([block.downsample[1]] if _is_projection(block.downsample) else [])
+    if any(bn.training or bn.running_mean is None for bn in bns):
+        return ops.Decision("layers", "BatchNorm uses batch statistics (training mode)")
+    if block.downsample is not None and not _is_projection(block.downsample):
+        return ops.Decision("layers", "the shortcut is not torchvision's conv1x1 + BatchNorm2d projection")
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        return ops.Decision("layers", "autograd is recording; the whole-block kernel is inference-only")
+    if x.device.type != "cpu":
+        return ops.Decision("layers", f"the whole-block kernel is CPU-only; on {x.device.type} each layer "
+                                      "dispatches on its own (see resnext_kernels.explain)")
+    if x.dtype not in ops._CPU_DTYPES:
+        return ops.Decision("layers", f"the CPU kernels cover float32, float64 and bfloat16, not {x.dtype}")
+    return ops.Decision("block", "the whole block in one fused operator call (inference)")
+
+
+class FusedResNeXtBlock(nn.Module):
+    """Drop-in replacement for ``torchvision.models.resnet.Bottleneck`` (the ResNeXt / ResNet-50+ block).
+
+    Same constructor, same submodule names (``conv1 bn1 conv2 bn2 conv3 bn3 relu downsample``), same width
+    formula ``int(planes * base_width / 64) * groups`` and the stride on the 3x3 convolution, so state dicts
+    load unchanged. In inference (eval, no autograd) on CPU the block runs as one operator call with every
+    BatchNorm folded and the shortcut + ReLU fused into the last convolution; otherwise each conv + BN (+ ReLU)
+    runs the fused op (training form with batch statistics when training). ``explain(x)`` tells which.
+    """
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None) -> None:
+        super().__init__()
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, dilation, dilation=dilation, groups=groups, bias=False)
+        self.bn2 = norm_layer(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        for name in ("bn1", "bn2", "bn3"):
+            _check_norm(getattr(self, name), f"FusedResNeXtBlock.{name}")
+
+    def explain(self, x: Tensor) -> ops.Decision:
+        return explain_block(self, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if explain_block(self, x).path == "block":
+            down = None
+            if self.downsample is not None:
+                down = (self.downsample[0].weight, *_bn_inference_args(self.downsample[1]))
+            layers = [(conv.weight, *_bn_inference_args(bn))
+                      for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))]
+            return ops.bottleneck_inference(x, layers, down, stride=self.conv2.stride[0], groups=self.conv2.groups,
+                                            dilation=self.conv2.dilation[0])
+        out = conv_bn(x, self.conv1, self.bn1, relu=True)
+        out = conv_bn(out, self.conv2, self.bn2, relu=True)
+        out = conv_bn(out, self.conv3, self.bn3, relu=False)
+        return F.relu(out + _shortcut(self.downsample, x))
+
+
+class FusedBasicBlock(nn.Module):
+    """Drop-in replacement for ``torchvision.models.resnet.BasicBlock`` (ResNet-18/34): two 3x3 conv + BN
+    (+ ReLU) through the fused op, same constructor and state-dict keys."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("FusedBasicBlock only supports groups=1 and base_width=64 (like BasicBlock)")
+        if dilation > 1:
+            raise ValueError("dilation > 1 is not supported in FusedBasicBlock (like BasicBlock)")
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        for name in ("bn1", "bn2"):
+            _check_norm(getattr(self, name), f"FusedBasicBlock.{name}")
+
+    def explain(self, x: Tensor) -> ops.Decision:
+        return explain_block(self, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn(x, self.conv1, self.bn1, relu=True)
+        out = conv_bn(out, self.conv2, self.bn2, relu=False)
+        return F.relu(out + _shortcut(self.downsample, x))
+
+
+def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
+    if downsample is None:
+        return x
+    if _is_projection(downsample):
+        return conv_bn(x, downsample[0], downsample[1], relu=False)
+    return downsample(x)

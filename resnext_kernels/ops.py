@@ -28,6 +28,7 @@ from . import _build_info
 
 __all__ = [
     "Decision",
+    "bottleneck_inference",
     "conv_bn_relu",
     "explain",
     "force_reference",
@@ -370,3 +371,38 @@ def _no_double_backward(ctx, *grads):
 
 torch.library.register_autograd("resnext_kernels::conv_bn_relu_train_backward", _no_double_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole aggregated bottleneck in inference form
+# ----------------------------------------------------------------------------------------------------
+
+def bottleneck_inference(input: Tensor, convs_bns: Sequence[tuple[Tensor, Tensor, Tensor, Tensor | None,
+                                                                  Tensor | None, float]],
+                         downsample: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, float] | None,
+                         *, stride: int, groups: int, dilation: int) -> Tensor:
+    """One call of ``bottleneck_infer``: ``convs_bns`` holds (conv weight, running_mean, running_var, bn weight,
+    bn bias, eps) for conv1, conv2, conv3; ``downsample`` the same for the projection shortcut, or None.
+    Autocast casts the input and the conv weights like it casts conv2d."""
+    weights = [c[0] for c in convs_bns] + ([downsample[0]] if downsample is not None else [])
+    x = input
+    if input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type) \
+            and input.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(input.device.type)
+        x, weights = input.to(dtype), [w.to(dtype) for w in weights]
+    acc = _accumulation_dtype(x.dtype)
+    folded = []
+    for w, (_, mean, var, gamma, beta, eps) in zip(weights, list(convs_bns) + ([downsample] if downsample else [])):
+        folded.append((w, *fold_batch_norm(mean, var, gamma, beta, eps, acc)))
+    down = folded[3] if downsample is not None else (None, None, None)
+    return torch.ops.resnext_kernels.bottleneck_infer(x, *folded[0], *folded[1], *folded[2], *down, stride, groups,
+                                                      dilation)
+
+
+@torch.library.register_fake("resnext_kernels::bottleneck_infer")
+def _bottleneck_infer_fake(input, w1, s1, b1, w2, s2, b2, w3, s3, b3, w_down, s_down, b_down, stride, groups,
+                           dilation):
+    n, _, h, w = input.shape
+    oh = _conv_out_size(h, w2.shape[2], stride, dilation, dilation)
+    ow = _conv_out_size(w, w2.shape[3], stride, dilation, dilation)
+    return input.new_empty((n, w3.shape[0], oh, ow)).contiguous(memory_format=_suggest_memory_format(input))

@@ -48,6 +48,13 @@ RK_ALWAYS_INLINE typename V::vec vload(const float* p) {
 }
 
 template <class V>
+RK_ALWAYS_INLINE typename V::vec vload(const c10::BFloat16* p) {
+  typename V::vec v;
+  for (int i = 0; i < V::kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+
+template <class V>
 RK_ALWAYS_INLINE void vstore(float* p, typename V::vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
@@ -78,6 +85,7 @@ struct BlockedProblem {
   const float* shift;   // [C_out]
   const int64_t* src_channel;  // first input channel of output channel co's group
   scalar_t* out;
+  const scalar_t* residual;  // added before the ReLU when not null; same layout as out
   bool relu;
   const float* zero_expanded;  // cpg_in * C_out zeros
   const scalar_t* zero_input;  // C_in zeros
@@ -130,6 +138,7 @@ RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool*
   for (int p = 0; p < TP; ++p) {
     for (int v = 0; v < NV; ++v) {
       vec r = acc[p][v];
+      if (P.residual) r += vload<V>(P.residual + (out - P.out) + p * C_out + v * L);
       if (P.relu) r = r > vec{} ? r : vec{};
       vstore<V>(out + p * C_out + v * L, r);
     }

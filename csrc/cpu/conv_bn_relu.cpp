@@ -20,6 +20,8 @@
 //     next output rows (stride 1 reads each input row KH times).
 //   * Generic path (float64, baseline CPUs, other widths): the same arithmetic with the accumulator in
 //     memory, compiled for AVX-512 / AVX2 / baseline with GCC's target_clones.
+//   * Optionally a residual tensor (same shape as the output) is added before the ReLU, which fuses a
+//     bottleneck's "+ shortcut, ReLU" into its last convolution.
 // Runtime ISA dispatch: __builtin_cpu_supports picks the AVX-512 (x86-64-v4) or AVX2 (x86-64-v3) build of
 // the blocked path once per process. Accumulation is float for float32/bfloat16 and double for float64.
 // All indexing is 64-bit.
@@ -95,7 +97,8 @@ inline Tiling plan_tiling(const ConvGeom& g) {
 template <typename scalar_t, typename acc_t>
 RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const scalar_t* __restrict in,
                                      const acc_t* __restrict wp, const acc_t* __restrict shift,
-                                     const int64_t* __restrict src_channel, scalar_t* __restrict out, bool relu,
+                                     const int64_t* __restrict src_channel, scalar_t* __restrict out,
+                                     const scalar_t* __restrict residual, bool relu,
                                      int64_t row_begin, int64_t row_end, acc_t* __restrict acc,
                                      acc_t* __restrict ex) {
   const int64_t C_in = g.C_in, C_out = g.C_out;
@@ -150,7 +153,12 @@ RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const 
             }
           }
         }
-        scalar_t* o = out + ((n * g.OH + oh) * g.OW + ow0 + t) * C_out;
+        const int64_t pixel = (n * g.OH + oh) * g.OW + ow0 + t;
+        scalar_t* o = out + pixel * C_out;
+        if (residual) {
+          const scalar_t* res = residual + pixel * C_out;
+          for (int64_t co = 0; co < C_out; ++co) a[co] += static_cast<acc_t>(res[co]);
+        }
         if (relu) {
           for (int64_t co = 0; co < C_out; ++co) o[co] = static_cast<scalar_t>(a[co] > acc_t(0) ? a[co] : acc_t(0));
         } else {
@@ -164,10 +172,11 @@ RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const 
 // One ISA-dispatched entry point per dtype (target_clones needs plain functions).
 #define RK_DEFINE_CONV_ROWS(NAME, scalar_t, acc_t)                                                          \
   RK_CPU_ISA_CLONES void NAME(const ConvGeom& g, const Tiling& tl, const scalar_t* in, const acc_t* wp,      \
-                              const acc_t* shift, const int64_t* src_channel, scalar_t* out, bool relu,     \
+                              const acc_t* shift, const int64_t* src_channel, scalar_t* out,                \
+                              const scalar_t* residual, bool relu,                                          \
                               int64_t row_begin, int64_t row_end, acc_t* acc, acc_t* ex) {                  \
-    conv_rows_impl<scalar_t, acc_t>(g, tl, in, wp, shift, src_channel, out, relu, row_begin, row_end, acc, \
-                                    ex);                                                                    \
+    conv_rows_impl<scalar_t, acc_t>(g, tl, in, wp, shift, src_channel, out, residual, relu, row_begin,    \
+                                    row_end, acc, ex);                                                      \
   }
 RK_DEFINE_CONV_ROWS(conv_rows, float, float)
 RK_DEFINE_CONV_ROWS(conv_rows, double, double)
@@ -257,7 +266,8 @@ std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, cons
 
 template <typename scalar_t, typename acc_t>
 void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, const at::Tensor& weight,
-                            const at::Tensor& scale, const at::Tensor& shift, at::Tensor& out_nhwc, bool relu) {
+                            const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* residual_nhwc,
+                            at::Tensor& out_nhwc, bool relu) {
   const std::vector<acc_t> wp = pack_weight<scalar_t, acc_t>(g, weight, scale);
   const at::Tensor shift_c = shift.contiguous();
   const acc_t* sh = shift_c.data_ptr<acc_t>();
@@ -267,6 +277,7 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
   const Tiling tl = plan_tiling(g);
   const scalar_t* in = input_nhwc.data_ptr<scalar_t>();
   scalar_t* out = out_nhwc.data_ptr<scalar_t>();
+  const scalar_t* residual = residual_nhwc ? residual_nhwc->data_ptr<scalar_t>() : nullptr;
   // Grain: enough rows per task that a task does at least ~64k multiply-adds.
   const int64_t macs_per_row = g.OW * g.C_out * cpg_in * g.KH * g.KW;
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(macs_per_row, 1));
@@ -276,7 +287,7 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       const std::vector<float> zero_expanded(tl.expand ? cpg_in * g.C_out : 0, 0.f);
       const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
       const BlockedProblem<scalar_t> P{&g, tl.tile_ow, tl.span, tl.n_tiles, tl.row_slots, tl.expand, in,
-                                       wp.data(), sh, src_channel.data(), out, relu, zero_expanded.data(),
+                                       wp.data(), sh, src_channel.data(), out, residual, relu, zero_expanded.data(),
                                        zero_input.data()};
       at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> expanded(tl.expand_size);
@@ -290,7 +301,8 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
   }
   at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(tl.acc_size), ex(tl.expand_size);
-    conv_rows(g, tl, in, wp.data(), sh, src_channel.data(), out, relu, begin, end, acc.data(), ex.data());
+    conv_rows(g, tl, in, wp.data(), sh, src_channel.data(), out, residual, relu, begin, end, acc.data(),
+              ex.data());
   });
 }
 
@@ -299,14 +311,15 @@ at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& wei
                                   at::IntArrayRef dilation, int64_t groups, bool relu) {
   const ConvGeom g = check_conv_bn_relu_args("resnext_kernels::conv_bn_relu_infer", input, weight, scale, shift,
                                              stride, padding, dilation, groups);
-  const at::Tensor out = conv_affine_nhwc_cpu(g, input, weight, scale, shift, relu);
+  const at::Tensor out = conv_affine_nhwc_cpu(g, input, weight, scale, shift, std::nullopt, relu);
   return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? out : out.contiguous();
 }
 
 }  // namespace
 
 at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
-                                const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+                                const at::Tensor& scale, const at::Tensor& shift,
+                                const std::optional<at::Tensor>& residual, bool relu) {
   TORCH_CHECK(input.device().is_cpu(), "resnext_kernels (CPU kernel): input must be a CPU tensor");
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
@@ -315,9 +328,16 @@ at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, cons
   at::Tensor out = at::empty({g.N, g.C_out, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() > 0) {
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor res;
+    if (residual.has_value()) {
+      TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == dtype,
+                  "resnext_kernels (CPU kernel): residual must have the output's shape ", out.sizes(), " and dtype ",
+                  dtype, ", got ", residual->sizes(), " ", residual->scalar_type());
+      res = residual->contiguous(at::MemoryFormat::ChannelsLast);
+    }
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "conv_affine_nhwc_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      conv_bn_relu_cpu_typed<scalar_t, acc_t>(g, x, weight, scale, shift, out, relu);
+      conv_bn_relu_cpu_typed<scalar_t, acc_t>(g, x, weight, scale, shift, res.defined() ? &res : nullptr, out, relu);
     });
   }
   return out;

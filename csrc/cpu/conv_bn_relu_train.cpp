@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_cp
   const at::ScalarType acc = acc_type_of(input.scalar_type());
   const int64_t C = g.C_out, M = g.N * g.OH * g.OW;
   const at::Tensor conv_out = conv_affine_nhwc_cpu(g, input, weight, at::ones({C}, input.options().dtype(acc)),
-                                                   at::zeros({C}, input.options().dtype(acc)), false);
+                                                   at::zeros({C}, input.options().dtype(acc)), std::nullopt, false);
   at::Tensor out = at::empty_like(conv_out);
   std::vector<double> mean, var;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_bn_relu_train_cpu", [&] {

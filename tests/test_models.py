@@ -1,0 +1,275 @@
+"""The aggregated bottleneck, the drop-in blocks and the model family, against torchvision."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from reference import rel_err
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+import resnext_kernels as rk
+from resnext_kernels.models import FusedPreActBottleneck
+
+IMAGENET_MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                   "resnext101_32x8d", "resnext101_64x4d"]
+
+
+def _randomize_bn(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
+def test_imagenet_models_load_torchvision_and_match_in_eval(name):
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name)()
+    _randomize_bn(ref)
+    ours = getattr(rk.models, name)()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x).double()) < 1e-4
+
+
+def test_parameter_counts():
+    assert sum(p.numel() for p in rk.models.resnext50_32x4d().parameters()) == 25_028_904
+    assert sum(p.numel() for p in rk.models.resnet50().parameters()) == 25_557_032
+    # Table 7 of the paper: ResNeXt-29 8x64d 34.4M, 16x64d 68.1M parameters (CIFAR-10 classifier)
+    assert round(sum(p.numel() for p in rk.models.resnext29_8x64d().parameters()) / 1e6, 1) == 34.4
+    assert abs(sum(p.numel() for p in rk.models.resnext29_16x64d().parameters()) / 1e6 - 68.1) < 0.1
+
+
+def _train_step(model, x, target):
+    model.train()
+    loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
+def test_training_step_matches_torchvision_float64(name, channels_last):
+    """One training step in float64: loss, every parameter gradient and every BN buffer as torchvision's."""
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name)(num_classes=10).double()
+    ours = getattr(rk.models, name)(num_classes=10).double()
+    ours.load_state_dict(ref.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 3, 48, 48, dtype=torch.float64).contiguous(memory_format=fmt)
+    target = torch.randint(0, 10, (4,))
+    torch.testing.assert_close(_train_step(ours, x, target), _train_step(ref, x, target), rtol=1e-10, atol=0)
+    for (name_, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
+        assert rel_err(p_ours.grad, p_ref.grad) < 1e-9, name_
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_training_step_float32_error_within_torchvision_own():
+    """In float32 a deep net's gradients drift from the exact ones; ours must drift no more than
+    torchvision's own float32 step (both measured against a float64 step)."""
+    torch.manual_seed(0)
+    truth = torchvision.models.resnext50_32x4d(num_classes=10).double()
+    ref = torchvision.models.resnext50_32x4d(num_classes=10)
+    ours = rk.models.resnext50_32x4d(num_classes=10)
+    ref.load_state_dict(truth.state_dict())
+    ours.load_state_dict(truth.state_dict())
+    x = torch.randn(4, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (4,))
+    _train_step(truth, x.double(), target)
+    _train_step(ref, x, target)
+    _train_step(ours, x, target)
+
+    def err(a, b):
+        return ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    for (name_, p_truth), p_ref, p_ours in zip(truth.named_parameters(), ref.parameters(), ours.parameters()):
+        assert err(p_ours.grad, p_truth.grad) <= 2 * err(p_ref.grad, p_truth.grad) + 1e-5, name_
+
+
+def test_zero_init_residual_like_torchvision():
+    ref = torchvision.models.resnext50_32x4d(zero_init_residual=True)
+    ours = rk.models.resnext50_32x4d(zero_init_residual=True)
+    assert all((ours.state_dict()[k] == 0).all() for k, v in ref.state_dict().items()
+               if k.endswith("bn3.weight") and (v == 0).all())
+    assert all((m.bn2.weight == 0).all() for m in rk.models.resnet18(zero_init_residual=True).modules()
+               if isinstance(m, rk.nn.FusedBasicBlock))
+
+
+# --------------------------------------------------------------------------------------------------
+# The block and its single-op inference form
+# --------------------------------------------------------------------------------------------------
+
+BLOCK_CASES = [  # (inplanes, planes, stride, groups, base_width, dilation, projection)
+    (64, 16, 1, 1, 64, 1, True),
+    (64, 16, 1, 4, 16, 1, False),
+    (128, 32, 2, 32, 4, 1, True),
+    (64, 16, 1, 2, 32, 2, False),
+    (32, 16, 2, 16, 4, 1, True),
+]
+
+
+def _block_pair(case, dtype=torch.float32):
+    inplanes, planes, stride, groups, base_width, dilation, projection = case
+    down = None
+    if projection:
+        down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+    ref = Bottleneck(inplanes, planes, stride, down, groups, base_width, dilation)
+    _randomize_bn(ref)
+    down2 = None
+    if projection:
+        down2 = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+    ours = rk.nn.FusedResNeXtBlock(inplanes, planes, stride, down2, groups, base_width, dilation)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref.to(dtype).eval(), ours.to(dtype).eval()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_block_single_op_inference(case, channels_last):
+    ref, ours = _block_pair(case, torch.float64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, case[0], 9, 8, dtype=torch.float64).contiguous(memory_format=fmt)
+    before = x.clone()
+    with torch.no_grad():
+        assert ours.explain(x).path == "block"
+        out = ours(x)
+        assert rel_err(out, ref(x)) < 1e-12
+    assert out.is_contiguous(memory_format=fmt) and torch.equal(x, before)
+
+
+def test_block_single_op_bfloat16_and_autocast():
+    ref, ours = _block_pair(BLOCK_CASES[2])
+    x = torch.randn(2, 128, 8, 8)
+    with torch.no_grad():
+        expected = ref.double()(x.double())
+        own = rel_err(ref.bfloat16()(x.bfloat16()), expected)
+        assert rel_err(ours.bfloat16()(x.bfloat16()), expected) <= 2 * own + 1e-3
+        ours.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ours(x).dtype == torch.bfloat16
+
+
+def test_block_training_and_grad_paths_fall_back_to_layers():
+    ref, ours = _block_pair(BLOCK_CASES[2])
+    x = torch.randn(2, 128, 8, 8)
+    assert ours.explain(x).path == "layers"  # parameters require grad
+    ours.train()
+    ref.train()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), ref(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_block_op_opcheck_and_compile():
+    _, ours = _block_pair(BLOCK_CASES[2])
+    x = torch.randn(2, 128, 8, 8).contiguous(memory_format=torch.channels_last)
+    folded = []
+    for conv, bn in ((ours.conv1, ours.bn1), (ours.conv2, ours.bn2), (ours.conv3, ours.bn3),
+                     (ours.downsample[0], ours.downsample[1])):
+        folded += [conv.weight.detach(), *rk.ops.fold_batch_norm(bn.running_mean, bn.running_var, bn.weight.detach(),
+                                                                 bn.bias.detach(), bn.eps, torch.float32)]
+    torch.library.opcheck(torch.ops.resnext_kernels.bottleneck_infer, (x, *folded, 2, 32, 1))
+    with torch.no_grad():
+        compiled = torch.compile(ours, fullgraph=True)
+        torch.testing.assert_close(compiled(x), ours(x))
+
+
+def test_block_rejects_other_norm_layers():
+    with pytest.raises(ValueError, match="nn.BatchNorm2d"):
+        rk.nn.FusedResNeXtBlock(64, 16, norm_layer=lambda c: nn.GroupNorm(4, c))
+
+
+# --------------------------------------------------------------------------------------------------
+# convert_model, the CIFAR ResNeXt and the pre-activation block
+# --------------------------------------------------------------------------------------------------
+
+def test_convert_model_torchvision():
+    torch.manual_seed(0)
+    ref = torchvision.models.resnext50_32x4d()
+    _randomize_bn(ref)
+    model = torchvision.models.resnext50_32x4d()
+    model.load_state_dict(ref.state_dict())
+    model.layer2[0].bn1 = nn.GroupNorm(4, model.layer2[0].bn1.num_features)  # not convertible: left alone
+    keys = list(model.state_dict())
+    fast, report = rk.convert_model(model, return_report=True)
+    assert fast is model and len(report.converted) == 15
+    assert report.skipped == [("layer2.0", "bn1 is GroupNorm, not nn.BatchNorm2d")]
+    assert isinstance(model.layer1[0], rk.nn.FusedResNeXtBlock) and isinstance(model.layer2[0], Bottleneck)
+    ref.layer2[0].bn1 = model.layer2[0].bn1
+    assert list(model.state_dict()) == keys
+    ref.eval()
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x).double()) < 1e-4
+
+
+def test_convert_model_basic_blocks_share_parameters():
+    model = torchvision.models.resnet18()
+    block = model.layer1[0]
+    assert isinstance(block, BasicBlock)
+    rk.convert_model(model)
+    assert isinstance(model.layer1[0], rk.nn.FusedBasicBlock) and model.layer1[0].conv1 is block.conv1
+
+
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_cifar_resnext_fused_matches_reference_path(zero_init):
+    torch.manual_seed(0)
+    model = rk.models.CifarResNeXt(cardinality=4, base_width=4, depth=11, stage_planes=(16, 32, 64),
+                                   zero_init_residual=zero_init)
+    _randomize_bn(model)
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        fused = model(x)
+        with rk.force_reference():
+            expected = model(x)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+    model.train()
+    loss = model(x).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+class _PreActReference(nn.Module):
+    """A plain torch.nn pre-activation bottleneck to check FusedPreActBottleneck against."""
+
+    def __init__(self, fused):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        f = self.fused
+        pre = F.relu(f.bn1(x))
+        shortcut = x if f.downsample is None else f.downsample(pre)
+        out = f.conv1(pre)
+        out = f.conv2(F.relu(f.bn2(out)))
+        return f.conv3(F.relu(f.bn3(out))) + shortcut
+
+
+def test_preact_bottleneck_matches_plain_torch():
+    torch.manual_seed(0)
+    block = FusedPreActBottleneck(32, 8, stride=2, downsample=nn.Conv2d(32, 32, 1, 2, bias=False), groups=4,
+                                  base_width=16)
+    _randomize_bn(block)
+    ref = _PreActReference(block)
+    x = torch.randn(2, 32, 8, 8, dtype=torch.float64)
+    block.double()
+    block.eval()
+    with torch.no_grad():
+        assert rel_err(block(x), ref(x)) < 1e-12
+    block.train()
+    torch.testing.assert_close(block(x), ref(x))
