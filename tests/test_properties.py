@@ -1,0 +1,164 @@
+"""Property-based tests: random shapes, groups, strides, paddings, dilations, dtypes and layouts against
+float64 references, forward and backward. RESNEXT_KERNELS_FUZZ_EXAMPLES raises the example count."""
+
+import os
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import rel_err
+
+import resnext_kernels as rk
+
+EXAMPLES = int(os.environ.get("RESNEXT_KERNELS_FUZZ_EXAMPLES", "250"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def conv_problems(draw):
+    groups = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    cin = groups * draw(st.integers(1, 6))
+    cout = groups * draw(st.integers(1, 6))
+    k = draw(st.sampled_from([1, 3]))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    h = draw(st.integers(max(1, dilation[0] * (k - 1) + 1 - 2 * padding[0]), 9))
+    w = draw(st.integers(max(1, dilation[1] * (k - 1) + 1 - 2 * padding[1]), 9))
+    n = draw(st.integers(0, 3))
+    layout = draw(st.sampled_from(["nchw", "channels_last", "strided"]))
+    relu = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(n=n, cin=cin, cout=cout, h=h, w=w, k=k, stride=stride, padding=padding, dilation=dilation,
+                groups=groups, layout=layout, relu=relu, seed=seed)
+
+
+def _tensors(p, dtype):
+    gen = torch.Generator().manual_seed(p["seed"])
+    x = torch.randn(p["n"], p["cin"] * 2, p["h"], p["w"], generator=gen, dtype=torch.float64)
+    x = x[:, ::2] if p["layout"] == "strided" else x[:, : p["cin"]]
+    if p["layout"] == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(p["cout"], p["cin"] // p["groups"], p["k"], p["k"], generator=gen, dtype=torch.float64)
+    bn = [torch.randn(p["cout"], generator=gen, dtype=torch.float64) * 0.3,
+          torch.rand(p["cout"], generator=gen, dtype=torch.float64) + 0.5,
+          torch.rand(p["cout"], generator=gen, dtype=torch.float64) + 0.5,
+          torch.randn(p["cout"], generator=gen, dtype=torch.float64) * 0.2]
+    return x.to(dtype), wt.to(dtype), bn
+
+
+def _conv_kwargs(p):
+    return dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
+
+
+@SETTINGS
+@given(p=conv_problems(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_inference_matches_reference(p, dtype):
+    x, wt, (mean, var, gamma, beta) = _tensors(p, dtype)
+    out = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, relu=p["relu"], **_conv_kwargs(p))
+    y = F.conv2d(x.double(), wt.double(), None, p["stride"], p["padding"], p["dilation"], p["groups"])
+    ref = F.batch_norm(y, mean, var, gamma, beta, False, 0.0, 1e-5)
+    ref = F.relu(ref) if p["relu"] else ref
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@SETTINGS
+@given(p=conv_problems())
+def test_training_forward_backward_match_reference(p):
+    if p["n"] * ((p["h"] + 2 * p["padding"][0] - p["dilation"][0] * (p["k"] - 1) - 1) // p["stride"][0] + 1) * \
+            ((p["w"] + 2 * p["padding"][1] - p["dilation"][1] * (p["k"] - 1) - 1) // p["stride"][1] + 1) <= 1:
+        return  # one value per channel: both paths raise (tested in test_training.py)
+    x, wt, (mean, var, gamma, beta) = _tensors(p, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, wt, gamma, beta)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, wt, gamma, beta)]
+    rm, rv = mean.clone(), var.clone()
+    rm2, rv2 = mean.clone(), var.clone()
+    out = rk.conv_bn_relu(leaves[0], leaves[1], rm, rv, leaves[2], leaves[3], training=True, relu=p["relu"],
+                          **_conv_kwargs(p))
+    y = F.conv2d(ref_leaves[0], ref_leaves[1], None, p["stride"], p["padding"], p["dilation"], p["groups"])
+    ref = F.batch_norm(y, rm2, rv2, ref_leaves[2], ref_leaves[3], True, 0.1, 1e-5)
+    ref = F.relu(ref) if p["relu"] else ref
+    assert rel_err(out, ref) <= 1e-10
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    for a, b in zip(leaves, ref_leaves):
+        assert rel_err(a.grad, b.grad) <= 1e-8
+    assert rel_err(rm, rm2) <= 1e-12 and rel_err(rv, rv2) <= 1e-12
+
+
+def test_concurrent_calls_match_sequential():
+    """Four Python threads calling the ops at once (kernels release the GIL) give sequential results."""
+    gen = torch.Generator().manual_seed(0)
+    problems = []
+    for i in range(8):
+        x = torch.randn(2, 32, 9 + i, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(32, 32 // (2 ** (i % 4)), 3, 3, generator=gen)
+        problems.append((x, w, 2 ** (i % 4)))
+    scale, shift = torch.rand(32) + 0.5, torch.randn(32)
+
+    def run(x, w, groups):
+        inf = torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, [1, 1], [1, 1], [1, 1], groups, True)
+        train = torch.ops.resnext_kernels.conv_bn_relu_train(x, w, scale, shift, 1e-5, [1, 1], [1, 1], [1, 1],
+                                                             groups, True)
+        return [inf, *train]
+
+    expected = [run(*p) for p in problems]
+    results = [None] * len(problems)
+    errors = []
+
+    def worker(idx):
+        try:
+            for _ in range(3):
+                for j in range(idx, len(problems), 4):
+                    results[j] = run(*problems[j])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for got, want in zip(results, expected):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_results_independent_of_thread_count(threads):
+    x = torch.randn(3, 64, 11, 13).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 2, 3, 3)
+    scale, shift = torch.rand(64) + 0.5, torch.randn(64)
+    before = torch.get_num_threads()
+    reference = torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 32, True)
+    try:
+        torch.set_num_threads(threads)
+        out = torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 32, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, reference)
+
+
+def test_no_memory_growth_over_1000_calls():
+    """1000 forward+backward calls: resident memory stays within a small bound after warm-up."""
+    import resource
+
+    model = rk.nn.FusedGroupedConvBNReLU(32, 32, groups=8)
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+
+    def step():
+        model(x).sum().backward()
+
+    for _ in range(50):
+        step()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for _ in range(1000):
+        step()
+    growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert growth_kib < 20 * 1024, f"peak RSS grew by {growth_kib} KiB over 1000 calls"
