@@ -120,13 +120,19 @@ class CifarResNeXt(nn.Module):
     (256, 512, 1024 by default) at strides 1, 2, 2, global average pooling and a linear classifier.
 
     ``depth = 9 * blocks_per_stage + 2``; with cardinality C and base width d the grouped convolution of the
-    first stage is C*d wide (the paper's "ResNeXt-29, 8x64d" is depth 29, C=8, d=64).
+    first stage is C*d wide (the paper's "ResNeXt-29, 8x64d" is depth 29, C=8, d=64). ``fused=False`` builds
+    the same network from torchvision's plain Bottleneck (same state-dict keys), as a reference.
     """
 
     def __init__(self, cardinality: int = 8, base_width: int = 64, depth: int = 29, num_classes: int = 10,
                  in_channels: int = 3, stem_channels: int = 64, stage_planes: tuple[int, ...] = (64, 128, 256),
-                 zero_init_residual: bool = False) -> None:
+                 zero_init_residual: bool = False, fused: bool = True) -> None:
         super().__init__()
+        self.fused = fused
+        if fused:
+            block = FusedResNeXtBlock
+        else:  # the same architecture from plain torch.nn layers (torchvision's Bottleneck): a reference
+            from torchvision.models.resnet import Bottleneck as block
         if (depth - 2) % 9 != 0 or depth < 11:
             raise ValueError(f"depth must be 9 * blocks_per_stage + 2 (11, 20, 29, ...), got {depth}")
         blocks = (depth - 2) // 9
@@ -135,9 +141,9 @@ class CifarResNeXt(nn.Module):
         inplanes = stem_channels
         stages = []
         for i, planes in enumerate(stage_planes):
-            stages.append(_make_stage(FusedResNeXtBlock, inplanes, planes, blocks, 1 if i == 0 else 2,
+            stages.append(_make_stage(block, inplanes, planes, blocks, 1 if i == 0 else 2,
                                       groups=cardinality, base_width=base_width))
-            inplanes = planes * FusedResNeXtBlock.expansion
+            inplanes = planes * block.expansion
         self.stages = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
@@ -148,10 +154,12 @@ class CifarResNeXt(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
-            _zero_init_residual(self)
+            for m in self.modules():
+                if hasattr(m, "bn3") and isinstance(m, (FusedResNeXtBlock, block)):
+                    nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = conv_bn(x, self.conv1, self.bn1, relu=True)
+        x = conv_bn(x, self.conv1, self.bn1, relu=True) if self.fused else torch.relu(self.bn1(self.conv1(x)))
         x = self.stages(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
