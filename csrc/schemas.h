@@ -7,14 +7,14 @@
 // inference form, folded into scale/shift) and an optional ReLU:
 //   out = relu?(conv2d(input, weight, stride, padding, dilation, groups) * scale[c] + shift[c])
 // scale/shift have the accumulation dtype (float32 for fp16/bf16/fp32 inputs, float64 for fp64).
-// The output memory format follows the input's (channels_last in, channels_last out).
+// The output is channels_last when the input or the weight suggests channels_last (F.conv2d's rule).
 #define RK_SCHEMA_CONV_BN_RELU_INFER                                                     \
   "conv_bn_relu_infer(Tensor input, Tensor weight, Tensor scale, Tensor shift, "         \
   "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor"
 
 // Training form: BatchNorm with the batch statistics of the conv output y = conv2d(input, weight):
 //   out = relu?((y - mean) / sqrt(var + eps) * bn_weight + bn_bias)
-// Returns out (memory format follows input), y (channels_last, input dtype: saved for backward), and the
+// Returns out (memory format by F.conv2d's rule), y (channels_last, input dtype: saved for backward), and the
 // per-channel batch mean and biased variance (accumulation dtype). Functional: running statistics are
 // updated by the caller (resnext_kernels.ops) from mean and var.
 #define RK_SCHEMA_CONV_BN_RELU_TRAIN                                                              \
@@ -36,7 +36,7 @@
 //   h2  = relu(conv3x3(h1, w2, stride, padding=dilation, dilation, groups) * s2 + b2)
 //   id  = input, or conv1x1(input, w_down, stride) * s_down + b_down when w_down is given
 //   out = relu(conv1x1(h2, w3) * s3 + b3 + id)
-// The output memory format follows the input's.
+// The output is channels_last when the input or any weight is.
 #define RK_SCHEMA_BOTTLENECK_INFER                                                                       \
   "bottleneck_infer(Tensor input, Tensor w1, Tensor s1, Tensor b1, Tensor w2, Tensor s2, Tensor b2, "    \
   "Tensor w3, Tensor s3, Tensor b3, Tensor? w_down, Tensor? s_down, Tensor? b_down, int stride, "       \

@@ -299,6 +299,13 @@ def _suggest_memory_format(t: Tensor) -> torch.memory_format:
     return suggest_memory_format(t)
 
 
+def _conv_output_memory_format(*tensors: Tensor) -> torch.memory_format:
+    """F.conv2d's rule (csrc/common/conv_checks.h): channels_last if the input or a weight suggests it."""
+    if any(_suggest_memory_format(t) == torch.channels_last for t in tensors):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.register_fake("resnext_kernels::conv_bn_relu_infer")
 def _conv_bn_relu_infer_fake(input, weight, scale, shift, stride, padding, dilation, groups, relu):
     torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "input and weight must be 4-D")
@@ -306,7 +313,8 @@ def _conv_bn_relu_infer_fake(input, weight, scale, shift, stride, padding, dilat
     n, _, h, w = input.shape
     oh = _conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
     ow = _conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
-    return input.new_empty((n, weight.shape[0], oh, ow)).contiguous(memory_format=_suggest_memory_format(input))
+    return input.new_empty((n, weight.shape[0], oh, ow)).contiguous(
+        memory_format=_conv_output_memory_format(input, weight))
 
 
 def _acc_dtype_of(t: Tensor) -> torch.dtype:
@@ -405,4 +413,6 @@ def _bottleneck_infer_fake(input, w1, s1, b1, w2, s2, b2, w3, s3, b3, w_down, s_
     n, _, h, w = input.shape
     oh = _conv_out_size(h, w2.shape[2], stride, dilation, dilation)
     ow = _conv_out_size(w, w2.shape[3], stride, dilation, dilation)
-    return input.new_empty((n, w3.shape[0], oh, ow)).contiguous(memory_format=_suggest_memory_format(input))
+    weights = [w1, w2, w3] + ([w_down] if w_down is not None else [])
+    return input.new_empty((n, w3.shape[0], oh, ow)).contiguous(
+        memory_format=_conv_output_memory_format(input, *weights))

@@ -356,3 +356,20 @@ def test_module_deepcopy_and_repr():
     assert "relu=False" in repr(m)
     m2 = copy.deepcopy(m)
     assert m2.conv.weight is not m.conv.weight and torch.equal(m2.conv.weight, m.conv.weight)
+
+
+@pytest.mark.parametrize("channels", [1, 8])
+@pytest.mark.parametrize("input_cl,weight_cl", [(False, False), (True, False), (False, True), (True, True)])
+def test_output_memory_format_follows_f_conv2d(channels, input_cl, weight_cl):
+    """Output layout by F.conv2d's rule (input or weight channels_last), for the inference and training ops."""
+    x = torch.randn(2, channels, 5, 5)
+    wt = torch.randn(8, channels, 3, 3)
+    if input_cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if weight_cl:
+        wt = wt.contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(x, wt, padding=1)
+    mean, var, gamma, beta = random_bn(8)
+    for training in (False, True):
+        out = rk.conv_bn_relu(x, wt, mean.clone(), var.clone(), gamma, beta, training=training)
+        assert out.stride() == expected.stride(), (training, out.stride(), expected.stride())

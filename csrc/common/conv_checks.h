@@ -13,6 +13,14 @@ inline bool is_acc_dtype_of(at::ScalarType acc, at::ScalarType in) {
   return in == at::kDouble ? acc == at::kDouble : acc == at::kFloat;
 }
 
+// The memory format of a convolution's output, by F.conv2d's rule: channels_last when the input or the
+// weight suggests channels_last, else contiguous. (The input alone is not enough: with C == 1 it is both.)
+inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const at::Tensor& weight) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  return input.suggest_memory_format() == cl || weight.suggest_memory_format() == cl ? cl
+                                                                                     : at::MemoryFormat::Contiguous;
+}
+
 // Checks the convolution arguments shared by every fused op and returns the geometry.
 inline ConvGeom check_conv_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,

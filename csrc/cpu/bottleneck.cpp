@@ -1,7 +1,8 @@
 // CPU kernel of bottleneck_infer: the whole aggregated bottleneck in one operator call. Each convolution
 // runs the fused conv kernel with its BatchNorm folded into the epilogue; the shortcut (identity or
 // projection) is added, and the final ReLU applied, in the epilogue of the last 1x1 convolution, so the
-// block makes no pass over memory besides its convolutions. Intermediates stay channels_last.
+// block makes no pass over memory besides its convolutions. Intermediates stay channels_last; the output is
+// channels_last when the input or any weight is.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -44,7 +45,12 @@ at::Tensor bottleneck_infer_cpu(const at::Tensor& input, const at::Tensor& w1, c
     shortcut = input;
   }
   const at::Tensor out = conv_affine_nhwc_cpu(g3, h2, w3, s3, b3, shortcut, true);
-  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? out : out.contiguous();
+  // Channels_last when the input or any weight is (what the chain of F.conv2d calls would give).
+  bool channels_last = false;
+  for (const at::Tensor& w : {w1, w2, w3, project ? *w_down : w1}) {
+    channels_last |= conv_output_memory_format(input, w) == at::MemoryFormat::ChannelsLast;
+  }
+  return channels_last ? out : out.contiguous();
 }
 
 }  // namespace

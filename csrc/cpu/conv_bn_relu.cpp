@@ -312,7 +312,7 @@ at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& wei
   const ConvGeom g = check_conv_bn_relu_args("resnext_kernels::conv_bn_relu_infer", input, weight, scale, shift,
                                              stride, padding, dilation, groups);
   const at::Tensor out = conv_affine_nhwc_cpu(g, input, weight, scale, shift, std::nullopt, relu);
-  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? out : out.contiguous();
+  return out.contiguous(conv_output_memory_format(input, weight));
 }
 
 }  // namespace

@@ -8,9 +8,9 @@
 //           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's data
 //           and weight gradients then come from ATen (oneDNN).
 //
-// Determinism: every per-channel reduction runs over fixed blocks of kStatBlock pixels, and the block
-// partials (float64) are merged in block order, so results are bitwise identical run to run and for any
-// number of threads. Statistics use two passes (mean, then the sum of squared deviations): no
+// Determinism: every per-channel reduction runs over fixed blocks of kStatBlock pixels (accumulated in the
+// accumulation type, vectorized across channels), and the block partials are merged in float64 in block
+// order, so results are bitwise identical run to run and for any number of threads. Statistics use two passes (mean, then the sum of squared deviations): no
 // cancellation of E[y^2] - E[y]^2.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -48,22 +48,24 @@ std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t C
   return v;
 }
 
-// Reduces f(row pointer, partial) over fixed pixel blocks; returns the block partials merged in order.
-// f adds its contribution for one pixel row (C values) into a C-long double partial.
-template <typename F>
+// Reduces per-channel sums over fixed pixel blocks: f(r, p) adds pixel row r's contribution to the
+// block partial p (width * C values of acc_t, contiguous over channels so f vectorizes). A block has at most
+// kStatBlock pixels, so acc_t (float) partials lose nothing measurable; the block partials are merged in
+// float64, in block order, which makes the result independent of the number of threads.
+template <typename acc_t, typename F>
 std::vector<double> reduce_channels(int64_t M, int64_t C, int64_t width, const F& f) {
   const int64_t nblocks = (M + kStatBlock - 1) / kStatBlock;
-  std::vector<double> partial(nblocks * C * width, 0.0);
+  std::vector<acc_t> partial(nblocks * C * width, acc_t(0));
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      double* p = partial.data() + b * C * width;
+      acc_t* p = partial.data() + b * C * width;
       for (int64_t r = b * kStatBlock, r1 = std::min(M, r + kStatBlock); r < r1; ++r) f(r, p);
     }
   });
   std::vector<double> total(C * width, 0.0);
   for (int64_t b = 0; b < nblocks; ++b) {
-    const double* p = partial.data() + b * C * width;
-    for (int64_t i = 0; i < C * width; ++i) total[i] += p[i];
+    const acc_t* p = partial.data() + b * C * width;
+    for (int64_t i = 0; i < C * width; ++i) total[i] += static_cast<double>(p[i]);
   }
   return total;
 }
@@ -126,15 +128,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_cp
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_bn_relu_train_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* y = conv_out.data_ptr<scalar_t>();
-    mean = reduce_channels(M, C, 1, [&](int64_t r, double* p) {
-      const scalar_t* row = y + r * C;
-      for (int64_t c = 0; c < C; ++c) p[c] += static_cast<double>(row[c]);
+    mean = reduce_channels<acc_t>(M, C, 1, [&](int64_t r, acc_t* __restrict p) {
+      const scalar_t* __restrict row = y + r * C;
+      for (int64_t c = 0; c < C; ++c) p[c] += static_cast<acc_t>(row[c]);
     });
     for (double& m : mean) m /= double(M);
-    var = reduce_channels(M, C, 1, [&](int64_t r, double* p) {
-      const scalar_t* row = y + r * C;
+    const std::vector<acc_t> mean_acc(mean.begin(), mean.end());
+    var = reduce_channels<acc_t>(M, C, 1, [&](int64_t r, acc_t* __restrict p) {
+      const scalar_t* __restrict row = y + r * C;
+      const acc_t* __restrict mu = mean_acc.data();
       for (int64_t c = 0; c < C; ++c) {
-        const double d = static_cast<double>(row[c]) - mean[c];
+        const acc_t d = static_cast<acc_t>(row[c]) - mu[c];
         p[c] += d * d;
       }
     });
@@ -152,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_cp
     });
   });
   const at::TensorOptions acc_options = input.options().dtype(acc);
-  return {input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? out : out.contiguous(), conv_out,
+  return {out.contiguous(conv_output_memory_format(input, weight)), conv_out,
           doubles_to_tensor(mean, acc_options).to(acc), doubles_to_tensor(var, acc_options).to(acc)};
 }
 
@@ -182,18 +186,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     const NormAffine<acc_t> n = norm_affine<acc_t>(mean_d.data(), var_d.data(), gamma, beta, eps, C);
     const scalar_t* y = conv_out.data_ptr<scalar_t>();
     const scalar_t* gop = go.data_ptr<scalar_t>();
-    auto masked_grad = [&](int64_t i, int64_t c) {
+    const std::vector<acc_t> mean_acc(mean_d.begin(), mean_d.end());
+    // The gradient reaching the BN output: grad_out where the forward's ReLU passed (z > 0), else 0.
+    // z is computed exactly as the forward computed it.
+    auto masked_grad = [&](int64_t r, int64_t c) {
+      const int64_t i = r * C + c;
+      const acc_t g = static_cast<acc_t>(gop[i]);
+      if (!relu) return g;
       const acc_t z = static_cast<acc_t>(y[i]) * n.a[c] + n.b[c];
-      return relu && !(z > acc_t(0)) ? 0.0 : static_cast<double>(gop[i]);
+      return z > acc_t(0) ? g : acc_t(0);
     };
-    sums = reduce_channels(M, C, 2, [&](int64_t r, double* p) {
+    // sums[c] = sum(g), sums[C + c] = sum(g * (y - mean)) (times invstd below: sum(g * xhat))
+    sums = reduce_channels<acc_t>(M, C, 2, [&](int64_t r, acc_t* __restrict p) {
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = r * C + c;
-        const double gi = masked_grad(i, c);
+        const acc_t gi = masked_grad(r, c);
         p[c] += gi;
-        p[C + c] += gi * (static_cast<double>(y[i]) - mean_d[c]) * n.invstd[c];
+        p[C + c] += gi * (static_cast<acc_t>(y[r * C + c]) - mean_acc[c]);
       }
     });
+    for (int64_t c = 0; c < C; ++c) sums[C + c] *= n.invstd[c];
     std::vector<acc_t> k1(C), k2(C), k3(C);  // grad_y = k1 * g - k2 - k3 * (y - mean)
     for (int64_t c = 0; c < C; ++c) {
       const double s = gamma[c] * n.invstd[c];
@@ -205,9 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     at::parallel_for(0, M, std::max<int64_t>(1, 4096 / C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = r * C + c;
-          const acc_t centered = static_cast<acc_t>(static_cast<double>(y[i]) - mean_d[c]);
-          gy[i] = static_cast<scalar_t>(k1[c] * static_cast<acc_t>(masked_grad(i, c)) - k2[c] - k3[c] * centered);
+          const acc_t centered = static_cast<acc_t>(y[r * C + c]) - mean_acc[c];
+          gy[r * C + c] = static_cast<scalar_t>(k1[c] * masked_grad(r, c) - k2[c] - k3[c] * centered);
         }
       }
     });
