@@ -159,10 +159,12 @@ def _check_bn_args(input: Tensor, c_out: int, running_mean: Tensor | None, runni
 # The dispatch decision
 # ----------------------------------------------------------------------------------------------------
 
-def _cuda_unsupported_reason(input: Tensor, weight: Tensor) -> str | None:
-    """Mirror of the CUDA kernel's coverage rules (csrc/cuda/kernels/conv_bn_relu_fwd.cuh)."""
+def _cuda_unsupported_reason(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair,
+                             dilation: IntPair) -> str | None:
+    """Mirror of the CUDA kernel's coverage rule (csrc/cuda/kernels/conv_bn_relu_fwd.cuh)."""
     from . import _cuda_coverage
-    return _cuda_coverage.unsupported_reason(input, weight)
+    return _cuda_coverage.unsupported_reason(input, weight, _pair(stride, "stride", 1), _pair(padding, "padding", 0),
+                                             _pair(dilation, "dilation", 1))
 
 
 def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntPair = 1, dilation: IntPair = 1,
@@ -190,7 +192,7 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
         if training:
             return Decision("aten", "batch-statistics (training-mode) BatchNorm has no CUDA kernel yet; "
                                     "PyTorch's conv2d -> batch_norm -> relu runs")
-        reason = _cuda_unsupported_reason(input, weight)
+        reason = _cuda_unsupported_reason(input, weight, stride, padding, dilation)
         if reason is not None:
             return Decision("aten", reason)
     else:

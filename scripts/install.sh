@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p logs
 python -m pip install -q -r requirements.txt
-have_cuda_sources=$(ls csrc/cuda/*.cu 2>/dev/null | head -n 1)
+have_cuda_sources=$(compgen -G "csrc/cuda/*.cu" || true)
 if [ -n "$have_cuda_sources" ] && { command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; }; then
   export FORCE_CUDA="${FORCE_CUDA:-1}"   # nvcc is here: a build without the CUDA kernels is an error
 fi

@@ -1,0 +1,63 @@
+// resnext_kernels._emu: the project's CUDA host launchers and kernels compiled by g++ against the CUDA-on-CPU
+// emulator, registered for CPU tensors in the `resnext_kernels_emu` namespace, so tests run the very code a
+// GPU runs (launch configuration included) without a GPU. Also the emulator's schedule controls.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cuda/conv_bn_relu_host.h"
+#include "schemas.h"
+
+extern "C" {
+PyMODINIT_FUNC PyInit__emu(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_emu", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+
+at::Tensor conv_bn_relu_infer_emulated(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scale,
+                                       const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups, bool relu) {
+  TORCH_CHECK(input.device().is_cpu(), "resnext_kernels_emu: the emulated CUDA ops take CPU tensors");
+  return rk::conv_bn_relu_infer_cuda_host(input, weight, scale, shift, stride, padding, dilation, groups, relu,
+                                          /*stream=*/nullptr);
+}
+
+void set_schedule(c10::string_view order, int64_t seed) {
+  rk::emu::BlockOrder o;
+  if (order == "forward") o = rk::emu::BlockOrder::kForward;
+  else if (order == "reverse") o = rk::emu::BlockOrder::kReverse;
+  else if (order == "random") o = rk::emu::BlockOrder::kRandom;
+  else TORCH_CHECK(false, "resnext_kernels_emu.set_schedule: order must be 'forward', 'reverse' or 'random', got '",
+                   std::string(order), "'");
+  rk::emu::set_schedule(o, static_cast<uint64_t>(seed));
+}
+
+std::vector<int64_t> launch_stats() {
+  const auto s = rk::emu::launch_stats();
+  return {int64_t(s.launches), int64_t(s.blocks), int64_t(s.threads), int64_t(s.barriers), int64_t(s.warp_ops)};
+}
+
+std::string unsupported_reason(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const rk::ConvGeom g = rk::check_conv_args("resnext_kernels_emu::cuda_unsupported_reason", input, weight, stride,
+                                             padding, dilation, groups);
+  const char* why = rk::conv_bn_relu_cuda_unsupported_reason(g, input.scalar_type());
+  return why ? why : "";
+}
+
+}  // namespace
+
+TORCH_LIBRARY(resnext_kernels_emu, m) {
+  m.def(RK_SCHEMA_CONV_BN_RELU_INFER);
+  m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
+  m.def("launch_stats() -> int[]", &launch_stats);
+  m.def("cuda_unsupported_reason(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups) -> str",
+        &unsupported_reason);
+}
+
+TORCH_LIBRARY_IMPL(resnext_kernels_emu, CPU, m) {
+  m.impl("conv_bn_relu_infer", &conv_bn_relu_infer_emulated);
+}

@@ -1,0 +1,173 @@
+// CUDA-on-CPU emulator: the shim that lets g++ compile the project's CUDA kernel headers, and the runtime
+// that executes them. Included through csrc/cuda/kernels/rk_launch.cuh when RK_EMULATOR is defined.
+//
+// Every CUDA thread of a block runs as a fiber (csrc/emu/emu_scheduler.cpp); blocks run one at a time, in
+// the order the current schedule says. __syncthreads and the warp functions are scheduling points where
+// the emulator checks that the block's threads agree (same barrier, same warp operation and mask); a
+// violation raises rk::emu::KernelError naming the kernel source file and line. See csrc/emu/README.md.
+#pragma once
+
+// CUDA's headers define these only when they are undefined (crt/host_defines.h): defining them first makes
+// vector_types.h, cuda_fp16.h and cuda_bf16.h usable from host code with host arithmetic.
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+// Blocks of one launch run one after another and launches are serialized, so a function-local static is
+// exactly one block's shared memory.
+#define __shared__ static
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <driver_types.h>
+#include <vector_functions.h>
+#include <vector_types.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace rk {
+namespace emu {
+
+// A kernel broke a CUDA execution rule (divergent barrier, bad warp mask, deadlock, ...) or threw.
+class KernelError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class BlockOrder { kForward, kReverse, kRandom };
+
+// The schedule of the following launches (process-wide): the order blocks run in, and the seed of the
+// random choices (block order for kRandom; which ready thread runs next, for every order but kForward).
+void set_schedule(BlockOrder order, uint64_t seed);
+BlockOrder schedule_order();
+uint64_t schedule_seed();
+
+struct LaunchStats {
+  uint64_t launches, blocks, threads, barriers, warp_ops;
+};
+LaunchStats launch_stats();
+
+// What the running fiber sees as its CUDA built-ins.
+struct ThreadState {
+  uint3 thread_idx, block_idx;
+  dim3 block_dim, grid_dim;
+};
+const ThreadState& this_thread();
+void* dynamic_smem();
+
+// Scheduling points, called by the macros below with the kernel source location.
+void syncthreads(const char* file, int line);
+enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync };
+uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int width, const char* file, int line);
+
+// Runs `body` (the kernel with its arguments bound) for every thread of the grid. Throws KernelError.
+void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t dynamic_smem_bytes);
+
+template <typename T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "warp value too large");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  return bits;
+}
+
+template <typename T>
+inline T from_bits(uint64_t bits) {
+  T v;
+  std::memcpy(&v, &bits, sizeof(T));
+  return v;
+}
+
+}  // namespace emu
+
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t dynamic_smem,
+                                 cudaStream_t /*stream*/, Args&&... args) {
+  std::tuple<std::decay_t<KernelArgs>...> bound(std::forward<Args>(args)...);  // copied like a real launch
+  emu::run_grid([&] { std::apply(kernel, bound); }, grid, block, dynamic_smem);
+  return cudaSuccess;
+}
+
+// Raising the dynamic shared-memory limit is a no-op for the emulator (it allocates what is asked).
+template <typename... KernelArgs>
+inline cudaError_t set_max_dynamic_smem(void (*)(KernelArgs...), size_t) {
+  return cudaSuccess;
+}
+
+}  // namespace rk
+
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated CUDA error"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+#define threadIdx (::rk::emu::this_thread().thread_idx)
+#define blockIdx (::rk::emu::this_thread().block_idx)
+#define blockDim (::rk::emu::this_thread().block_dim)
+#define gridDim (::rk::emu::this_thread().grid_dim)
+constexpr int warpSize = 32;
+
+#define RK_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::rk::emu::dynamic_smem())
+
+#define __syncthreads() ::rk::emu::syncthreads(__FILE__, __LINE__)
+#define __syncwarp(...) ::rk::emu::detail_syncwarp(__FILE__, __LINE__, ##__VA_ARGS__)
+#define __shfl_sync(mask, v, lane, ...) ::rk::emu::detail_shfl(::rk::emu::WarpOp::kShfl, mask, v, lane, __FILE__, __LINE__, ##__VA_ARGS__)
+#define __shfl_up_sync(mask, v, d, ...) ::rk::emu::detail_shfl(::rk::emu::WarpOp::kShflUp, mask, v, d, __FILE__, __LINE__, ##__VA_ARGS__)
+#define __shfl_down_sync(mask, v, d, ...) ::rk::emu::detail_shfl(::rk::emu::WarpOp::kShflDown, mask, v, d, __FILE__, __LINE__, ##__VA_ARGS__)
+#define __shfl_xor_sync(mask, v, m, ...) ::rk::emu::detail_shfl(::rk::emu::WarpOp::kShflXor, mask, v, m, __FILE__, __LINE__, ##__VA_ARGS__)
+#define __ballot_sync(mask, p) static_cast<unsigned>(::rk::emu::warp_exchange(::rk::emu::WarpOp::kBallot, mask, (p) ? 1 : 0, 0, 32, __FILE__, __LINE__))
+#define __any_sync(mask, p) static_cast<int>(::rk::emu::warp_exchange(::rk::emu::WarpOp::kAny, mask, (p) ? 1 : 0, 0, 32, __FILE__, __LINE__))
+#define __all_sync(mask, p) static_cast<int>(::rk::emu::warp_exchange(::rk::emu::WarpOp::kAll, mask, (p) ? 1 : 0, 0, 32, __FILE__, __LINE__))
+
+namespace rk {
+namespace emu {
+inline void detail_syncwarp(const char* file, int line, unsigned mask = 0xffffffffu) {
+  warp_exchange(WarpOp::kSync, mask, 0, 0, 32, file, line);
+}
+template <typename T>
+inline T detail_shfl(WarpOp op, unsigned mask, T v, int param, const char* file, int line, int width = 32) {
+  return from_bits<T>(warp_exchange(op, mask, to_bits(v), param, width, file, line));
+}
+}  // namespace emu
+}  // namespace rk
+
+// Memory operations: fibers never interleave inside a statement, so atomics are plain read-modify-writes.
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+template <typename T>
+inline T atomicMax(T* address, T value) {
+  const T old = *address;
+  *address = old < value ? value : old;
+  return old;
+}
+template <typename T>
+inline T atomicCAS(T* address, T compare, T value) {
+  const T old = *address;
+  if (old == compare) *address = value;
+  return old;
+}
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline int __float2int_rn(float x) { return static_cast<int>(std::nearbyint(x)); }
