@@ -373,3 +373,19 @@ def test_output_memory_format_follows_f_conv2d(channels, input_cl, weight_cl):
     for training in (False, True):
         out = rk.conv_bn_relu(x, wt, mean.clone(), var.clone(), gamma, beta, training=training)
         assert out.stride() == expected.stride(), (training, out.stride(), expected.stride())
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_nan_and_inf_propagate_like_pytorch(dtype, training):
+    """NaN/Inf in the input reach the output where PyTorch's sequence puts them (relu(NaN) is NaN)."""
+    x = torch.randn(2, 32, 6, 6, dtype=dtype)
+    x[0, 3, 2, 2] = float("nan")
+    x[1, 7, 4, 1] = float("inf")
+    wt = torch.randn(32, 4, 3, 3, dtype=dtype)
+    mean, var, gamma, beta = (t.to(dtype) for t in random_bn(32))
+    out = rk.conv_bn_relu(x, wt, mean.clone(), var.clone(), gamma, beta, groups=8, training=training)
+    with rk.force_reference():
+        ref = rk.conv_bn_relu(x, wt, mean.clone(), var.clone(), gamma, beta, groups=8, training=training)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert out.isnan().any()

@@ -115,3 +115,13 @@ def test_emulator_counts_launches():
     _emu_op()(x, wt, scale, shift, [1, 1], [1, 1], [1, 1], 32, True)
     after = emulator.launch_stats()
     assert after["launches"] == before["launches"] + 1 and after["barriers"] > before["barriers"]
+
+
+def test_emulated_nan_propagates_through_relu():
+    x = torch.randn(1, 8, 5, 5)
+    x[0, 1, 2, 2] = float("nan")
+    wt = torch.randn(8, 2, 3, 3)
+    scale, shift = _scale_shift(8, torch.float32)
+    out = _emu_op()(x, wt, scale, shift, [1, 1], [1, 1], [1, 1], 4, True)
+    ref = F.relu(F.conv2d(x, wt, None, 1, 1, 1, 4) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())

@@ -139,7 +139,7 @@ RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool*
     for (int v = 0; v < NV; ++v) {
       vec r = acc[p][v];
       if (P.residual) r += vload<V>(P.residual + (out - P.out) + p * C_out + v * L);
-      if (P.relu) r = r > vec{} ? r : vec{};
+      if (P.relu) r = r < vec{} ? vec{} : r;  // NaN passes, as torch.relu
       vstore<V>(out + p * C_out + v * L, r);
     }
   }

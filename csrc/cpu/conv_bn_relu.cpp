@@ -160,7 +160,7 @@ RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const 
           for (int64_t co = 0; co < C_out; ++co) a[co] += static_cast<acc_t>(res[co]);
         }
         if (relu) {
-          for (int64_t co = 0; co < C_out; ++co) o[co] = static_cast<scalar_t>(a[co] > acc_t(0) ? a[co] : acc_t(0));
+          for (int64_t co = 0; co < C_out; ++co) o[co] = static_cast<scalar_t>(a[co] < acc_t(0) ? acc_t(0) : a[co]);
         } else {
           for (int64_t co = 0; co < C_out; ++co) o[co] = static_cast<scalar_t>(a[co]);
         }

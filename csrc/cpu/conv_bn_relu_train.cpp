@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_cp
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t c = 0; c < C; ++c) {
           const acc_t z = static_cast<acc_t>(y[r * C + c]) * n.a[c] + n.b[c];
-          o[r * C + c] = static_cast<scalar_t>(relu && !(z > acc_t(0)) ? acc_t(0) : z);
+          o[r * C + c] = static_cast<scalar_t>(relu && z < acc_t(0) ? acc_t(0) : z);
         }
       }
     });

@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 2)  // 2 resident blocks: <= 128 reg
       const int64_t co = co0 + c_first + j;
       if (co >= g.C_out) continue;
       Acc v = acc[j] * scale[co] + shift[co];
-      if (relu && !(v > Acc(0))) v = Acc(0);
+      if (relu && v < Acc(0)) v = Acc(0);  // NaN passes, as torch.relu
       if constexpr (sizeof(Acc) == sizeof(double)) {
         o[co] = T(from_acc_d(v));
       } else {
