@@ -130,7 +130,6 @@ def test_bfloat16_training_error_within_pytorch_own():
     ref64 = _sequential(32, 32, 3, 1, 1, 1, 8).double()
     ref64.load_state_dict(ref.state_dict())
     ours = _fused_like(ref).bfloat16()
-    ref_bf = _fused_like(ref)  # noqa: F841 (keeps construction symmetric)
     ref_bf16 = _sequential(32, 32, 3, 1, 1, 1, 8).bfloat16()
     ref_bf16.load_state_dict(ref.state_dict())
     x = torch.randn(4, 32, 8, 8)
