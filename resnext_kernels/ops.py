@@ -189,9 +189,6 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
         if input.dtype not in _CUDA_DTYPES:
             return Decision("aten", f"the CUDA kernels cover float16, bfloat16, float32 and float64, "
                                     f"not {input.dtype}")
-        if training:
-            return Decision("aten", "batch-statistics (training-mode) BatchNorm has no CUDA kernel yet; "
-                                    "PyTorch's conv2d -> batch_norm -> relu runs")
         reason = _cuda_unsupported_reason(input, weight, stride, padding, dilation)
         if reason is not None:
             return Decision("aten", reason)

@@ -73,3 +73,25 @@ def test_cuda_autocast_float16():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         out = m(x)
     assert out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cuda_training_matches_torch_nn(dtype):
+    ref = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, 1, 1, groups=32, bias=False), torch.nn.BatchNorm2d(64),
+                              torch.nn.ReLU()).cuda().to(dtype)
+    ours = rk.nn.FusedGroupedConvBNReLU(64, 64, groups=32).cuda().to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 64, 14, 14, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert ours.explain(x1).path == "cuda"
+    y1, y2 = ours(x1), ref(x2)
+    g = torch.randn_like(y2)
+    y1.backward(g)
+    y2.backward(g)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+    for (name, p1), p2 in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=tol * 10, atol=tol * 10, msg=name)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)

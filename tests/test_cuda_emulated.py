@@ -125,3 +125,97 @@ def test_emulated_nan_propagates_through_relu():
     out = _emu_op()(x, wt, scale, shift, [1, 1], [1, 1], [1, 1], 4, True)
     ref = F.relu(F.conv2d(x, wt, None, 1, 1, 1, 4) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
     assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+
+
+# --------------------------------------------------------------------------------------------------
+# Training form: batch statistics, normalization, BN + ReLU backward (CUDA kernels, emulated)
+# --------------------------------------------------------------------------------------------------
+
+TRAIN_CASES = [  # (N, C_in, C_out, H, W, groups, k, stride, padding, dilation, relu, affine)
+    (2, 16, 24, 9, 7, 4, 3, (2, 1), 1, 1, True, True),
+    (3, 32, 32, 6, 6, 32, 3, 1, 1, 1, True, False),
+    (1, 8, 8, 10, 9, 1, 3, 1, 2, 2, False, True),
+    (4, 12, 300, 3, 3, 3, 1, 1, 0, 1, True, True),  # C > 256: several channel blocks; M = 36 < one row block
+]
+
+
+def _train_reference(x, w, gamma, beta, case):
+    _, _, _, _, _, groups, _, stride, padding, dilation, relu, _ = case
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, gamma, beta)]
+    y = F.conv2d(leaves[0], leaves[1], None, stride, padding, dilation, groups)
+    out = F.batch_norm(y, None, None, leaves[2], leaves[3], True, 0.0, 1e-5)
+    return (F.relu(out) if relu else out), leaves
+
+
+@pytest.mark.parametrize("order,seed", emulator.SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_emulated_cuda_training_forward_backward(case, dtype, order, seed):
+    n, cin, cout, h, w_, groups, k, stride, padding, dilation, relu, affine = case
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(n, cin, h, w_, generator=gen, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=torch.float64)
+    gamma = torch.rand(cout, generator=gen, dtype=torch.float64) + 0.5 if affine else None
+    beta = torch.randn(cout, generator=gen, dtype=torch.float64) * 0.2 if affine else None
+    args = (1e-5, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups, relu)
+    ref, leaves = _train_reference(x, w, gamma, beta, case)
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref.backward(grad)
+    E = torch.ops.resnext_kernels_emu
+    with emulator.schedule(order, seed):
+        out, y, mean, var = E.conv_bn_relu_train(x.to(dtype), w.to(dtype), gamma, beta, *args)
+        grads = E.conv_bn_relu_train_backward(grad.to(dtype), x.to(dtype), w.to(dtype), y, mean, var, gamma, beta,
+                                              *args, [True, True, affine])
+    y_ref = F.conv2d(x, w, None, _pair(stride), _pair(padding), _pair(dilation), groups)
+    ref_grads = [leaves[0].grad, leaves[1].grad] + ([leaves[2].grad, leaves[3].grad] if affine else [])
+    ours = [out, mean, var, *grads[: 4 if affine else 2]]
+    refs = [ref.detach(), y_ref.mean((0, 2, 3)), y_ref.var((0, 2, 3), unbiased=False), *ref_grads]
+    if dtype in (torch.float64, torch.float32):
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        for name, a, b in zip(["out", "mean", "var", "grad_input", "grad_weight", "grad_gamma", "grad_beta"], ours, refs):
+            assert rel_err(a, b) <= tol, name
+    else:  # no worse than PyTorch's own same-precision training step (ReLU masks flip near zero)
+        own_leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, w, gamma, beta)]
+        own = F.batch_norm(F.conv2d(own_leaves[0], own_leaves[1], None, _pair(stride), _pair(padding), _pair(dilation),
+                                    groups), None, None, own_leaves[2], own_leaves[3], True, 0.0, 1e-5)
+        own = F.relu(own) if relu else own
+        own.backward(grad.to(dtype))
+        owns = [own.detach(), None, None, own_leaves[0].grad, own_leaves[1].grad] + (
+            [own_leaves[2].grad, own_leaves[3].grad] if affine else [])
+        eps = torch.finfo(dtype).eps
+        for a, b, o in zip(ours, refs, owns):
+            bound = 4 * eps if o is None else 1.5 * rel_err(o, b) + 4 * eps
+            assert rel_err(a, b) <= bound
+
+
+def test_emulated_training_is_deterministic_across_schedules():
+    x = torch.randn(4, 64, 20, 20)
+    w = torch.randn(64, 2, 3, 3)
+    E = torch.ops.resnext_kernels_emu
+    results = []
+    for order, seed in emulator.SCHEDULES:
+        with emulator.schedule(order, seed):
+            out, y, mean, var = E.conv_bn_relu_train(x, w, None, None, 1e-5, [1, 1], [1, 1], [1, 1], 32, True)
+            grads = E.conv_bn_relu_train_backward(torch.ones_like(out), x, w, y, mean, var, None, None, 1e-5, [1, 1],
+                                                  [1, 1], [1, 1], 32, True, [False, False, True])
+        results.append([out, mean, var, *grads[2:]])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def test_emulated_training_ops_opcheck():
+    E = torch.ops.resnext_kernels_emu
+    x = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 2, 3, 3)
+    gamma, beta = torch.rand(8) + 0.5, torch.randn(8)
+    args = (1e-5, [2, 1], [1, 1], [1, 1], 4, True)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(E.conv_bn_relu_train, (x, w, gamma, beta, *args), test_utils=utils)
+    out, y, mean, var = E.conv_bn_relu_train(x, w, gamma, beta, *args)
+    torch.library.opcheck(E.conv_bn_relu_train_backward,
+                          (torch.randn_like(out), x, w, y, mean, var, gamma, beta, *args, [True, False, True]),
+                          test_utils=utils)

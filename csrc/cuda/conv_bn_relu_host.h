@@ -32,14 +32,10 @@ void launch_conv_bn_relu_fwd(const ConvGeom& g, const cuda_kernels::FwdPlan& pla
               cudaGetErrorString(err));
 }
 
-// Validates, plans and launches; `stream` is the current CUDA stream (null in the emulator).
-inline at::Tensor conv_bn_relu_infer_cuda_host(const at::Tensor& input, const at::Tensor& weight,
-                                               const at::Tensor& scale, const at::Tensor& shift,
-                                               at::IntArrayRef stride, at::IntArrayRef padding,
-                                               at::IntArrayRef dilation, int64_t groups, bool relu,
-                                               cudaStream_t stream) {
-  constexpr const char* op = "resnext_kernels::conv_bn_relu_infer (CUDA kernel)";
-  const ConvGeom g = check_conv_bn_relu_args(op, input, weight, scale, shift, stride, padding, dilation, groups);
+// relu?(conv2d(input, weight) * scale + shift) as a channels_last tensor, for validated arguments.
+inline at::Tensor conv_affine_nhwc_cuda(const char* op, const ConvGeom& g, const at::Tensor& input,
+                                        const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
+                                        bool relu, cudaStream_t stream) {
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": input dtype must be float16, bfloat16, float32 or float64, got ", dtype);
@@ -58,7 +54,19 @@ inline at::Tensor conv_bn_relu_infer_cuda_host(const at::Tensor& input, const at
       default: launch_conv_bn_relu_fwd<__nv_bfloat16, float>(g, plan, x, w, sc, sh, out, relu, stream); break;
     }
   }
-  return out.contiguous(conv_output_memory_format(input, weight));
+  return out;
+}
+
+// Validates, plans and launches; `stream` is the current CUDA stream (null in the emulator).
+inline at::Tensor conv_bn_relu_infer_cuda_host(const at::Tensor& input, const at::Tensor& weight,
+                                               const at::Tensor& scale, const at::Tensor& shift,
+                                               at::IntArrayRef stride, at::IntArrayRef padding,
+                                               at::IntArrayRef dilation, int64_t groups, bool relu,
+                                               cudaStream_t stream) {
+  constexpr const char* op = "resnext_kernels::conv_bn_relu_infer (CUDA kernel)";
+  const ConvGeom g = check_conv_bn_relu_args(op, input, weight, scale, shift, stride, padding, dilation, groups);
+  return conv_affine_nhwc_cuda(op, g, input, weight, scale, shift, relu, stream)
+      .contiguous(conv_output_memory_format(input, weight));
 }
 
 }  // namespace rk

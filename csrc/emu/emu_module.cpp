@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cuda/bn_train_host.h"
 #include "cuda/conv_bn_relu_host.h"
 #include "schemas.h"
 
@@ -22,6 +23,26 @@ at::Tensor conv_bn_relu_infer_emulated(const at::Tensor& input, const at::Tensor
   TORCH_CHECK(input.device().is_cpu(), "resnext_kernels_emu: the emulated CUDA ops take CPU tensors");
   return rk::conv_bn_relu_infer_cuda_host(input, weight, scale, shift, stride, padding, dilation, groups, relu,
                                           /*stream=*/nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_emulated(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu) {
+  TORCH_CHECK(input.device().is_cpu(), "resnext_kernels_emu: the emulated CUDA ops take CPU tensors");
+  return rk::conv_bn_relu_train_cuda_host(input, weight, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
+                                          relu, /*stream=*/nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_backward_emulated(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& conv_out,
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(input.device().is_cpu(), "resnext_kernels_emu: the emulated CUDA ops take CPU tensors");
+  return rk::conv_bn_relu_train_backward_cuda_host(grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias,
+                                                   eps, stride, padding, dilation, groups, relu, output_mask,
+                                                   /*stream=*/nullptr);
 }
 
 void set_schedule(c10::string_view order, int64_t seed) {
@@ -51,6 +72,8 @@ std::string unsupported_reason(const at::Tensor& input, const at::Tensor& weight
 
 TORCH_LIBRARY(resnext_kernels_emu, m) {
   m.def(RK_SCHEMA_CONV_BN_RELU_INFER);
+  m.def(RK_SCHEMA_CONV_BN_RELU_TRAIN);
+  m.def(RK_SCHEMA_CONV_BN_RELU_TRAIN_BACKWARD);
   m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
   m.def("launch_stats() -> int[]", &launch_stats);
   m.def("cuda_unsupported_reason(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
@@ -60,4 +83,6 @@ TORCH_LIBRARY(resnext_kernels_emu, m) {
 
 TORCH_LIBRARY_IMPL(resnext_kernels_emu, CPU, m) {
   m.impl("conv_bn_relu_infer", &conv_bn_relu_infer_emulated);
+  m.impl("conv_bn_relu_train", &conv_bn_relu_train_emulated);
+  m.impl("conv_bn_relu_train_backward", &conv_bn_relu_train_backward_emulated);
 }
