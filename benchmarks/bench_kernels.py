@@ -5,9 +5,13 @@ Conv2d -> BatchNorm2d -> ReLU at the grouped 3x3 convolutions of ResNeXt-50 32x4
 Every row first checks the fused output against the eager module (a fast wrong kernel is reported, not
 timed), then times both with torch.utils.benchmark (median and interquartile range of repeated runs)
 in the same process, and prints the ratio eager / fused (> 1 means the fused kernel is faster).
-Results go to benchmarks/results/kernels.{csv,md}.
+Results go to benchmarks/results/kernels{,_training}.{csv,md}.
+
+With --mode training the rows time a training step of the module (forward with batch statistics and
+backward), checking the output and the input gradient first.
 
 usage: python benchmarks/bench_kernels.py [--quick] [--batch 8] [--dtype float32] [--layout channels_last]
+                                          [--mode inference|training]
 """
 
 from __future__ import annotations
@@ -76,52 +80,85 @@ def run(args):
     memory_format = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
     stages = STAGES[:2] if args.quick else STAGES
     rows = []
-    print(f"# fused grouped conv3x3+BN+ReLU vs eager, {device.type}, N={args.batch}, {args.dtype}, "
+    print(f"# fused grouped conv3x3+BN+ReLU vs eager ({args.mode}), {device.type}, N={args.batch}, {args.dtype}, "
           f"{args.layout}, groups={GROUPS}, threads={torch.get_num_threads()}", flush=True)
     for i, (name, channels, size, stride) in enumerate(stages):
         eager = eager_module(channels, stride, device, dtype)
         fused = fused_module(eager, channels, stride, device, dtype)
         x = torch.randn(args.batch, channels, size, size, device=device, dtype=dtype)
         x = x.contiguous(memory_format=memory_format)
-        with torch.no_grad():
-            decision = fused.explain(x)
-            err, ok = check(fused(x), eager(x), dtype)
-            row = {"shape": name, "C": channels, "HW": size, "stride": stride, "N": args.batch,
-                   "dtype": args.dtype, "layout": args.layout, "device": device.type, "path": decision.path,
-                   "max_rel_err": f"{err:.2e}"}
-            if not ok:
-                row.update(status="WRONG RESULT (not timed)")
-                print(f"[{i + 1}/{len(stages)}] {name}: WRONG RESULT, rel err {err:.2e}", flush=True)
-                rows.append(row)
-                continue
-            t_eager, iqr_eager = time_fn(eager, x, args.min_run_time)
-            t_fused, iqr_fused = time_fn(fused, x, args.min_run_time)
+        training = args.mode == "training"
+        row = {"shape": name, "C": channels, "HW": size, "stride": stride, "N": args.batch, "dtype": args.dtype,
+               "layout": args.layout, "device": device.type, "mode": args.mode}
+        if training:
+            eager.train()
+            fused.train()
+            x.requires_grad_()
+            grad = None
+
+            def step(module, x=x):
+                nonlocal grad
+                out = module(x)
+                grad = torch.ones_like(out) if grad is None else grad
+                out.backward(grad)
+                return out
+
+            row["path"] = fused.explain(x).path
+            out_f = step(fused)
+            gx_f, x.grad = x.grad.clone(), None
+            out_e = step(eager)
+            err, ok = check(out_f.detach(), out_e.detach(), dtype)
+            err_g, ok_g = check(gx_f, x.grad, dtype)
+            err, ok = max(err, err_g), ok and ok_g
+            run_eager, run_fused = (lambda _x: step(eager)), (lambda _x: step(fused))
+        else:
+            with torch.no_grad():
+                row["path"] = fused.explain(x).path
+                err, ok = check(fused(x), eager(x), dtype)
+
+            def no_grad(module):
+                def run(inp):
+                    with torch.no_grad():
+                        return module(inp)
+                return run
+
+            run_eager, run_fused = no_grad(eager), no_grad(fused)
+        row["max_rel_err"] = f"{err:.2e}"
+        if not ok:
+            row.update(status="WRONG RESULT (not timed)")
+            print(f"[{i + 1}/{len(stages)}] {name}: WRONG RESULT, rel err {err:.2e}", flush=True)
+            rows.append(row)
+            continue
+        t_eager, iqr_eager = time_fn(run_eager, x, args.min_run_time)
+        t_fused, iqr_fused = time_fn(run_fused, x, args.min_run_time)
+        decision = row["path"]
         out_hw = (size - 1) // stride + 1
-        flops = 2 * args.batch * channels * out_hw * out_hw * (channels // GROUPS) * 9
+        flops = 2 * args.batch * channels * out_hw * out_hw * (channels // GROUPS) * 9 * (3 if training else 1)
         row.update(status="ok", eager_ms=f"{t_eager * 1e3:.3f}", eager_iqr_ms=f"{iqr_eager * 1e3:.3f}",
                    fused_ms=f"{t_fused * 1e3:.3f}", fused_iqr_ms=f"{iqr_fused * 1e3:.3f}",
                    ratio_vs_eager=f"{t_eager / t_fused:.2f}", fused_gflops=f"{flops / t_fused / 1e9:.1f}")
         rows.append(row)
         print(f"[{i + 1}/{len(stages)}] {name:10s} eager {t_eager * 1e3:8.3f} ms  fused {t_fused * 1e3:8.3f} ms"
-              f"  ratio {t_eager / t_fused:5.2f}x  ({row['fused_gflops']} GFLOP/s, path {decision.path})",
+              f"  ratio {t_eager / t_fused:5.2f}x  ({row['fused_gflops']} GFLOP/s, path {decision})",
               flush=True)
     return rows
 
 
-def write_results(rows, out_dir):
+def write_results(rows, out_dir, mode):
     os.makedirs(out_dir, exist_ok=True)
+    stem = "kernels" if mode == "inference" else f"kernels_{mode}"
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(os.path.join(out_dir, "kernels.csv"), "w", newline="") as f:
+    with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    with open(os.path.join(out_dir, "kernels.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write(f"<!-- {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, "
                 f"torch {torch.__version__}, threads {torch.get_num_threads()} -->\n")
         f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
         for r in rows:
             f.write("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |\n")
-    print(f"results: {out_dir}/kernels.csv, kernels.md")
+    print(f"results: {out_dir}/{stem}.csv, {stem}.md")
 
 
 def main(argv=None):
@@ -131,13 +168,15 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
     parser.add_argument("--cpu", action="store_true", help="benchmark on CPU even when CUDA is present")
+    parser.add_argument("--mode", choices=["inference", "training"], default="inference",
+                        help="inference (eval, no grad) or a training step (forward + backward)")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per row and variant")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.2 if args.quick else 1.0
     rows = run(args)
-    write_results(rows, args.out)
+    write_results(rows, args.out, args.mode)
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 
