@@ -187,21 +187,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     const scalar_t* y = conv_out.data_ptr<scalar_t>();
     const scalar_t* gop = go.data_ptr<scalar_t>();
     const std::vector<acc_t> mean_acc(mean_d.begin(), mean_d.end());
-    // The gradient reaching the BN output: grad_out where the forward's ReLU passed (z > 0), else 0.
-    // z is computed exactly as the forward computed it.
-    auto masked_grad = [&](int64_t r, int64_t c) {
-      const int64_t i = r * C + c;
-      const acc_t g = static_cast<acc_t>(gop[i]);
-      if (!relu) return g;
-      const acc_t z = static_cast<acc_t>(y[i]) * n.a[c] + n.b[c];
-      return z > acc_t(0) ? g : acc_t(0);
-    };
+    const acc_t* __restrict mu = mean_acc.data();
+    const acc_t* __restrict na = n.a.data();
+    const acc_t* __restrict nb = n.b.data();
+    // The gradient reaching the BN output is grad_out where the forward's ReLU passed (z > 0), else 0, with z
+    // computed exactly as the forward computed it. Plain loops over restrict pointers: they vectorize.
     // sums[c] = sum(g), sums[C + c] = sum(g * (y - mean)) (times invstd below: sum(g * xhat))
     sums = reduce_channels<acc_t>(M, C, 2, [&](int64_t r, acc_t* __restrict p) {
+      const scalar_t* __restrict yr = y + r * C;
+      const scalar_t* __restrict gr = gop + r * C;
+      acc_t* __restrict p1 = p + C;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t gi = masked_grad(r, c);
+        const acc_t v = static_cast<acc_t>(yr[c]);
+        acc_t gi = static_cast<acc_t>(gr[c]);
+        if (relu) gi = v * na[c] + nb[c] > acc_t(0) ? gi : acc_t(0);
         p[c] += gi;
-        p[C + c] += gi * (static_cast<acc_t>(y[r * C + c]) - mean_acc[c]);
+        p1[c] += gi * (v - mu[c]);
       }
     });
     for (int64_t c = 0; c < C; ++c) sums[C + c] *= n.invstd[c];
@@ -212,12 +213,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
       k2[c] = static_cast<acc_t>(s * sums[c] / double(M));
       k3[c] = static_cast<acc_t>(s * sums[C + c] / double(M) * n.invstd[c]);
     }
+    const acc_t* __restrict q1 = k1.data();
+    const acc_t* __restrict q2 = k2.data();
+    const acc_t* __restrict q3 = k3.data();
     scalar_t* gy = grad_y.data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 4096 / C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* __restrict yr = y + r * C;
+        const scalar_t* __restrict gr = gop + r * C;
+        scalar_t* __restrict out = gy + r * C;
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t centered = static_cast<acc_t>(y[r * C + c]) - mean_acc[c];
-          gy[r * C + c] = static_cast<scalar_t>(k1[c] * masked_grad(r, c) - k2[c] - k3[c] * centered);
+          const acc_t v = static_cast<acc_t>(yr[c]);
+          acc_t gi = static_cast<acc_t>(gr[c]);
+          if (relu) gi = v * na[c] + nb[c] > acc_t(0) ? gi : acc_t(0);
+          out[c] = static_cast<scalar_t>(q1[c] * gi - q2[c] - q3[c] * (v - mu[c]));
         }
       }
     });
