@@ -113,11 +113,7 @@ __global__ void normalize_relu_kernel(const T* __restrict__ y, const Acc* __rest
   const int64_t c = i % C;
   Acc z = Acc(to_acc(y[i])) * a[c] + b[c];
   if (relu && z < Acc(0)) z = Acc(0);
-  if constexpr (sizeof(Acc) == sizeof(double)) {
-    out[i] = T(from_acc_d(z));
-  } else {
-    out[i] = from_acc<T>(z);
-  }
+  out[i] = from_acc<T, Acc>(z);
 }
 
 // grad_y = k1 * g - k2 - k3 * (y - mean), g = grad masked by the forward's ReLU.
@@ -132,12 +128,7 @@ __global__ void bn_relu_backward_kernel(const T* __restrict__ y, const T* __rest
   const Acc v = Acc(to_acc(y[i]));
   Acc g = Acc(to_acc(grad[i]));
   if (relu && !(v * a[c] + b[c] > Acc(0))) g = Acc(0);
-  const Acc r = k1[c] * g - k2[c] - k3[c] * (v - mean[c]);
-  if constexpr (sizeof(Acc) == sizeof(double)) {
-    grad_y[i] = T(from_acc_d(r));
-  } else {
-    grad_y[i] = from_acc<T>(r);
-  }
+  grad_y[i] = from_acc<T, Acc>(k1[c] * g - k2[c] - k3[c] * (v - mean[c]));
 }
 
 }  // namespace cuda_kernels

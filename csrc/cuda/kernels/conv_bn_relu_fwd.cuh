@@ -23,6 +23,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "../../common/conv_geometry.h"
 #include "rk_launch.cuh"
 
@@ -49,15 +51,17 @@ __host__ __device__ inline double to_acc(double v) { return v; }
 __host__ __device__ inline float to_acc(__half v) { return __half2float(v); }
 __host__ __device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
-__host__ __device__ inline T from_acc(float v);
-template <>
-__host__ __device__ inline float from_acc<float>(float v) { return v; }
-template <>
-__host__ __device__ inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__host__ __device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-__host__ __device__ inline double from_acc_d(double v) { return v; }
+// Rounds an accumulator to the storage type T (Acc is double only for T = double).
+template <typename T, typename Acc>
+__host__ __device__ inline T from_acc(Acc v) {
+  if constexpr (sizeof(T) == sizeof(Acc)) {
+    return T(v);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16(v);
+  }
+}
 
 // Plans a launch; returns nullptr and fills `plan`, or a reason the kernel does not cover the case.
 inline const char* conv_bn_relu_fwd_plan(const ConvGeom& g, size_t acc_bytes, FwdPlan* plan) {
@@ -160,11 +164,7 @@ __global__ void __launch_bounds__(kThreads, 2)  // 2 resident blocks: <= 128 reg
       if (co >= g.C_out) continue;
       Acc v = acc[j] * scale[co] + shift[co];
       if (relu && v < Acc(0)) v = Acc(0);  // NaN passes, as torch.relu
-      if constexpr (sizeof(Acc) == sizeof(double)) {
-        o[co] = T(from_acc_d(v));
-      } else {
-        o[co] = from_acc<T>(v);
-      }
+      o[co] = from_acc<T, Acc>(v);
     }
   }
 }
