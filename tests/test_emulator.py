@@ -73,7 +73,7 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("order,seed", SCHEDULES)
-@pytest.mark.parametrize("case", ["block_sum", "reverse", "ballot_atomics", "half"])
+@pytest.mark.parametrize("case", ["block_sum", "reverse", "ballot_atomics", "half", "intrinsics"])
 def test_correct_kernels_exact_under_every_schedule(selftest, case, order, seed):
     result = _run(selftest, case, order, seed)
     assert result.returncode == 0 and result.stdout.startswith("OK"), result.stdout + result.stderr

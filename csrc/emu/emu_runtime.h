@@ -8,15 +8,25 @@
 #pragma once
 
 // CUDA's headers define these only when they are undefined (crt/host_defines.h): defining them first makes
-// vector_types.h, cuda_fp16.h and cuda_bf16.h usable from host code with host arithmetic.
+// vector_types.h, cuda_fp16.h and cuda_bf16.h usable from host code with host arithmetic. A kernel header
+// may also have included a CUDA header first (host_defines.h then defined them for a host compiler); the
+// #undefs make this header's definitions win either way. __noinline__ is deliberately left alone: libstdc++
+// spells GCC's attribute __attribute__((__noinline__)), which a macro would break (write
+// __attribute__((noinline)) in kernels instead; nvcc accepts it too).
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __shared__
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
-#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-// Blocks of one launch run one after another and launches are serialized, so a function-local static is
-// exactly one block's shared memory.
+// Blocks of one launch run one after another and launches are serialized process-wide (a mutex), so a
+// function-local static is exactly one block's shared memory. Unlike dynamic shared memory it is not
+// poisoned: a block sees what the previous block left there (zeros for the first block).
 #define __shared__ static
 
 #include <cuda_bf16.h>
@@ -68,7 +78,9 @@ void* dynamic_smem();
 
 // Scheduling points, called by the macros below with the kernel source location.
 void syncthreads(const char* file, int line);
-enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync };
+// kActiveMask (__activemask) completes once the block is quiescent; its result is the set of the warp's
+// lanes waiting at that same call site, i.e. lanes that exited or wait anywhere else count as diverged.
+enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync, kActiveMask };
 uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int width, const char* file, int line);
 
 // Runs `body` (the kernel with its arguments bound) for every thread of the grid. Throws KernelError.
@@ -126,6 +138,7 @@ constexpr int warpSize = 32;
 #define __shfl_xor_sync(mask, v, m, ...) ::rk::emu::detail_shfl(::rk::emu::WarpOp::kShflXor, mask, v, m, __FILE__, __LINE__, ##__VA_ARGS__)
 #define __ballot_sync(mask, p) static_cast<unsigned>(::rk::emu::warp_exchange(::rk::emu::WarpOp::kBallot, mask, (p) ? 1 : 0, 0, 32, __FILE__, __LINE__))
 #define __any_sync(mask, p) static_cast<int>(::rk::emu::warp_exchange(::rk::emu::WarpOp::kAny, mask, (p) ? 1 : 0, 0, 32, __FILE__, __LINE__))
+#define __activemask() static_cast<unsigned>(::rk::emu::warp_exchange(::rk::emu::WarpOp::kActiveMask, 0, 0, 0, 32, __FILE__, __LINE__))
 #define __all_sync(mask, p) static_cast<int>(::rk::emu::warp_exchange(::rk::emu::WarpOp::kAll, mask, (p) ? 1 : 0, 0, 32, __FILE__, __LINE__))
 
 namespace rk {
@@ -171,3 +184,17 @@ inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline int __float2int_rn(float x) { return static_cast<int>(std::nearbyint(x)); }
+
+// CUDA's device-side min/max overloads (global namespace); mixed signed/unsigned arguments are not supported.
+#define RK_EMU_MINMAX(T)                                   \
+  inline T min(T a, T b) { return b < a ? b : a; }        \
+  inline T max(T a, T b) { return a < b ? b : a; }
+RK_EMU_MINMAX(int)
+RK_EMU_MINMAX(unsigned)
+RK_EMU_MINMAX(long)
+RK_EMU_MINMAX(unsigned long)
+RK_EMU_MINMAX(long long)
+RK_EMU_MINMAX(unsigned long long)
+RK_EMU_MINMAX(float)
+RK_EMU_MINMAX(double)
+#undef RK_EMU_MINMAX

@@ -17,6 +17,7 @@
 #include "emu/emu_runtime.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define RK_EMU_ASAN 1
 #else
@@ -27,7 +28,17 @@ namespace rk {
 namespace emu {
 namespace {
 
-constexpr size_t kStackBytes = 256 * 1024;
+// Fiber stack size, guard page included: 256 KiB unless the environment variable RK_EMU_STACK_KIB says
+// otherwise (read once). Stacks are mapped lazily, so only the pages a kernel touches cost memory.
+size_t stack_bytes() {
+  static const size_t bytes = [] {
+    const char* env = std::getenv("RK_EMU_STACK_KIB");
+    const long kib = env ? std::strtol(env, nullptr, 10) : 256;
+    const size_t page = static_cast<size_t>(getpagesize());
+    return std::max(size_t(kib) * 1024, 4 * page) / page * page;
+  }();
+  return bytes;
+}
 
 enum class State { kReady, kBarrier, kWarp, kDone };
 
@@ -142,14 +153,14 @@ void* acquire_stack(size_t bytes) {
 
 void release_stacks(std::vector<Fiber>& fibers) {
   for (Fiber& f : fibers) {
-    if (f.stack_base) stack_pool().emplace_back(f.stack_base, f.stack_bytes);
+    if (!f.stack_base) continue;
+#if RK_EMU_ASAN
+    // A fiber abandoned after an error leaves its frames' redzones poisoned: clear them before reuse.
+    __asan_unpoison_memory_region(static_cast<char*>(f.stack_base) + getpagesize(), f.stack_bytes - getpagesize());
+#endif
+    stack_pool().emplace_back(f.stack_base, f.stack_bytes);
     f.stack_base = nullptr;
   }
-}
-
-unsigned lane_of(const Fiber& f, const dim3& block) {
-  const unsigned linear = f.builtins.thread_idx.x + block.x * (f.builtins.thread_idx.y + block.y * f.builtins.thread_idx.z);
-  return linear % 32;
 }
 
 // Completes the warp operations whose participants have all arrived. Returns whether any completed, or
@@ -159,14 +170,37 @@ bool resolve_warps(std::vector<Fiber>& fibers, std::string& error) {
   const size_t n = fibers.size();
   for (size_t w0 = 0; w0 < n; w0 += 32) {
     const size_t w1 = std::min(n, w0 + 32);
-    unsigned waiting = 0, exited = 0, elsewhere = 0;
+    unsigned waiting = 0, exited = 0;
     for (size_t i = w0; i < w1; ++i) {
       const unsigned bit = 1u << (i - w0);
       if (fibers[i].state == State::kWarp) waiting |= bit;
       else if (fibers[i].state == State::kDone) exited |= bit;
-      else elsewhere |= bit;
     }
     if (!waiting) continue;
+    // __activemask first: each call site's waiting lanes form the active set (others have diverged).
+    bool active_masks = false;
+    for (size_t i = w0; i < w1; ++i) {
+      const Fiber& f = fibers[i];
+      if (f.state != State::kWarp || f.op != WarpOp::kActiveMask) continue;
+      unsigned group = 0;
+      for (size_t j = w0; j < w1; ++j) {
+        const Fiber& o = fibers[j];
+        if (o.state == State::kWarp && o.op == WarpOp::kActiveMask && where(o.file, o.line) == where(f.file, f.line)) {
+          group |= 1u << (j - w0);
+        }
+      }
+      for (size_t j = w0; j < w1; ++j) {
+        if (group & (1u << (j - w0))) {
+          fibers[j].result = group;
+          fibers[j].state = State::kReady;
+        }
+      }
+      active_masks = true;
+    }
+    if (active_masks) {  // the other operations of this warp are resolved on a later pass
+      progress = true;
+      continue;
+    }
     const unsigned lanes_present = (w1 - w0) == 32 ? 0xffffffffu : ((1u << (w1 - w0)) - 1);
     // A warp operation completes for a set of lanes that all wait with the same mask covering exactly them.
     for (size_t i = w0; i < w1; ++i) {
@@ -234,7 +268,8 @@ bool resolve_warps(std::vector<Fiber>& fibers, std::string& error) {
           case WarpOp::kBallot: o.result = ballot; break;
           case WarpOp::kAny: o.result = ballot != 0; break;
           case WarpOp::kAll: o.result = ballot == (mask & lanes_present); break;
-          case WarpOp::kSync: o.result = 0; break;
+          case WarpOp::kSync:
+          case WarpOp::kActiveMask: o.result = 0; break;
         }
       }
       for (size_t j = w0; j < w1; ++j) {
@@ -244,7 +279,6 @@ bool resolve_warps(std::vector<Fiber>& fibers, std::string& error) {
       progress = true;
       ++g_stats.warp_ops;
     }
-    (void)elsewhere;
   }
   return progress;
 }
@@ -304,11 +338,11 @@ void run_block(BlockRun& run, const dim3& grid, const dim3& block, const uint3& 
     f.builtins.block_idx = block_idx;
     f.builtins.block_dim = block;
     f.builtins.grid_dim = grid;
-    f.stack_bytes = kStackBytes;
-    f.stack_base = acquire_stack(kStackBytes);
+    f.stack_bytes = stack_bytes();
+    f.stack_base = acquire_stack(f.stack_bytes);
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = static_cast<char*>(f.stack_base) + getpagesize();
-    f.context.uc_stack.ss_size = kStackBytes - getpagesize();
+    f.context.uc_stack.ss_size = f.stack_bytes - getpagesize();
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_entry, 0);
   }

@@ -50,6 +50,17 @@ __global__ void half_roundtrip(const float* in, float* out) {
   out[2 * i + 1] = __bfloat162float(__float2bfloat16(in[i]));
 }
 
+// min/max overloads, __activemask after an early exit, double and 64-bit atomics, 64-bit shuffles.
+__global__ void intrinsics(double* dsum, unsigned long long* usum, int* out) {
+  if (threadIdx.x == 31) return;
+  const unsigned active = __activemask();
+  const long long wide = __shfl_sync(active, (long long)threadIdx.x << 40, 0);
+  out[threadIdx.x] = min(int(threadIdx.x), 10) + max(int(threadIdx.x), 20) + (active == 0x7fffffffu ? 0 : 1000) +
+                     (wide == 0 ? 0 : 2000);
+  atomicAdd(dsum, 0.5);
+  atomicAdd(usum, 1ull << 33);
+}
+
 // ---- broken kernels ------------------------------------------------------------------------------------
 
 __global__ void divergent_barrier(float* out) {
@@ -158,6 +169,15 @@ int run_case(const std::string& name) {
     const bool ok = out[0] == 1.0f && std::fabs(out[2] - 0.1f) < 1e-4f && out[4] == -3.25f && out[6] == 65504.f &&
                     std::fabs(out[3] - 0.1f) < 1e-3f && out[7] == 65536.f;
     return ok ? (std::printf("OK\n"), 0) : (std::printf("FAIL half/bfloat16 conversions\n"), 1);
+  }
+  if (name == "intrinsics") {
+    double dsum = 0;
+    unsigned long long usum = 0;
+    std::vector<int> out(32, -1);
+    rk::launch_kernel(intrinsics, dim3(1), dim3(32), 0, nullptr, &dsum, &usum, out.data());
+    bool ok = dsum == 15.5 && usum == 31ull << 33 && out[31] == -1;
+    for (int t = 0; t < 31; ++t) ok = ok && out[t] == std::min(t, 10) + std::max(t, 20);
+    return ok ? (std::printf("OK\n"), 0) : (std::printf("FAIL intrinsics\n"), 1);
   }
   float* o = g_out.data();
   static float* out_ptr;
