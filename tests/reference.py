@@ -41,3 +41,14 @@ def rel_err(out, ref):
     if ref.numel() == 0:
         return 0.0
     return ((out.to(torch.float64) - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def assert_dtype_tolerance(err, dtype, low_precision_bound):
+    """The suite's accuracy bar: float64 to 1e-12, float32 to 1e-5 (relative to the output scale), and
+    float16/bfloat16 within `low_precision_bound` (derived from PyTorch's own same-precision error)."""
+    if dtype == torch.float64:
+        assert err <= 1e-12, err
+    elif dtype == torch.float32:
+        assert err <= 1e-5, err
+    else:
+        assert err <= low_precision_bound, (err, low_precision_bound)

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import (RESNEXT50_STAGES, random_bn, reference_conv_affine_relu, reference_conv_bn_relu,
-                       rel_err)
+from reference import (RESNEXT50_STAGES, assert_dtype_tolerance, random_bn, reference_conv_affine_relu,
+                       reference_conv_bn_relu, rel_err)
 from torch import nn
 
 import resnext_kernels as rk
@@ -67,13 +67,8 @@ def test_matches_reference(case, dtype, channels_last):
     assert out.shape == ref.shape and out.dtype == dtype
     expected_format = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=expected_format)
-    err = rel_err(out, ref)
-    if dtype == torch.float64:
-        assert err <= 1e-12
-    elif dtype == torch.float32:
-        assert err <= 1e-5
-    else:
-        assert err <= 2 * _bf16_bound(x, wt, bn, (stride, padding, dilation, groups), ref) + 1e-3
+    low = 2 * _bf16_bound(x, wt, bn, (stride, padding, dilation, groups), ref) + 1e-3 if dtype == torch.bfloat16 else 0
+    assert_dtype_tolerance(rel_err(out, ref), dtype, low)
     # inputs and BN buffers are never modified
     assert torch.equal(x, x_before) and torch.equal(wt, w_before)
     assert all(torch.equal(a, b) for a, b in zip(bn, bn_before))

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import random_bn, reference_conv_affine_relu, rel_err
+from reference import assert_dtype_tolerance, random_bn, reference_conv_affine_relu, rel_err
 from test_conv_bn_relu import EDGE_CASES, _make
 
 import resnext_kernels as rk
@@ -50,13 +50,8 @@ def test_emulated_cuda_kernel_matches_reference(case, dtype, order, seed):
     ref = reference_conv_affine_relu(x, wt, scale, shift, stride, padding, dilation, groups)
     assert out.shape == ref.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    err = rel_err(out, ref)
-    if dtype == torch.float64:
-        assert err <= 1e-12
-    elif dtype == torch.float32:
-        assert err <= 1e-5
-    else:
-        assert err <= _bound(dtype, x, wt, scale, shift, conv_args, ref)
+    low = _bound(dtype, x, wt, scale, shift, conv_args, ref) if dtype in (torch.float16, torch.bfloat16) else 0
+    assert_dtype_tolerance(rel_err(out, ref), dtype, low)
     assert all(torch.equal(a, b) for a, b in zip((x, wt, scale, shift), before))
 
 
