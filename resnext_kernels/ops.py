@@ -235,12 +235,22 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _autocast(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Casts like autocast casts F.conv2d (a lower-precision op): floating, non-double inputs."""
+    """Casts like autocast casts F.conv2d (a lower-precision op): each floating-point, non-double tensor on
+    the autocast device goes to the autocast dtype; others (float64, integer, other devices) are left for the
+    argument checks to judge. Runs before those checks, as autocast runs before conv2d's: under autocast a
+    layer's input may already be lower precision than its weight."""
+    _check_tensor(input, "input")
+    _check_tensor(weight, "weight")
     device = input.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and input.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(device)
-        return input.to(dtype), weight.to(dtype)
-    return input, weight
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return input, weight
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: Tensor) -> Tensor:
+        eligible = t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device
+        return t.to(dtype) if eligible else t
+
+    return cast(input), cast(weight)
 
 
 def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -254,15 +264,15 @@ def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, run
     the batch statistics are used and the running buffers updated in place, exactly as there. ``relu``
     switches the final ReLU. Which implementation runs is described by :func:`explain`.
     """
-    stride_p, padding_p, dilation_p = _check_conv_args(input, weight, stride, padding, dilation, groups)
-    _check_bn_args(input, weight.shape[0], running_mean, running_var, bn_weight, bn_bias, training, eps)
-    decision = explain(input, weight, stride=stride_p, padding=padding_p, dilation=dilation_p, groups=groups,
+    x, w = _autocast(input, weight)
+    stride_p, padding_p, dilation_p = _check_conv_args(x, w, stride, padding, dilation, groups)
+    _check_bn_args(x, w.shape[0], running_mean, running_var, bn_weight, bn_bias, training, eps)
+    decision = explain(x, w, stride=stride_p, padding=padding_p, dilation=dilation_p, groups=groups,
                        training=training)
     if not decision.fused:
-        y = F.conv2d(input, weight, None, stride_p, padding_p, dilation_p, groups)
+        y = F.conv2d(x, w, None, stride_p, padding_p, dilation_p, groups)
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
         return F.relu(y) if relu else y
-    x, w = _autocast(input, weight)
     args = (list(stride_p), list(padding_p), list(dilation_p), groups, relu)
     if training:
         out, _, mean, var = torch.ops.resnext_kernels.conv_bn_relu_train(x, w, bn_weight, bn_bias, float(eps), *args)

@@ -224,6 +224,31 @@ def test_autocast_cpu_training():
     assert ours.conv.weight.grad.dtype == torch.float32 and ours.bn.weight.grad.dtype == torch.float32
 
 
+def test_autocast_cpu_training_of_a_block_matches_torchvision():
+    """Under autocast a layer's input is bfloat16 while its weight is float32 (regression: the fused op
+    checked dtypes before casting and refused it). Same loss and gradients as torchvision's Bottleneck
+    under the same autocast, to bfloat16 accuracy."""
+    from torchvision.models.resnet import Bottleneck
+    torch.manual_seed(0)
+    ref = Bottleneck(32, 8, groups=4, base_width=16)
+    ours = rk.nn.FusedResNeXtBlock(32, 8, groups=4, base_width=16)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, 8, 8)
+    losses, dtypes = [], []
+    for model in (ref, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        dtypes.append(out.dtype)
+        loss = out.float().square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert dtypes[1] == dtypes[0]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    for (name, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
+        assert p_ours.grad.dtype == torch.float32
+        assert rel_err(p_ours.grad, p_ref.grad.double()) <= 5e-2, name
+
+
 def test_train_op_inputs_unmodified():
     x = torch.randn(2, 8, 5, 5)
     w = torch.randn(8, 2, 3, 3)
