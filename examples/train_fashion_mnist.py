@@ -9,6 +9,7 @@ examples:
   python examples/train_fashion_mnist.py --epochs 2 --reference      # the torch.nn reference
   python examples/train_fashion_mnist.py --epochs 2 --compare        # both, then one plot of both
   torchrun --nproc-per-node 2 examples/train_fashion_mnist.py --distributed   # DDP (gloo on CPU)
+  torchrun --nproc-per-node 2 examples/train_fashion_mnist.py --distributed --sync-bn   # + synchronized BN
 
 Each run writes <out>/history_<variant>.json, <out>/checkpoint_<variant>.pt (resumable with --resume) and
 <out>/curves.png (loss and accuracy of every history in <out>).
@@ -123,6 +124,13 @@ def train(args, fused: bool, rank: int = 0, world: int = 1) -> list[dict]:
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+        if args.sync_bn and (fused or device.type != "cpu"):
+            # After wrapping: on CPU, DDP refuses modules that already hold nn.SyncBatchNorm. This converts the
+            # layers of ddp_model.module (= model) in place; the fused layers then sync over all ranks.
+            rk.nn.convert_sync_batchnorm(ddp_model)
+        elif args.sync_bn and rank == 0:
+            print("--sync-bn: torch.nn.SyncBatchNorm needs GPU inputs; the CPU reference keeps per-process BN",
+                  file=sys.stderr)
     train_x, train_y = load_split(args.data_dir, "train", args.subset)
     test_x, test_y = load_split(args.data_dir, "test", args.test_subset)
     steps_per_epoch = len(train_x) // (args.batch_size * world)
@@ -227,6 +235,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--distributed", action="store_true",
                         help="DistributedDataParallel under torchrun (gloo on CPU, nccl on CUDA)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="with --distributed: synchronized BatchNorm statistics over all processes")
     return parser.parse_args(argv)
 
 

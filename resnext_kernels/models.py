@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .nn import FusedBasicBlock, FusedResNeXtBlock, conv_bn
+from .nn import FusedBasicBlock, FusedResNeXtBlock, _is_fusable_norm, conv_bn
 
 __all__ = [
     "CifarResNeXt",
@@ -247,7 +247,7 @@ def _tv_block_classes() -> dict[type, Callable[[nn.Module], nn.Module]]:
 def _why_not_convertible(block: nn.Module) -> str | None:
     for name in ("bn1", "bn2", "bn3"):
         bn = getattr(block, name, None)
-        if bn is not None and type(bn) is not nn.BatchNorm2d:
+        if bn is not None and not _is_fusable_norm(bn):
             return f"{name} is {type(bn).__name__}, not nn.BatchNorm2d"
     for name in ("conv1", "conv2", "conv3"):
         conv = getattr(block, name, None)

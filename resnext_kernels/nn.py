@@ -6,9 +6,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, sync_batch_norm
 
-__all__ = ["FusedBasicBlock", "FusedGroupedConvBNReLU", "FusedResNeXtBlock", "conv_bn", "explain_block"]
+__all__ = ["FusedBasicBlock", "FusedGroupedConvBNReLU", "FusedResNeXtBlock", "conv_bn", "convert_sync_batchnorm",
+           "explain_block"]
+
+# The BatchNorm modules the fused layers run (SyncBatchNorm is a _BatchNorm, not a BatchNorm2d).
+FUSABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _is_fusable_norm(norm: nn.Module) -> bool:
+    return type(norm) in FUSABLE_NORMS
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)``: every BatchNorm (including the
+    ones inside the fused modules and blocks) becomes an ``nn.SyncBatchNorm`` sharing its parameters and
+    buffers. In training mode, with ``torch.distributed`` initialized and more than one rank in the group, the
+    fused layers then compute the batch statistics over all ranks (:mod:`resnext_kernels.sync_batch_norm`, CPU
+    and CUDA); in eval mode or with one rank they behave as before.
+
+    On CPU, ``DistributedDataParallel`` refuses to wrap a module that already holds ``nn.SyncBatchNorm``
+    ("SyncBatchNorm layers only work with GPU modules"): there, wrap first and convert the wrapped model
+    (``ddp = DDP(model); convert_sync_batchnorm(ddp)``, which converts ``ddp.module``'s layers in place).
+    BatchNorms that run their own forward (outside a fused conv + BN) keep ``nn.SyncBatchNorm``'s behaviour,
+    which needs GPU inputs.
+    """
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
 
 
 def batch_norm_call_args(bn: nn.BatchNorm2d) -> tuple[bool, float, Tensor | None, Tensor | None]:
@@ -64,8 +88,8 @@ class FusedGroupedConvBNReLU(nn.Module):
             raise ValueError("conv must be an nn.Conv2d with bias=False and padding_mode='zeros'")
         if isinstance(conv.padding, str):
             raise ValueError(f"conv.padding must be numeric, got {conv.padding!r}")
-        if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
-            raise ValueError(f"bn must be an nn.BatchNorm2d with {conv.out_channels} features")
+        if not isinstance(bn, FUSABLE_NORMS) or bn.num_features != conv.out_channels:
+            raise ValueError(f"bn must be an nn.BatchNorm2d or nn.SyncBatchNorm with {conv.out_channels} features")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.add_module("0", conv)
@@ -85,15 +109,18 @@ class FusedGroupedConvBNReLU(nn.Module):
         """Which implementation ``forward(input)`` runs, and why."""
         conv, bn = self.conv, self.bn
         training = bn.training or (bn.running_mean is None and bn.running_var is None)
+        group = sync_batch_norm.sync_group(bn)
+        if group is not None:
+            conv_path = ops.explain(input, conv.weight, stride=conv.stride, padding=conv.padding,
+                                    dilation=conv.dilation, groups=conv.groups, training=False, requires_grad=False)
+            world = torch.distributed.get_world_size(group)
+            return ops.Decision(conv_path.path, f"synchronized BatchNorm over {world} ranks (resnext_kernels."
+                                                f"sync_batch_norm); the convolution: {conv_path.reason}")
         return ops.explain(input, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                            groups=conv.groups, training=training)
 
     def forward(self, input: Tensor) -> Tensor:
-        conv, bn = self.conv, self.bn
-        training, momentum, running_mean, running_var = batch_norm_call_args(bn)
-        return ops.conv_bn_relu(input, conv.weight, running_mean, running_var, bn.weight, bn.bias,
-                                training=training, momentum=momentum, eps=bn.eps, stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=self.relu)
+        return conv_bn(input, self.conv, self.bn, self.relu)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
@@ -104,8 +131,15 @@ class FusedGroupedConvBNReLU(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Tensor:
-    """``relu?(bn(conv(x)))`` through the fused op, with ``bn``'s training/eval semantics."""
+    """``relu?(bn(conv(x)))`` through the fused op, with ``bn``'s training/eval semantics (synchronized batch
+    statistics for a training ``nn.SyncBatchNorm`` in a multi-rank group, see :mod:`.sync_batch_norm`)."""
     training, momentum, running_mean, running_var = batch_norm_call_args(bn)
+    group = sync_batch_norm.sync_group(bn)
+    if group is not None:
+        return sync_batch_norm.sync_conv_bn_relu(x, conv.weight, running_mean, running_var, bn.weight, bn.bias,
+                                                 momentum=momentum, eps=bn.eps, stride=conv.stride,
+                                                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                                                 relu=relu, group=group)
     return ops.conv_bn_relu(x, conv.weight, running_mean, running_var, bn.weight, bn.bias, training=training,
                             momentum=momentum, eps=bn.eps, stride=conv.stride, padding=conv.padding,
                             dilation=conv.dilation, groups=conv.groups, relu=relu)
@@ -117,14 +151,15 @@ def _is_plain_conv(conv: nn.Module) -> bool:
 
 
 def _is_projection(downsample: nn.Module | None) -> bool:
-    """torchvision's shortcut: Sequential(conv1x1 (no bias), BatchNorm2d)."""
+    """torchvision's shortcut: Sequential(conv1x1 (no bias), BatchNorm2d or SyncBatchNorm)."""
     return (isinstance(downsample, nn.Sequential) and len(downsample) == 2 and _is_plain_conv(downsample[0])
-            and type(downsample[1]) is nn.BatchNorm2d)
+            and _is_fusable_norm(downsample[1]))
 
 
 def _check_norm(norm: nn.Module, name: str) -> None:
-    if type(norm) is not nn.BatchNorm2d:
-        raise ValueError(f"{name}: the fused blocks need nn.BatchNorm2d normalization, got {type(norm).__name__}")
+    if not _is_fusable_norm(norm):
+        raise ValueError(f"{name}: the fused blocks need nn.BatchNorm2d (or nn.SyncBatchNorm) normalization, "
+                         f"got {type(norm).__name__}")
 
 
 def _bn_inference_args(bn: nn.BatchNorm2d) -> tuple:
@@ -197,7 +232,8 @@ class FusedResNeXtBlock(nn.Module):
         out = conv_bn(x, self.conv1, self.bn1, relu=True)
         out = conv_bn(out, self.conv2, self.bn2, relu=True)
         out = conv_bn(out, self.conv3, self.bn3, relu=False)
-        return F.relu(out + _shortcut(self.downsample, x))
+        out += _shortcut(self.downsample, x)  # in place, as torchvision: keeps out's dtype under autocast
+        return F.relu(out)
 
 
 class FusedBasicBlock(nn.Module):
@@ -230,7 +266,8 @@ class FusedBasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = conv_bn(x, self.conv1, self.bn1, relu=True)
         out = conv_bn(out, self.conv2, self.bn2, relu=False)
-        return F.relu(out + _shortcut(self.downsample, x))
+        out += _shortcut(self.downsample, x)  # in place, as torchvision: keeps out's dtype under autocast
+        return F.relu(out)
 
 
 def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
