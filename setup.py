@@ -14,6 +14,9 @@ Environment switches:
   NVCC_THREADS                 nvcc --threads (default 2: the archs compile in parallel)
   MAX_JOBS                     parallel compile jobs of ninja (torch's own switch)
   RESNEXT_KERNELS_DEBUG=1      -O0 -g builds
+  RESNEXT_KERNELS_SANITIZE=1   AddressSanitizer + UndefinedBehaviorSanitizer build of the C++ code (CPU kernels
+                               and the emulated CUDA kernels; no nvcc). Used by scripts/sanitize.sh, which
+                               builds into its own directory; it does not touch resnext_kernels/_build_info.py
 """
 
 import glob
@@ -127,12 +130,20 @@ def extra_cuda_include_dirs():
 def build_extensions():
     debug = _env_flag("RESNEXT_KERNELS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    link = ["-fopenmp"]
+    if SANITIZE:
+        # -fno-sanitize-recover: every UBSan report aborts, so a report cannot pass unnoticed.
+        sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        opt = ["-O1", "-g", "-fno-omit-frame-pointer"] + sanitizers
+        link = link + sanitizers
     # -fopenmp: at::parallel_for is inlined into our code and is serial without it.
     cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     build_cuda, reason = cuda_build_decision()
-    if not build_cuda and _env_flag("FORCE_CUDA"):
+    if SANITIZE:
+        build_cuda, reason = False, "sanitizer build (RESNEXT_KERNELS_SANITIZE=1): C++ code only"
+    elif not build_cuda and _env_flag("FORCE_CUDA"):
         raise RuntimeError(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
     extensions = []
     c_sources = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
@@ -152,12 +163,12 @@ def build_extensions():
             include_dirs=include_dirs + extra_cuda_include_dirs(),
             define_macros=[("RK_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         ))
     else:
         _say(f"building CPU kernels only: {reason}. Set FORCE_CUDA=1 to make this an error.")
         extensions.append(CppExtension("resnext_kernels._C", c_sources, include_dirs=include_dirs,
-                                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]))
+                                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link))
 
     if _env_flag("RESNEXT_KERNELS_NO_EMULATOR"):
         _say("skipping the emulated CUDA build (RESNEXT_KERNELS_NO_EMULATOR=1)")
@@ -172,6 +183,7 @@ def build_extensions():
                 include_dirs=include_dirs + emu_includes,
                 define_macros=[("RK_EMULATOR", "1")],
                 extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link,
             ))
     return extensions
 
@@ -192,8 +204,10 @@ def write_build_info(build_cuda):
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
 
 
+SANITIZE = _env_flag("RESNEXT_KERNELS_SANITIZE")
 EXTENSIONS = build_extensions()
-write_build_info(any(isinstance(e.sources, list) and any(s.endswith(".cu") for s in e.sources) for e in EXTENSIONS))
+if not SANITIZE:
+    write_build_info(any(isinstance(e.sources, list) and any(s.endswith(".cu") for s in e.sources) for e in EXTENSIONS))
 
 setup(
     name="resnext_kernels",

@@ -12,3 +12,15 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUD
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    """Under scripts/sanitize.sh the suite must run against the sanitizer build, never silently against the
+    regular one (which would make a clean sanitizer run meaningless)."""
+    if os.environ.get("RESNEXT_KERNELS_EXPECT_SANITIZED", "0") != "1":
+        return
+    import resnext_kernels
+    from resnext_kernels import _build_info
+    if not getattr(_build_info, "SANITIZED", False):
+        raise pytest.UsageError(f"RESNEXT_KERNELS_EXPECT_SANITIZED=1 but resnext_kernels was imported from "
+                                f"{resnext_kernels.__file__}, which is not the sanitizer build")

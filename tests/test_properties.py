@@ -1,21 +1,31 @@
 """Property-based tests: random shapes, groups, strides, paddings, dilations, dtypes and layouts against
-float64 references, forward and backward. RESNEXT_KERNELS_FUZZ_EXAMPLES raises the example count."""
+float64 references, forward and backward, for the CPU kernels, the CUDA kernels run by the emulator and the
+whole-block op. RESNEXT_KERNELS_FUZZ_EXAMPLES sets the example count of the CPU properties (the emulated and
+block properties run a fifth of it each: the emulator executes every CUDA thread on the CPU).
 
+Per CI run (default 250): 250 + 250 CPU cases, 50 + 50 emulated CUDA cases, 50 block cases.
+A failing example that hypothesis finds is added with ``@example`` to its property, so it stays a
+regression case after the fix.
+"""
+
+import copy
 import os
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from reference import rel_err
 
 import resnext_kernels as rk
+from resnext_kernels import emulator
 
 EXAMPLES = int(os.environ.get("RESNEXT_KERNELS_FUZZ_EXAMPLES", "250"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SMALL_SETTINGS = settings(SETTINGS, max_examples=max(10, EXAMPLES // 5))
 
 
 @st.composite
@@ -90,6 +100,126 @@ def test_training_forward_backward_match_reference(p):
     for a, b in zip(leaves, ref_leaves):
         assert rel_err(a.grad, b.grad) <= 1e-8
     assert rel_err(rm, rm2) <= 1e-12 and rel_err(rv, rv2) <= 1e-12
+
+
+def _reference_train(p, x, wt, gamma, beta, grad):
+    """float64 conv -> batch-statistics BN -> ReLU?, its output and the gradients of (x, wt, gamma, beta)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, wt, gamma, beta)]
+    y = F.conv2d(leaves[0], leaves[1], None, p["stride"], p["padding"], p["dilation"], p["groups"])
+    out = F.batch_norm(y, None, None, leaves[2], leaves[3], True, 0.0, 1e-5)
+    out = F.relu(out) if p["relu"] else out
+    out.backward(grad.double())
+    return out.detach(), y.detach(), [t.grad for t in leaves]
+
+
+def _emulated_or_skip(x, wt, p):
+    if not emulator.available():
+        pytest.skip("resnext_kernels._emu (emulated CUDA) not built")
+    reason = rk.ops._cuda_unsupported_reason(x, wt, p["stride"], p["padding"], p["dilation"])
+    assume(reason is None)
+    return torch.ops.resnext_kernels_emu
+
+
+def _op_args(p):
+    return [list(p["stride"]), list(p["padding"]), list(p["dilation"]), p["groups"], p["relu"]]
+
+
+@SMALL_SETTINGS
+@given(p=conv_problems(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_emulated_cuda_inference_matches_reference(p, dtype):
+    x, wt, (mean, var, gamma, beta) = _tensors(p, dtype)
+    E = _emulated_or_skip(x, wt, p)
+    scale, shift = rk.ops.fold_batch_norm(mean, var, gamma, beta, 1e-5, rk.ops._accumulation_dtype(dtype))
+    with emulator.schedule("random", p["seed"] % 1000):
+        out = E.conv_bn_relu_infer(x, wt, scale, shift, *_op_args(p))
+    y = F.conv2d(x.double(), wt.double(), None, p["stride"], p["padding"], p["dilation"], p["groups"])
+    ref = F.batch_norm(y, mean, var, gamma, beta, False, 0.0, 1e-5)
+    ref = F.relu(ref) if p["relu"] else ref
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def _more_than_one_value_per_channel(p):
+    oh = (p["h"] + 2 * p["padding"][0] - p["dilation"][0] * (p["k"] - 1) - 1) // p["stride"][0] + 1
+    ow = (p["w"] + 2 * p["padding"][1] - p["dilation"][1] * (p["k"] - 1) - 1) // p["stride"][1] + 1
+    return p["n"] * oh * ow > 1
+
+
+@SMALL_SETTINGS
+@given(p=conv_problems())
+def test_emulated_cuda_training_forward_backward_match_reference(p):
+    assume(_more_than_one_value_per_channel(p))
+    x, wt, (_, _, gamma, beta) = _tensors(p, torch.float64)
+    E = _emulated_or_skip(x, wt, p)
+    args = [1e-5, *_op_args(p)]
+    gen = torch.Generator().manual_seed(p["seed"] + 1)
+    with emulator.schedule("reverse", 0):
+        out, conv_out, mean, var = E.conv_bn_relu_train(x, wt, gamma, beta, *args)
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        grads = E.conv_bn_relu_train_backward(grad, x, wt, conv_out, mean, var, gamma, beta, *args,
+                                              [True, True, True])
+    ref, y, ref_grads = _reference_train(p, x, wt, gamma, beta, grad)
+    assert rel_err(out, ref) <= 1e-10
+    assert rel_err(mean, y.mean((0, 2, 3))) <= 1e-12
+    assert rel_err(var, y.var((0, 2, 3), unbiased=False)) <= 1e-12
+    for name, a, b in zip(("input", "weight", "bn_weight", "bn_bias"), grads, ref_grads):
+        assert rel_err(a, b) <= 1e-8, name
+
+
+@st.composite
+def bottleneck_problems(draw):
+    groups = draw(st.sampled_from([1, 2, 4, 8]))
+    planes = draw(st.sampled_from([4, 8, 16]))
+    width_per_group = draw(st.sampled_from([1, 2, 4]))  # int(planes * base_width / 64)
+    base_width = 64 * width_per_group // planes
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.integers(1, 2)) if stride == 1 else 1
+    expansion_in = draw(st.sampled_from([1, 2, 4]))
+    inplanes = planes * expansion_in
+    projection = stride != 1 or inplanes != planes * 4 or draw(st.booleans())
+    size = draw(st.integers(1, 9))
+    n = draw(st.integers(1, 3))
+    layout = draw(st.sampled_from(["nchw", "channels_last", "strided"]))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(groups=groups, base_width=base_width, planes=planes, stride=stride, dilation=dilation,
+                inplanes=inplanes, projection=projection, size=size, n=n, layout=layout, dtype=dtype, seed=seed)
+
+
+@SMALL_SETTINGS
+@given(p=bottleneck_problems())
+def test_whole_block_op_matches_torchvision_bottleneck(p):
+    from torchvision.models.resnet import Bottleneck
+    torch.manual_seed(p["seed"])
+    down = None
+    if p["projection"]:
+        down = torch.nn.Sequential(torch.nn.Conv2d(p["inplanes"], p["planes"] * 4, 1, p["stride"], bias=False),
+                                   torch.nn.BatchNorm2d(p["planes"] * 4))
+    ref = Bottleneck(p["inplanes"], p["planes"], p["stride"], down, p["groups"], p["base_width"], p["dilation"])
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    ref = ref.eval().double()
+    ours = rk.nn.FusedResNeXtBlock(p["inplanes"], p["planes"], p["stride"], copy.deepcopy(down), p["groups"],
+                                   p["base_width"], p["dilation"]).eval().double()
+    ours.load_state_dict(ref.state_dict())
+    ours = ours.to(p["dtype"])
+    x = torch.randn(p["n"], p["inplanes"] * 2, p["size"], p["size"], dtype=torch.float64)
+    x = x[:, ::2] if p["layout"] == "strided" else x[:, : p["inplanes"]]
+    if p["layout"] == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(p["dtype"])
+    before = x.clone()
+    with torch.no_grad():
+        assert ours.explain(x).path == "block"
+        out = ours(x)
+        want = ref(x.double())
+    assert out.shape == want.shape and out.dtype == p["dtype"]
+    assert rel_err(out, want) <= (1e-12 if p["dtype"] == torch.float64 else 1e-5)
+    assert torch.equal(x, before)
 
 
 def test_concurrent_calls_match_sequential():
