@@ -230,9 +230,15 @@ def _adopt(fused_cls, block: nn.Module, names: tuple[str, ...]) -> nn.Module:
     nn.Module.__init__(fused)
     for name in names:
         setattr(fused, name, getattr(block, name))
-    fused.stride = block.stride
+    if not hasattr(fused, "relu"):  # timm's blocks name their activations act1..act3 (no parameters)
+        fused.relu = nn.ReLU(inplace=True)
+    fused.stride = block.conv2.stride[0] if isinstance(fused, FusedResNeXtBlock) else block.conv1.stride[0]
     fused.train(block.training)
     return fused
+
+
+_BOTTLENECK_LAYERS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
+_BASIC_LAYERS = ("conv1", "bn1", "conv2", "bn2", "downsample")
 
 
 def _tv_block_classes() -> dict[type, Callable[[nn.Module], nn.Module]]:
@@ -242,6 +248,35 @@ def _tv_block_classes() -> dict[type, Callable[[nn.Module], nn.Module]]:
                                      ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample")),
         BasicBlock: lambda b: _adopt(FusedBasicBlock, b, ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")),
     }
+
+
+def _timm_block_classes() -> dict[type, Callable[[nn.Module], nn.Module]]:
+    """timm's ResNet/ResNeXt blocks (timm.models.resnet), when timm is installed."""
+    try:
+        from timm.models.resnet import BasicBlock, Bottleneck
+    except ImportError:
+        return {}
+    return {
+        Bottleneck: lambda b: _adopt(FusedResNeXtBlock, b, _BOTTLENECK_LAYERS),
+        BasicBlock: lambda b: _adopt(FusedBasicBlock, b, _BASIC_LAYERS),
+    }
+
+
+def _why_not_convertible_timm(block: nn.Module) -> str | None:
+    """timm's blocks carry optional extras the fused blocks do not compute: attention (se), anti-aliasing
+    (aa), DropBlock, stochastic depth (drop_path), other activations."""
+    for name in ("se", "drop_path"):
+        if getattr(block, name, None) is not None:
+            return f"{name} is {type(getattr(block, name)).__name__} (the fused blocks have no {name})"
+    for name in ("aa", "drop_block"):
+        layer = getattr(block, name, None)
+        if layer is not None and not isinstance(layer, nn.Identity):
+            return f"{name} is {type(layer).__name__}, not Identity"
+    for name in ("act1", "act2", "act3"):
+        act = getattr(block, name, None)
+        if act is not None and type(act) is not nn.ReLU:
+            return f"{name} is {type(act).__name__}, not nn.ReLU"
+    return _why_not_convertible(block)
 
 
 def _why_not_convertible(block: nn.Module) -> str | None:
@@ -257,11 +292,13 @@ def _why_not_convertible(block: nn.Module) -> str | None:
 
 
 def convert_model(module: nn.Module, *, return_report: bool = False):
-    """Replaces torchvision ``Bottleneck`` / ``BasicBlock`` modules in ``module`` (in place) by the fused blocks,
-    which take over their submodules, so weights, devices, dtypes and training mode are kept and state-dict
-    keys do not change. Anything else is left untouched. Returns ``module`` (and a :class:`ConversionReport`
-    with ``return_report=True``)."""
-    classes = _tv_block_classes()
+    """Replaces torchvision's and timm's ``Bottleneck`` / ``BasicBlock`` modules in ``module`` (in place) by the
+    fused blocks, which take over their submodules, so weights, devices, dtypes and training mode are kept and
+    state-dict keys do not change. timm blocks with extras the fused blocks do not compute (attention,
+    anti-aliasing, DropBlock, drop_path, non-ReLU activations) and anything else are left untouched and
+    reported. Returns ``module`` (and a :class:`ConversionReport` with ``return_report=True``)."""
+    timm_classes = _timm_block_classes()
+    classes = {**_tv_block_classes(), **timm_classes}
     report = ConversionReport()
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -269,7 +306,7 @@ def convert_model(module: nn.Module, *, return_report: bool = False):
             qualified = f"{prefix}{name}"
             convert = classes.get(type(child))
             if convert is not None:
-                why = _why_not_convertible(child)
+                why = (_why_not_convertible_timm if type(child) in timm_classes else _why_not_convertible)(child)
                 if why is None:
                     setattr(parent, name, convert(child))
                     report.converted.append(qualified)

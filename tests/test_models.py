@@ -225,6 +225,45 @@ def test_convert_model_basic_blocks_share_parameters():
     assert isinstance(model.layer1[0], rk.nn.FusedBasicBlock) and model.layer1[0].conv1 is block.conv1
 
 
+@pytest.mark.parametrize("name,blocks", [("resnext50_32x4d", 16), ("resnet18", 8)])
+def test_convert_model_timm(name, blocks):
+    """timm's blocks convert too (same keys); eval outputs and a training step match timm's own model."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, num_classes=10)
+    _randomize_bn(ref)
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    model.load_state_dict(ref.state_dict())
+    keys = list(model.state_dict())
+    fast, report = rk.convert_model(model, return_report=True)
+    assert fast is model and len(report.converted) == blocks and not report.skipped
+    assert list(model.state_dict()) == keys
+    fused_type = rk.nn.FusedResNeXtBlock if blocks == 16 else rk.nn.FusedBasicBlock
+    assert isinstance(model.layer1[0], fused_type)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rel_err(model.eval()(x), ref.eval()(x).double()) < 1e-4
+    # A training step in float64 (deep nets amplify float32 rounding through small-batch BatchNorm).
+    ref, model, x = ref.double(), model.double(), x.double()
+    target = torch.tensor([1, 7])
+    losses = [_train_step(m, x, target) for m in (ref, model)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-10)
+    for (key, p_ref), p_ours in zip(ref.named_parameters(), model.parameters()):
+        assert rel_err(p_ours.grad, p_ref.grad) < 1e-8, key
+    for key, value in ref.state_dict().items():
+        if "running" in key:
+            assert rel_err(model.state_dict()[key], value) < 1e-10, key
+
+
+def test_convert_model_timm_leaves_blocks_with_extras():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("seresnext26d_32x4d", pretrained=False)
+    _, report = rk.convert_model(model, return_report=True)
+    assert not report.converted and len(report.skipped) == 8
+    assert all(why.startswith("se is ") for _, why in report.skipped)
+    assert type(model.layer1[0]).__module__.startswith("timm.")
+
+
 @pytest.mark.parametrize("zero_init", [False, True])
 def test_cifar_resnext_fused_matches_reference_path(zero_init):
     torch.manual_seed(0)
