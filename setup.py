@@ -159,7 +159,7 @@ def build_extensions():
         ]
         extensions.append(CUDAExtension(
             "resnext_kernels._C",
-            c_sources + sources("csrc/cuda/*.cu"),
+            c_sources + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
             include_dirs=include_dirs + extra_cuda_include_dirs(),
             define_macros=[("RK_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},

@@ -49,8 +49,10 @@ def launch_stats() -> dict[str, int]:
 
 
 if available():
-    from .ops import _conv_bn_relu_infer_fake, _conv_bn_relu_train_backward_fake, _conv_bn_relu_train_fake
+    from .ops import (_bottleneck_infer_fake, _conv_bn_relu_infer_fake, _conv_bn_relu_train_backward_fake,
+                      _conv_bn_relu_train_fake)
 
     torch.library.register_fake("resnext_kernels_emu::conv_bn_relu_infer")(_conv_bn_relu_infer_fake)
     torch.library.register_fake("resnext_kernels_emu::conv_bn_relu_train")(_conv_bn_relu_train_fake)
     torch.library.register_fake("resnext_kernels_emu::conv_bn_relu_train_backward")(_conv_bn_relu_train_backward_fake)
+    torch.library.register_fake("resnext_kernels_emu::bottleneck_infer")(_bottleneck_infer_fake)

@@ -166,6 +166,24 @@ def _bn_inference_args(bn: nn.BatchNorm2d) -> tuple:
     return bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
 
 
+def _block_geometry_reason(block: nn.Module) -> str | None:
+    """Why the convolutions of a bottleneck do not have the whole-block op's geometry (1x1 convs at stride 1
+    without padding, a square 3x3 conv with padding == dilation, a 1x1 projection with the 3x3's stride), or
+    None. torchvision's and timm's blocks always have it; hand-modified ones may not."""
+    pointwise = [("conv1", block.conv1, (1, 1)), ("conv3", block.conv3, (1, 1))]
+    if block.downsample is not None:
+        pointwise.append(("downsample.0", block.downsample[0], block.conv2.stride))
+    for name, conv, stride in pointwise:
+        if conv.kernel_size != (1, 1) or conv.stride != tuple(stride) or conv.padding != (0, 0) or conv.groups != 1 \
+                or conv.dilation != (1, 1):
+            return f"{name} is not a 1x1 convolution with stride {tuple(stride)}, no padding and groups=1"
+    c2 = block.conv2
+    if c2.kernel_size != (3, 3) or c2.stride[0] != c2.stride[1] or c2.dilation[0] != c2.dilation[1] \
+            or c2.padding != c2.dilation:
+        return "conv2 is not a 3x3 convolution with square stride and dilation and padding == dilation"
+    return None
+
+
 def explain_block(block: nn.Module, x: Tensor) -> ops.Decision:
     """Whether a fused block runs as one ``bottleneck_infer`` call ("block" path) or layer by layer, and why."""
     forced = ops._reference_forced()
@@ -178,14 +196,25 @@ def explain_block(block: nn.Module, x: Tensor) -> ops.Decision:
         return ops.Decision("layers", "BatchNorm uses batch statistics (training mode)")
     if block.downsample is not None and not _is_projection(block.downsample):
         return ops.Decision("layers", "the shortcut is not torchvision's conv1x1 + BatchNorm2d projection")
+    geometry = _block_geometry_reason(block)
+    if geometry is not None:
+        return ops.Decision("layers", geometry)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return ops.Decision("layers", "autograd is recording; the whole-block kernel is inference-only")
-    if x.device.type != "cpu":
-        return ops.Decision("layers", f"the whole-block kernel is CPU-only; on {x.device.type} each layer "
-                                      "dispatches on its own (see resnext_kernels.explain)")
-    if x.dtype not in ops._CPU_DTYPES:
-        return ops.Decision("layers", f"the CPU kernels cover float32, float64 and bfloat16, not {x.dtype}")
-    return ops.Decision("block", "the whole block in one fused operator call (inference)")
+    if x.device.type == "cpu":
+        if x.dtype not in ops._CPU_DTYPES:
+            return ops.Decision("layers", f"the CPU kernels cover float32, float64 and bfloat16, not {x.dtype}")
+        return ops.Decision("block", "the whole block in one fused operator call (inference)")
+    if x.device.type == "cuda":
+        if not ops._build_info.WITH_CUDA:
+            return ops.Decision("layers", "resnext_kernels was built without CUDA kernels")
+        if x.dtype not in ops._CUDA_DTYPES:
+            return ops.Decision("layers", f"the CUDA kernels cover float16, bfloat16, float32 and float64, "
+                                          f"not {x.dtype}")
+        return ops.Decision("block", "the whole block in one operator call (inference): cuDNN 1x1 convolutions "
+                                     "with fused bias+ReLU and bias+shortcut+ReLU epilogues, the grouped 3x3 "
+                                     "through the fused kernel where it covers the shape")
+    return ops.Decision("layers", f"no whole-block kernel for device type {x.device.type!r}")
 
 
 class FusedResNeXtBlock(nn.Module):

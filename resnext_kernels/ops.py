@@ -401,6 +401,14 @@ def bottleneck_inference(input: Tensor, convs_bns: Sequence[tuple[Tensor, Tensor
     """One call of ``bottleneck_infer``: ``convs_bns`` holds (conv weight, running_mean, running_var, bn weight,
     bn bias, eps) for conv1, conv2, conv3; ``downsample`` the same for the projection shortcut, or None.
     Autocast casts the input and the conv weights like it casts conv2d."""
+    args = bottleneck_infer_args(input, convs_bns, downsample, stride=stride, groups=groups, dilation=dilation)
+    return torch.ops.resnext_kernels.bottleneck_infer(*args)
+
+
+def bottleneck_infer_args(input: Tensor, convs_bns, downsample, *, stride: int, groups: int,
+                          dilation: int) -> tuple:
+    """The arguments of the raw ``bottleneck_infer`` op for :func:`bottleneck_inference`'s arguments: autocast
+    applied, every BatchNorm folded into (scale, shift) in the accumulation dtype."""
     weights = [c[0] for c in convs_bns] + ([downsample[0]] if downsample is not None else [])
     x = input
     if input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type) \
@@ -412,8 +420,7 @@ def bottleneck_inference(input: Tensor, convs_bns: Sequence[tuple[Tensor, Tensor
     for w, (_, mean, var, gamma, beta, eps) in zip(weights, list(convs_bns) + ([downsample] if downsample else [])):
         folded.append((w, *fold_batch_norm(mean, var, gamma, beta, eps, acc)))
     down = folded[3] if downsample is not None else (None, None, None)
-    return torch.ops.resnext_kernels.bottleneck_infer(x, *folded[0], *folded[1], *folded[2], *down, stride, groups,
-                                                      dilation)
+    return (x, *folded[0], *folded[1], *folded[2], *down, stride, groups, dilation)
 
 
 @torch.library.register_fake("resnext_kernels::bottleneck_infer")

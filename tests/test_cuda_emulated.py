@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from reference import assert_dtype_tolerance, random_bn, reference_conv_affine_relu, rel_err
 from test_conv_bn_relu import EDGE_CASES, _make
+from test_models import BLOCK_CASES, _block_pair
 
 import resnext_kernels as rk
 from resnext_kernels import _cuda_coverage, emulator
@@ -218,3 +219,58 @@ def test_emulated_training_ops_opcheck():
     torch.library.opcheck(E.conv_bn_relu_train_backward,
                           (torch.randn_like(out), x, w, y, mean, var, gamma, beta, *args, [True, False, True]),
                           test_utils=utils)
+
+
+def _block_args(ours, x):
+    layers = [(conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+              for conv, bn in ((ours.conv1, ours.bn1), (ours.conv2, ours.bn2), (ours.conv3, ours.bn3))]
+    down = None
+    if ours.downsample is not None:
+        conv, bn = ours.downsample
+        down = (conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    return rk.ops.bottleneck_infer_args(x, layers, down, stride=ours.conv2.stride[0], groups=ours.conv2.groups,
+                                        dilation=ours.conv2.dilation[0])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_cuda_bottleneck_matches_torchvision(case, dtype, channels_last):
+    """The CUDA bottleneck_infer (cuDNN's role played by ATen on the CPU, the grouped conv by the emulated
+    kernel) against torchvision's Bottleneck in float64."""
+    ref, ours = _block_pair(case, torch.float64)
+    ours = ours.to(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, case[0], 9, 8, dtype=torch.float64).contiguous(memory_format=fmt)
+    launches = emulator.launch_stats()["launches"]
+    with torch.no_grad():
+        out = torch.ops.resnext_kernels_emu.bottleneck_infer(*_block_args(ours, x.to(dtype)))
+        want = ref(x)
+    assert emulator.launch_stats()["launches"] == launches + 1  # the grouped conv ran the project's kernel
+    assert out.shape == want.shape and out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+    if dtype == torch.bfloat16:  # weights folded and rounded to bf16, intermediates in bf16
+        assert rel_err(out, want) <= 3e-2
+    else:
+        assert_dtype_tolerance(rel_err(out, want), dtype, 0)
+
+
+def test_emulated_cuda_bottleneck_routes_uncovered_grouped_conv_to_cudnn_path():
+    """A stride whose input tile exceeds the kernel's shared memory: the grouped conv takes the folded-weight
+    library path (no kernel launch) and the result is still exact."""
+    ref, ours = _block_pair((64, 16, 16, 4, 16, 1, True), torch.float64)
+    x = torch.randn(1, 64, 34, 34, dtype=torch.float64)
+    assert rk.ops._cuda_unsupported_reason(x[:, :16], ours.conv2.weight, 16, 1, 1) is not None
+    launches = emulator.launch_stats()["launches"]
+    with torch.no_grad():
+        out = torch.ops.resnext_kernels_emu.bottleneck_infer(*_block_args(ours, x))
+        want = ref(x)
+    assert emulator.launch_stats()["launches"] == launches
+    assert rel_err(out, want) <= 1e-12
+
+
+def test_emulated_cuda_bottleneck_opcheck():
+    _, ours = _block_pair(BLOCK_CASES[0], torch.float32)
+    x = torch.randn(2, BLOCK_CASES[0][0], 6, 6)
+    with torch.no_grad():
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _block_args(ours, x))
+    torch.library.opcheck(torch.ops.resnext_kernels_emu.bottleneck_infer.default, args)

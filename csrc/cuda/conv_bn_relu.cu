@@ -4,9 +4,23 @@
 #include <torch/library.h>
 
 #include "cuda/bn_train_host.h"
+#include "cuda/conv_affine_cuda.h"
 #include "cuda/conv_bn_relu_host.h"
 
 namespace rk {
+
+const char* conv_bn_relu_cuda_unsupported(const ConvGeom& g, at::ScalarType dtype) {
+  return conv_bn_relu_cuda_unsupported_reason(g, dtype);
+}
+
+at::Tensor conv_affine_nhwc_cuda_current_stream(const char* op, const ConvGeom& g, const at::Tensor& input,
+                                                const at::Tensor& weight, const at::Tensor& scale,
+                                                const at::Tensor& shift, bool relu) {
+  at::Tensor out = conv_affine_nhwc_cuda(op, g, input, weight, scale, shift, relu, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 namespace {
 
 at::Tensor conv_bn_relu_infer_cuda(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scale,

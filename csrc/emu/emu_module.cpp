@@ -4,7 +4,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <ATen/ops/convolution.h>
+
+#include "common/bottleneck_impl.h"
 #include "cuda/bn_train_host.h"
+#include "cuda/bottleneck_backend.h"
 #include "cuda/conv_bn_relu_host.h"
 #include "schemas.h"
 
@@ -45,6 +49,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
                                                    /*stream=*/nullptr);
 }
 
+// The CUDA block backend with ATen on the CPU standing in for cuDNN's fused epilogues (same arithmetic: a
+// convolution with folded weights, + bias, + residual, ReLU) and the emulated kernel for the grouped conv.
+struct EmulatedCudaOps {
+  static const char* grouped_unsupported(const rk::ConvGeom& g, at::ScalarType dtype) {
+    return rk::conv_bn_relu_cuda_unsupported_reason(g, dtype);
+  }
+
+  static at::Tensor grouped(const char* op, const rk::ConvGeom& g, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+    return rk::conv_affine_nhwc_cuda(op, g, x, w, scale, shift, relu, /*stream=*/nullptr);
+  }
+
+  static at::Tensor conv_bias(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                              const rk::ConvGeom& g, const at::Tensor* residual, bool relu) {
+    at::Tensor y = at::convolution(x, w, bias, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w},
+                                   false, {0, 0}, g.groups);
+    if (residual != nullptr) y.add_(*residual);
+    return relu ? y.relu_() : y;
+  }
+};
+
+at::Tensor bottleneck_infer_emulated(const at::Tensor& input, const at::Tensor& w1, const at::Tensor& s1,
+                                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& s2,
+                                     const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& s3,
+                                     const at::Tensor& b3, const std::optional<at::Tensor>& w_down,
+                                     const std::optional<at::Tensor>& s_down,
+                                     const std::optional<at::Tensor>& b_down, int64_t stride, int64_t groups,
+                                     int64_t dilation) {
+  TORCH_CHECK(input.device().is_cpu(), "resnext_kernels_emu: the emulated CUDA ops take CPU tensors");
+  return rk::bottleneck_infer_impl<rk::CudaBlockBackend<EmulatedCudaOps>>(
+      "resnext_kernels_emu::bottleneck_infer", input, w1, s1, b1, w2, s2, b2, w3, s3, b3, w_down, s_down, b_down,
+      stride, groups, dilation);
+}
+
 void set_schedule(c10::string_view order, int64_t seed) {
   rk::emu::BlockOrder o;
   if (order == "forward") o = rk::emu::BlockOrder::kForward;
@@ -74,6 +112,7 @@ TORCH_LIBRARY(resnext_kernels_emu, m) {
   m.def(RK_SCHEMA_CONV_BN_RELU_INFER);
   m.def(RK_SCHEMA_CONV_BN_RELU_TRAIN);
   m.def(RK_SCHEMA_CONV_BN_RELU_TRAIN_BACKWARD);
+  m.def(RK_SCHEMA_BOTTLENECK_INFER);
   m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
   m.def("launch_stats() -> int[]", &launch_stats);
   m.def("cuda_unsupported_reason(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
@@ -85,4 +124,5 @@ TORCH_LIBRARY_IMPL(resnext_kernels_emu, CPU, m) {
   m.impl("conv_bn_relu_infer", &conv_bn_relu_infer_emulated);
   m.impl("conv_bn_relu_train", &conv_bn_relu_train_emulated);
   m.impl("conv_bn_relu_train_backward", &conv_bn_relu_train_backward_emulated);
+  m.impl("bottleneck_infer", &bottleneck_infer_emulated);
 }
