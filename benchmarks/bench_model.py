@@ -1,13 +1,33 @@
-"""Model benchmark: images per second of resnext_kernels' models against torchvision's, inference and
-training step, measured in the same process (median of repeated timed runs, after warm-up). With
-``--compile`` the torchvision model under torch.compile is added as a third contender.
+"""Model benchmark: images per second of resnext_kernels' models against torchvision's eager model and
+against torch.compile (Inductor) of torchvision's model, for ResNeXt-50 32x4d and ResNet-50, in inference
+(eval, no grad) and a training step (SGD with momentum: zero_grad, forward, cross-entropy, backward, step),
+channels_last, float32, measured in the same process.
 
-usage: python benchmarks/bench_model.py [--model resnext50_32x4d] [--batch 8] [--size 224] [--repeats 5]
+Ours is ``rk.models.<name>()`` loaded with the torchvision model's state_dict; each contender gets its own
+copy of the same initial weights. Before timing, every row is checked against torchvision eager: eval
+logits, and for training the logits of the first (batch-statistics) forward and the loss, max relative
+difference <= 1e-3 of the largest value; a mismatch is reported as WRONG and not timed, a compile failure
+is reported in its row. On CPU the inference compile uses ``torch._inductor.config.freezing = True``
+(BatchNorm folded into the convs).
+
+Timing: median (and min / max) of --repeats timed steps after warm-up (wall clock, CUDA synchronized).
+Memory: for training, ``saved_MB`` = bytes of the distinct tensors autograd saves for backward in one
+step (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded), i.e. the activation memory;
+on CUDA also ``cuda_peak_MB`` = ``torch.cuda.max_memory_allocated`` during a step minus the memory
+allocated before it.
+
+Results: benchmarks/results/models_<device>.{csv,md,json}.
+
+usage: python benchmarks/bench_model.py [--quick] [--models resnext50_32x4d,resnet50] [--batch 8]
+            [--image-size 224] [--repeats 5] [--modes eval,train] [--compile | --no-compile] [--cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import os
 import statistics
 import sys
 import time
@@ -18,74 +38,232 @@ import torchvision
 
 import resnext_kernels as rk
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine_peak  # noqa: E402
 
-def _sync(device):
+TOL = 1e-3
+FIELDS = ["model", "mode", "impl", "status", "max_rel_err", "device", "batch", "image_size", "median_ms", "min_ms",
+          "max_ms", "runs", "img_s", "ratio_vs_torchvision", "ratio_vs_compile", "saved_MB", "cuda_peak_MB",
+          "compile_s"]
+
+
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_step(step, device, repeats, warmup=2):
+def time_step(step, device, repeats, warmup):
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
+    return times
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def saved_tensor_bytes(fn, params):
+    """(bytes of the distinct storages autograd saves during ``fn()`` (parameters excluded), fn's result)."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs and s.device.type != "meta":
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(seen.values()), result
+
+
+def cuda_peak_bytes(fn, device):
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+class Contender:
+    def __init__(self, name, model, compiled=False):
+        self.name, self.model, self.compiled = name, model, compiled
+        self.module = model  # what is called (the compiled wrapper for compile)
+        self.optimizer = None
+
+
+def build(name, model_name, ref_state, device):
+    if name == "resnext_kernels":
+        model = getattr(rk.models, model_name)()
+    else:
+        model = getattr(torchvision.models, model_name)()
+    model.load_state_dict(ref_state)
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def run_model(model_name, args, device, x, target):
+    torch.manual_seed(0)
+    ref_state = getattr(torchvision.models, model_name)().state_dict()
+    impls = ["torchvision", "resnext_kernels"] + (["torchvision+compile"] if args.compile else [])
+    rows = []
+    for mode in args.modes:
+        training = mode == "train"
+        results, steps = {}, {}
+        for impl in impls:
+            row = {"model": model_name, "mode": mode, "impl": impl, "device": device.type, "batch": args.batch,
+                   "image_size": args.image_size}
+            results[impl] = row
+            model = build(impl, model_name, copy.deepcopy(ref_state), device).train(training)
+            module = model
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if training else None
+            try:
+                if impl.endswith("+compile"):
+                    torch._dynamo.reset()
+                    torch._inductor.config.freezing = device.type == "cpu" and not training
+                    module = torch.compile(model, dynamic=False)
+                t0 = time.perf_counter()
+                if training:
+                    def first_step():
+                        logits = module(x)
+                        loss = F.cross_entropy(logits, target)
+                        loss.backward()
+                        optimizer.step()
+                        return logits.detach(), loss.detach().reshape(1)
+                    try:  # the checked step also measures the saved activations
+                        saved, check = saved_tensor_bytes(first_step, list(model.parameters()))
+                        row["saved_MB"] = f"{saved / 2**20:.1f}"
+                    except Exception as e:  # noqa: BLE001 - e.g. hooks unsupported under compile: plain step
+                        row["saved_MB"] = f"n/a ({type(e).__name__})"
+                        optimizer.zero_grad(set_to_none=True)
+                        check = first_step()
+                else:
+                    with torch.no_grad():
+                        check = (module(x),)
+                sync(device)
+                if impl.endswith("+compile"):
+                    row["compile_s"] = f"{time.perf_counter() - t0:.1f}"
+            except Exception as e:  # noqa: BLE001 - reported in the row
+                msg = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+                row["status"] = f"{'compile failed' if impl.endswith('+compile') else 'error'}: {msg}"
+                continue
+            if impl == "torchvision":
+                reference = check
+            err = max(rel_err(a, b) for a, b in zip(check, reference))
+            row["max_rel_err"] = f"{err:.1e}"
+            if not err <= TOL:
+                row["status"] = "WRONG (not timed)"
+                continue
+            row["status"] = "ok"
+
+            if training:
+                def step(module=module, optimizer=optimizer):
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(module(x), target).backward()
+                    optimizer.step()
+            else:
+                def step(module=module):
+                    with torch.no_grad():
+                        module(x)
+            steps[impl] = step
+            if device.type == "cuda":
+                row["cuda_peak_MB"] = f"{cuda_peak_bytes(step, device) / 2**20:.1f}"
+        for impl, step in steps.items():  # time after all checks, one contender after the other
+            times = time_step(step, device, args.repeats, args.warmup)
+            med = statistics.median(times)
+            results[impl].update(median_ms=f"{med * 1e3:.1f}", min_ms=f"{min(times) * 1e3:.1f}",
+                                 max_ms=f"{max(times) * 1e3:.1f}", runs=len(times), img_s=f"{args.batch / med:.2f}")
+        for impl, row in results.items():
+            if "median_ms" not in row:
+                continue
+            for ref, key in (("torchvision", "ratio_vs_torchvision"), ("torchvision+compile", "ratio_vs_compile")):
+                if "median_ms" in results.get(ref, {}):
+                    row[key] = f"{float(results[ref]['median_ms']) / float(row['median_ms']):.2f}"
+            print(f"{model_name:16s} {mode:5s} {impl:20s} {row['img_s']:>8s} img/s  median {row['median_ms']} ms "
+                  f"(range {row['min_ms']}-{row['max_ms']})  vs torchvision {row.get('ratio_vs_torchvision', '-')}x"
+                  f"  vs compile {row.get('ratio_vs_compile', '-')}x  saved {row.get('saved_MB', '-')} MB"
+                  f"  err {row['max_rel_err']}", flush=True)
+        for impl, row in results.items():
+            if row["status"] != "ok":
+                print(f"{model_name:16s} {mode:5s} {impl:20s} {row['status']}", flush=True)
+        rows += results.values()
+        torch._inductor.config.freezing = False
+    return rows
+
+
+def write_results(rows, out_dir, device, env, args):
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"models_{device.type}")
+    machine_peak.write_csv(f"{stem}.csv", rows, FIELDS)
+    cols = [c for c in FIELDS if c not in ("device", "batch", "image_size")]
+    with open(f"{stem}.md", "w") as f:
+        f.write(f"# Models: resnext_kernels vs torchvision eager vs torch.compile ({device.type}, batch {args.batch}, "
+                f"{args.image_size}x{args.image_size}, channels_last, float32, median of {args.repeats})\n\n")
+        f.write("ratio_vs_X = X median / row median (> 1: row faster). saved_MB: activation bytes saved for "
+                "backward in one training step.\n\n")
+        f.write(machine_peak.markdown_table(rows, cols))
+        f.write("\n## Environment\n\n" + machine_peak.env_markdown(env))
+        f.write(f"\ncommand: `python benchmarks/bench_model.py {' '.join(args.argv)}`\n")
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"environment": env, "argv": args.argv}, f, indent=2)
+    print(f"results: {stem}.csv, {stem}.md, {stem}.json", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnext50_32x4d")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke run: batch 2, 64x64 images, 2 timed runs, no compile unless --compile")
+    parser.add_argument("--models", "--model", default="resnext50_32x4d,resnet50")
+    parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 32 on CUDA (2 with --quick)")
+    parser.add_argument("--image-size", "--size", type=int, default=None,
+                        help="default 224 (64 with --quick: smaller leaves BatchNorm too few values per channel "
+                             "in layer4 for a stable check)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 5, 2 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--modes", default="eval,train", help="comma-separated: eval,train")
+    parser.add_argument("--no-train", action="store_true", help="same as --modes eval")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="time torch.compile of the torchvision model (default: yes, except with --quick)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the torchvision model")
-    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if args.batch is None:
+        args.batch = 2 if args.quick else (32 if device.type == "cuda" else 8)
+    if args.image_size is None:
+        args.image_size = 64 if args.quick else 224
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 2  # the checked first step is a warm-up too
+    if args.compile is None:
+        args.compile = not args.quick
+    args.modes = ["eval"] if args.no_train else args.modes.split(",")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    env = machine_peak.environment(device)
+    print(f"# {device.type}: {env['gpu'] if device.type == 'cuda' else env['cpu']}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; batch {args.batch}, {args.image_size}x{args.image_size}, "
+          f"channels_last, float32, median of {args.repeats} after {args.warmup} warm-up", flush=True)
     torch.manual_seed(0)
-    ref = getattr(torchvision.models, args.model)().to(device).to(memory_format=torch.channels_last)
-    ours = getattr(rk.models, args.model)().to(device).to(memory_format=torch.channels_last)
-    ours.load_state_dict(ref.state_dict())
-    contenders = {"torchvision": ref, "resnext_kernels": ours}
-    if args.compile:
-        contenders["torchvision+compile"] = torch.compile(ref)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (args.batch,), device=device)
-    print(f"# {args.model}, {device.type}, batch {args.batch}, {args.size}x{args.size}, channels_last, "
-          f"threads {torch.get_num_threads()}, median of {args.repeats}")
-    results = {}
-    for mode in ("eval",) + (() if args.no_train else ("train",)):
-        for name, model in contenders.items():
-            if mode == "eval":
-                model.eval()
-
-                def step(model=model):
-                    with torch.no_grad():
-                        model(x)
-            else:
-                model.train()
-
-                def step(model=model):
-                    model.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), target).backward()
-            med, lo, hi = time_step(step, device, args.repeats)
-            results[(mode, name)] = med
-            print(f"{mode:5s} {name:20s} {args.batch / med:8.2f} img/s   (median {med * 1e3:.1f} ms, "
-                  f"range {lo * 1e3:.1f}-{hi * 1e3:.1f} ms)", flush=True)
-        base = results[(mode, "torchvision")]
-        print(f"{mode:5s} ratio resnext_kernels / torchvision: {base / results[(mode, 'resnext_kernels')]:.2f}x")
-    with torch.no_grad():
-        ref.eval()
-        ours.eval()
-        err = ((ours(x) - ref(x)).abs().max() / ref(x).abs().max()).item()
-    print(f"eval output max relative difference vs torchvision: {err:.2e}")
-    return 0
+    rows = []
+    for model_name in args.models.split(","):
+        rows += run_model(model_name, args, device, x, target)
+    write_results(rows, args.out, device, env, args)
+    return 1 if any(r["status"].startswith(("WRONG", "error")) for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""Smoke test of the benchmark scripts: `--quick` runs of bench_kernels.py (inference and training) and
+bench_model.py into a temporary directory; every output file exists, every row is ok (checked against
+its reference, not WRONG), and the speed ratios are positive numbers."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _run(script, out_dir, *args, timeout=240):
+    cmd = [sys.executable, os.path.join(BENCH, script), "--quick", "--cpu", "--out", str(out_dir), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows, f"{path} has no rows"
+    return rows
+
+
+def _positive(text):
+    value = float(text)
+    return value > 0 and value == value and value != float("inf")
+
+
+@pytest.fixture(scope="module")
+def kernel_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_kernels")
+    stdout = _run("bench_kernels.py", out, "--mode", "all")
+    return out, stdout
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_bench_kernels_quick(kernel_results, mode):
+    out, stdout = kernel_results
+    stem = out / f"kernels_{mode}_cpu"
+    for ext in ("csv", "md", "png", "json"):
+        assert (stem.with_suffix(f".{ext}")).stat().st_size > 0, f"missing {stem}.{ext}"
+    assert (stem.with_suffix(".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _rows(stem.with_suffix(".csv"))
+    assert {r["variant"] for r in rows} >= {"fused", "eager"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["mode"] == mode and r["device"] == "cpu"
+        assert float(r["max_rel_err"]) <= 1e-3, r
+        for key in ("median_ms", "ratio_vs_eager", "gflops", "gbs", "peak_gflops", "peak_gbs"):
+            assert _positive(r[key]), (key, r)
+        if r["ratio_vs_compile"]:
+            assert _positive(r["ratio_vs_compile"]), r
+        assert int(r["runs"]) >= 3, r
+    for r in rows:
+        if r["variant"] == "eager":
+            assert float(r["ratio_vs_eager"]) == 1.0
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 4  # 2 shapes x N=1,8 (float32, channels_last)
+    assert f"{mode}: 4 cases" in stdout and f"[{mode[:5]} 4/4]" in stdout  # progress lines
+
+
+def test_bench_model_quick(tmp_path):
+    _run("bench_model.py", tmp_path)
+    for ext in ("csv", "md", "json"):
+        assert (tmp_path / f"models_cpu.{ext}").stat().st_size > 0
+    rows = _rows(tmp_path / "models_cpu.csv")
+    assert {(r["model"], r["mode"], r["impl"]) for r in rows} == {
+        (m, mode, impl) for m in ("resnext50_32x4d", "resnet50") for mode in ("eval", "train")
+        for impl in ("torchvision", "resnext_kernels")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert _positive(r["img_s"]) and _positive(r["ratio_vs_torchvision"]), r
+        if r["mode"] == "train":
+            assert _positive(r["saved_MB"]), r
