@@ -151,6 +151,9 @@ def _check_bn_args(input: Tensor, c_out: int, running_mean: Tensor | None, runni
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        if name.startswith("running_") and t.requires_grad:
+            raise ValueError(f"{name} must not require grad: BatchNorm's running statistics are buffers, not "
+                             "differentiable inputs (PyTorch's batch_norm refuses them too)")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 

@@ -317,6 +317,13 @@ BAD_INPUTS = [
     ("eps", lambda a: a.update(eps=0.0), ValueError, "eps must be a positive"),
     ("too-small", lambda a: a.update(input=torch.randn(2, 8, 1, 1), padding=0), ValueError, "smaller than"),
     ("device", lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "weight is on meta"),
+    # Regression: running statistics that require grad were accepted (updated silently in training; in eval
+    # the output required grad through the folded scale and shift). PyTorch's batch_norm refuses them.
+    ("running-mean-requires-grad", lambda a: a.update(running_mean=a["running_mean"].clone().requires_grad_()),
+     ValueError, "running_mean must not require grad"),
+    ("running-var-requires-grad-training",
+     lambda a: a.update(running_var=a["running_var"].clone().requires_grad_(), training=True),
+     ValueError, "running_var must not require grad"),
 ]
 
 
@@ -330,6 +337,25 @@ def test_bad_input_raises_clear_error(name, mutate, exc, message):
         rk.conv_bn_relu(**call)
     for k, v in snapshot.items():
         assert torch.equal(args[k], v), f"{k} was modified"
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_overlapping_and_aliased_inputs(training):
+    """An input with internal overlap (stride-0 expand) and a weight that is a view of the input's storage:
+    correct results, inputs untouched."""
+    base = torch.randn(1, 8, 1, 7)
+    x = base.expand(3, 8, 6, 7)  # every row of every image is the same memory
+    storage = torch.randn(8 * 2 * 9 + 3)
+    wt = storage[3:].view(8, 2, 3, 3)  # weight aliases a buffer shared with other data
+    mean, var, gamma, beta = random_bn(8)
+    snapshot = [t.clone() for t in (base, storage, mean, var, gamma, beta)]
+    rm, rv = mean.clone(), var.clone()
+    out = rk.conv_bn_relu(x, wt, rm, rv, gamma, beta, training=training, groups=4)
+    y = F.conv2d(x.contiguous().double(), wt.double(), None, 1, 1, 1, 4)
+    ref = F.relu(F.batch_norm(y, mean.double().clone(), var.double().clone(), gamma.double(), beta.double(), training,
+                              0.1, 1e-5))
+    assert rel_err(out, ref) <= 1e-5
+    assert all(torch.equal(a, b) for a, b in zip((base, storage, mean, var, gamma, beta), snapshot))
 
 
 def test_raw_op_rejects_bad_arguments():

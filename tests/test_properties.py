@@ -65,16 +65,28 @@ def _conv_kwargs(p):
     return dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
 
 
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bf16: output rounding 2^-8
+
+
+def _example(**overrides):
+    base = dict(n=1, cin=4, cout=4, h=5, w=5, k=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2,
+                layout="channels_last", relu=True, seed=0)
+    return {**base, **overrides}
+
+
 @SETTINGS
-@given(p=conv_problems(), dtype=st.sampled_from([torch.float64, torch.float32]))
+@given(p=conv_problems(), dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+@example(p=_example(n=0), dtype=torch.float32)  # empty batch
+@example(p=_example(h=1, w=1, k=1, padding=(0, 0)), dtype=torch.float64)  # one pixel, pointwise
+@example(p=_example(layout="strided", stride=(2, 1), dilation=(2, 2), padding=(2, 0), w=9), dtype=torch.bfloat16)
 def test_inference_matches_reference(p, dtype):
     x, wt, (mean, var, gamma, beta) = _tensors(p, dtype)
     out = rk.conv_bn_relu(x, wt, mean, var, gamma, beta, relu=p["relu"], **_conv_kwargs(p))
     y = F.conv2d(x.double(), wt.double(), None, p["stride"], p["padding"], p["dilation"], p["groups"])
     ref = F.batch_norm(y, mean, var, gamma, beta, False, 0.0, 1e-5)
     ref = F.relu(ref) if p["relu"] else ref
-    assert out.shape == ref.shape
-    assert rel_err(out, ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) <= TOLERANCE[dtype]
 
 
 @SETTINGS
