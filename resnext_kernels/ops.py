@@ -206,8 +206,9 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
     if requires_grad:
-        return Decision("aten", "autograd is recording an inference-form call; the fused inference kernel "
-                                "has no backward, so PyTorch's differentiable sequence runs")
+        return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue) with autograd: "
+                                "backward through the ReLU mask and the folded BN scale, conv gradients from "
+                                "ATen")
     return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)")
 
 
@@ -381,6 +382,41 @@ def _train_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
 
 torch.library.register_autograd("resnext_kernels::conv_bn_relu_train", _train_backward,
                                 setup_context=_train_setup_context)
+
+
+def _infer_setup_context(ctx, inputs, output):
+    input, weight, scale, shift, stride, padding, dilation, groups, relu = inputs
+    # The output carries the ReLU mask (out > 0 exactly where the pre-activation was > 0; NaN excluded, as in
+    # torch.relu's backward). The conv output is needed only for the scale gradient and is then recomputed
+    # rather than kept alive.
+    ctx.save_for_backward(input, weight, scale, output if relu else None)
+    ctx.conv_args = (stride, padding, dilation, groups, relu)
+
+
+def _infer_backward(ctx, grad_out):
+    """Eval-form backward (frozen statistics, e.g. fine-tuning with BatchNorm in eval mode):
+    out = relu(conv(x, w) * scale + shift), so with g = grad_out masked by the ReLU,
+    d shift = sum g, d scale = sum g * conv, and (dx, dw) = the conv backward of g * scale."""
+    input, weight, scale, output = ctx.saved_tensors
+    stride, padding, dilation, groups, relu = ctx.conv_args
+    need = ctx.needs_input_grad
+    g = torch.where(output > 0, grad_out, torch.zeros_like(grad_out)) if relu else grad_out
+    grad_input = grad_weight = grad_scale = grad_shift = None
+    if need[0] or need[1]:
+        grad_conv = (g.to(scale.dtype) * scale.view(1, -1, 1, 1)).to(input.dtype)
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_conv, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need[0], need[1], False])
+    if need[2]:
+        conv = F.conv2d(input, weight, None, stride, padding, dilation, groups)
+        grad_scale = (g.to(scale.dtype) * conv.to(scale.dtype)).sum((0, 2, 3))
+    if need[3]:
+        grad_shift = g.to(scale.dtype).sum((0, 2, 3))
+    return grad_input, grad_weight, grad_scale, grad_shift, None, None, None, None, None
+
+
+torch.library.register_autograd("resnext_kernels::conv_bn_relu_infer", _infer_backward,
+                                setup_context=_infer_setup_context)
 
 
 def _no_double_backward(ctx, *grads):

@@ -197,13 +197,45 @@ def test_module_training_mode_matches_torch_nn():
             torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
 
 
-def test_module_grad_runs_differentiable_path():
+def test_module_eval_mode_with_grad_runs_fused_kernel_with_backward():
+    """Fine-tuning with BatchNorm in eval mode: the fused inference kernel runs, and its backward gives the
+    gradients of the PyTorch sequence for input, conv weight and BN affine parameters."""
     ours = rk.nn.FusedGroupedConvBNReLU(8, 8, groups=2).eval()
-    x = torch.randn(1, 8, 5, 5, requires_grad=True)
+    _randomize_bn(ours.bn)
+    ref = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=2, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
     decision = ours.explain(x)
-    assert decision.path == "aten" and "autograd" in decision.reason
-    ours(x).sum().backward()
-    assert x.grad is not None and ours.conv.weight.grad is not None
+    assert decision.path == "cpu" and "autograd" in decision.reason
+    grad = torch.randn(2, 8, 5, 5)
+    ours(x).backward(grad)
+    ref(x_ref).backward(grad)
+    assert rel_err(x.grad, x_ref.grad.double()) < 1e-5
+    for (name, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
+        assert rel_err(p_ours.grad, p_ref.grad.double()) < 1e-5, name
+    assert torch.equal(ours.bn.running_mean, ref[1].running_mean)  # eval: statistics untouched
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("stride,padding,dilation,groups", [
+    (1, 1, 1, 1), (2, 1, 1, 2), (1, 0, 1, 4), (1, 2, 2, 4), (2, 1, 2, 2)])
+def test_eval_form_gradcheck(stride, padding, dilation, groups, relu):
+    """torch.autograd.gradcheck of the inference form for every differentiable input (input, conv weight,
+    BN weight and bias through the folded scale/shift)."""
+    gen = torch.Generator().manual_seed(groups * 10 + stride)
+    x = torch.randn(2, 4, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 4 // groups, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
+    mean, var = torch.randn(4, dtype=torch.float64) * 0.1, torch.rand(4, dtype=torch.float64) + 0.5
+    assert rk.explain(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups).path == "cpu"
+
+    def f(x, w, gamma, beta):
+        return rk.conv_bn_relu(x, w, mean, var, gamma, beta, stride=stride, padding=padding, dilation=dilation,
+                               groups=groups, relu=relu)
+
+    assert torch.autograd.gradcheck(f, (x, w, gamma, beta))
 
 
 def test_module_torch_compile_fullgraph():
@@ -285,6 +317,10 @@ def test_opcheck(case):
     scale, shift = torch.rand(ws[0]) + 0.5, torch.randn(ws[0])
     torch.library.opcheck(torch.ops.resnext_kernels.conv_bn_relu_infer,
                           (x, wt, scale, shift, stride, padding, dilation, groups, relu))
+    # with inputs that require grad: the autograd registration (the eval-form backward) is exercised too
+    grad_args = [t.clone().requires_grad_() for t in (x, wt, scale, shift)]
+    torch.library.opcheck(torch.ops.resnext_kernels.conv_bn_relu_infer,
+                          (*grad_args, stride, padding, dilation, groups, relu))
 
 
 # --------------------------------------------------------------------------------------------------
