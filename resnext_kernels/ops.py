@@ -238,23 +238,24 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _autocast(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def _autocast_tensors(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Casts like autocast casts F.conv2d (a lower-precision op): each floating-point, non-double tensor on
-    the autocast device goes to the autocast dtype; others (float64, integer, other devices) are left for the
-    argument checks to judge. Runs before those checks, as autocast runs before conv2d's: under autocast a
-    layer's input may already be lower precision than its weight."""
+    the autocast device (that of the first tensor) goes to the autocast dtype; others (float64, integer,
+    other devices) are left for the argument checks to judge."""
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device
+                 else t for t in tensors)
+
+
+def _autocast(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Autocast of a layer's (input, weight). Runs before the argument checks, as autocast runs before
+    conv2d's: under autocast a layer's input may already be lower precision than its weight."""
     _check_tensor(input, "input")
     _check_tensor(weight, "weight")
-    device = input.device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return input, weight
-    dtype = torch.get_autocast_dtype(device)
-
-    def cast(t: Tensor) -> Tensor:
-        eligible = t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device
-        return t.to(dtype) if eligible else t
-
-    return cast(input), cast(weight)
+    return _autocast_tensors(input, weight)
 
 
 def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -449,11 +450,7 @@ def bottleneck_infer_args(input: Tensor, convs_bns, downsample, *, stride: int, 
     """The arguments of the raw ``bottleneck_infer`` op for :func:`bottleneck_inference`'s arguments: autocast
     applied, every BatchNorm folded into (scale, shift) in the accumulation dtype."""
     weights = [c[0] for c in convs_bns] + ([downsample[0]] if downsample is not None else [])
-    x = input
-    if input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type) \
-            and input.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(input.device.type)
-        x, weights = input.to(dtype), [w.to(dtype) for w in weights]
+    x, *weights = _autocast_tensors(input, *weights)
     acc = _accumulation_dtype(x.dtype)
     folded = []
     for w, (_, mean, var, gamma, beta, eps) in zip(weights, list(convs_bns) + ([downsample] if downsample else [])):

@@ -59,14 +59,10 @@ def _conv(input: Tensor, weight: Tensor, stride, padding, dilation, groups: int)
 def _all_gather(packed: Tensor, group) -> Tensor:
     """(world, *packed.shape): every rank's ``packed`` in rank order, one collective."""
     world = dist.get_world_size(group)
-    out = packed.new_empty((world, *packed.shape))
-    # all_gather_single is the newer name of all_gather_into_tensor (deprecated in recent torch)
-    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    try:
-        gather_single(out, packed, group=group)
-    except (RuntimeError, NotImplementedError):  # pragma: no cover - backends without it fail before sending
-        dist.all_gather(list(out.unbind(0)), packed, group=group)
-    return out
+    # all_gather_single: the newer name of all_gather_into_tensor; gloo wants the output flat (world * n)
+    out = packed.new_empty(world * packed.numel())
+    dist.all_gather_single(out, packed, group=group)
+    return out.view(world, *packed.shape)
 
 
 def _merge(gathered: Tensor, c: int) -> tuple[float, Tensor, Tensor]:
