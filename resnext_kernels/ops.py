@@ -39,6 +39,7 @@ FORCE_ATEN_ENV = "RESNEXT_KERNELS_FORCE_ATEN"
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _force = threading.local()
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
 IntPair = int | Sequence[int]
 
@@ -202,7 +203,10 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
         if pixels <= 1:
             return Decision("aten", f"batch statistics need more than 1 value per channel, got {pixels}; "
                                     "PyTorch's batch_norm handles (and reports) it")
-        return Decision(device, "fused kernels, training form (batch statistics, fused BN+ReLU backward)")
+        reason = "fused kernels, training form (batch statistics, fused BN+ReLU backward)"
+        if not torch.compiler.is_compiling():  # the path is the same; the text only matters to a person asking
+            reason += "; " + _conv_grads_source(input, weight, groups)
+        return Decision(device, reason)
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
     if requires_grad:
@@ -210,6 +214,24 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
                                 "backward through the ReLU mask and the folded BN scale, conv gradients from "
                                 "ATen")
     return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)")
+
+
+def _conv_grads_source(input: Tensor, weight: Tensor, groups: int) -> str:
+    """Where the training backward takes the convolution's gradients from (mirrors the C++ backends)."""
+    if input.device.type != "cpu":
+        return "conv data and weight gradients from cuDNN"
+    if torch.are_deterministic_algorithms_enabled():
+        return ("conv weight gradient from the project's deterministic CPU kernel "
+                "(torch.use_deterministic_algorithms is on), data gradient from ATen")
+    c_out = weight.shape[0]
+    cpg_in, cpg_out = input.shape[1] // groups, c_out // groups
+    if (input.dtype in (torch.float32, torch.bfloat16)
+            and _CPU_CAPABILITY in ("AVX2", "AVX512")
+            and 2 <= cpg_in <= 4 and 2 <= cpg_out <= 4 and c_out % 16 == 0
+            and max(weight.shape[2:]) <= 16):
+        return ("conv weight gradient from the project's CPU kernel (2-4 channels per group, where it measured "
+                "faster than oneDNN), data gradient from ATen")
+    return "conv data and weight gradients from ATen (oneDNN)"
 
 
 def _out_hw(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair) -> int:

@@ -162,6 +162,18 @@ def test_statistics_outputs_are_not_differentiable():
     assert out.requires_grad and not mean.requires_grad and not var.requires_grad and not conv_out.requires_grad
 
 
+def _default_again_and_single_thread(fn):
+    """fn() with the default thread count, again, and with one thread."""
+    threads = torch.get_num_threads()
+    first, again = fn(), fn()
+    try:
+        torch.set_num_threads(1)
+        single = fn()
+    finally:
+        torch.set_num_threads(threads)
+    return first, again, single
+
+
 def test_deterministic_across_runs_and_thread_counts():
     x = torch.randn(4, 64, 12, 12)
     w = torch.randn(64, 2, 3, 3, requires_grad=True)
@@ -172,14 +184,8 @@ def test_deterministic_across_runs_and_thread_counts():
         gw, gg = torch.autograd.grad((out[0] * out[0]).sum(), (w, gamma))
         return [out[0], out[2], out[3], gw, gg]
 
-    threads = torch.get_num_threads()
-    first = run()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b, c in zip(first, run(), single):
+    first, again, single = _default_again_and_single_thread(run)
+    for a, b, c in zip(first, again, single):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -271,3 +277,107 @@ def test_functional_training_matches_f_batch_norm():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(rm, rm2)
     torch.testing.assert_close(rv, rv2)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test: the CPU backward then always runs the project's
+    weight-gradient kernel, whatever the shape, so every path of that kernel can be tested."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# (C_in, C_out, k, stride, padding, dilation, groups, N, H, W): the kernel's paths on an AVX-512 machine
+# (16 lanes): expand with 2 and 1 vectors per block, broadcast with 2 and 1, depthwise, dense, 1x1, strides,
+# dilation, no padding, odd kernel and widths no vector path takes (the generic path).
+WEIGHT_GRAD_CASES = [
+    (128, 128, 3, 1, 1, 1, 32, 2, 9, 10),
+    (48, 48, 3, 1, 1, 1, 12, 2, 7, 7),
+    (64, 64, 3, 2, 1, 1, 2, 2, 9, 8),
+    (64, 64, 3, 1, 1, 1, 4, 2, 6, 7),
+    (32, 32, 3, 1, 1, 1, 32, 3, 8, 5),
+    (32, 32, 3, 1, 0, 2, 1, 2, 9, 9),
+    (24, 40, 1, 1, 0, 1, 4, 2, 5, 6),
+    (12, 12, 5, 2, 2, 1, 3, 2, 11, 9),
+    (8, 8, 3, 1, 1, 1, 1, 5, 50, 50),  # > 1024 pixels per image: several partial sums, cut mid-image
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WEIGHT_GRAD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_weight_gradient_kernel_against_float64_reference(case, dtype, deterministic_algorithms):
+    cin, cout, k, stride, padding, dilation, groups, n, h, w_ = case
+    torch.manual_seed(0)
+    x = torch.randn(n, cin, h, w_, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups, False)
+    out = F.batch_norm(F.conv2d(x, w.requires_grad_(), None, stride, padding, dilation, groups), None, None,
+                       training=True, eps=1e-5)
+    g = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, w, g)
+    xd, wd = x.to(dtype), w.detach().to(dtype)
+    _, conv_out, mean, var = train_op(xd, wd, None, None, 1e-5, *args)
+    _, grad_w, _, _ = backward_op(g.to(dtype), xd, wd, conv_out, mean, var, None, None, 1e-5, *args,
+                                  [False, True, False])
+    assert grad_w.dtype == dtype and grad_w.shape == w.shape
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    if dtype == torch.bfloat16:
+        # The kernel's own error: the reference from the same bf16 grad_y and input, in float64.
+        expected = torch.ops.aten.convolution_backward(
+            _grad_y_of(g.to(dtype), conv_out, mean, var).double(), xd.double(), wd.double(), None, *args[:3],
+            False, [0, 0], groups, [False, True, False])[1]
+    assert rel_err(grad_w.double(), expected) < tol
+
+
+def _grad_y_of(g, conv_out, mean, var):
+    """What the training backward feeds the convolution (no affine, no ReLU), rounded like the kernel's."""
+    y = conv_out.double()
+    m = y.shape[0] * y.shape[2] * y.shape[3]
+    invstd = (var.double() + 1e-5).rsqrt().view(1, -1, 1, 1)
+    xhat = (y - mean.double().view(1, -1, 1, 1)) * invstd
+    gd = g.double()
+    gy = invstd * (gd - gd.sum((0, 2, 3), keepdim=True) / m - xhat * (gd * xhat).sum((0, 2, 3), keepdim=True) / m)
+    return gy.to(g.dtype)
+
+
+def test_weight_gradient_kernel_gradcheck(deterministic_algorithms):
+    """gradcheck of the training op with the weight gradient from the project's kernel (float64 path)."""
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def f(x, w, gamma):
+        return train_op(x, w, gamma, None, 1e-5, [1, 2], [1, 1], [1, 1], 4, True)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, gamma), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [32, 1], ids=["resnext-groups", "dense"])
+def test_weight_gradient_bitwise_equal_for_any_thread_count(groups, deterministic_algorithms):
+    x = torch.randn(3, 64, 30, 30).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64 // groups, 3, 3)
+    args = ([1, 1], [1, 1], [1, 1], groups, True)
+    _, conv_out, mean, var = train_op(x, w, None, None, 1e-5, *args)
+    g = torch.randn_like(conv_out)
+
+    def grad_w():
+        return backward_op(g, x, w, conv_out, mean, var, None, None, 1e-5, *args, [False, True, False])[1]
+
+    first, again, single = _default_again_and_single_thread(grad_w)
+    assert torch.equal(first, again) and torch.equal(first, single)
+
+
+def test_explain_names_the_weight_gradient_source(deterministic_algorithms):
+    x = torch.randn(2, 64, 8, 8)
+    dense = rk.ops.explain(x, torch.randn(64, 64, 3, 3), training=True).reason
+    assert "deterministic CPU kernel" in dense
+    torch.use_deterministic_algorithms(False)
+    resnext = rk.ops.explain(x, torch.randn(64, 4, 3, 3), groups=16, training=True).reason
+    dense = rk.ops.explain(x, torch.randn(64, 64, 3, 3), training=True).reason
+    assert "ATen (oneDNN)" in dense
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert "project's CPU kernel" in resnext

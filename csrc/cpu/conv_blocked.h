@@ -27,6 +27,26 @@ namespace cpu {
 
 #define RK_ALWAYS_INLINE __attribute__((always_inline)) inline
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RK_X86_DISPATCH 1
+#else
+#define RK_X86_DISPATCH 0
+#endif
+
+enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
+
+// The vector ISA the blocked kernels run with on this machine, detected once per process.
+inline CpuIsa detected_isa() {
+#if RK_X86_DISPATCH
+  static const CpuIsa isa = __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
+                            : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
+                                                                  : CpuIsa::kBaseline;
+  return isa;
+#else
+  return CpuIsa::kBaseline;
+#endif
+}
+
 struct Avx512Vec {
   typedef float vec __attribute__((vector_size(64)));
   typedef int32_t ivec __attribute__((vector_size(64)));

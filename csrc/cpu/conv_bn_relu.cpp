@@ -38,11 +38,9 @@
 #include "cpu/conv_blocked.h"
 #include "cpu/conv_cpu.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RK_X86_DISPATCH 1
+#if RK_X86_DISPATCH
 #define RK_CPU_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
-#define RK_X86_DISPATCH 0
 #define RK_CPU_ISA_CLONES
 #endif
 
@@ -182,19 +180,6 @@ RK_DEFINE_CONV_ROWS(conv_rows, float, float)
 RK_DEFINE_CONV_ROWS(conv_rows, double, double)
 RK_DEFINE_CONV_ROWS(conv_rows, c10::BFloat16, float)
 #undef RK_DEFINE_CONV_ROWS
-
-enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
-
-CpuIsa detected_isa() {
-#if RK_X86_DISPATCH
-  static const CpuIsa isa = __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
-                            : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
-                                                                  : CpuIsa::kBaseline;
-  return isa;
-#else
-  return CpuIsa::kBaseline;
-#endif
-}
 
 #if RK_X86_DISPATCH
 // One entry point per (ISA, dtype); the always_inline templates below them get each ISA's code.

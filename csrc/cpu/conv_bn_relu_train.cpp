@@ -6,7 +6,8 @@
 // Backward: one pass forms the ReLU mask from (y, a, b) exactly as the forward did and reduces
 //           sum(g) and sum(g * xhat) per channel; a second pass writes
 //           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's data
-//           and weight gradients then come from ATen (oneDNN).
+//           gradient then comes from ATen (oneDNN), its weight gradient from conv_weight_grad_cpu
+//           (conv_backward.cpp) where weight_grad_kernel_preferred says so, else from ATen.
 //
 // Determinism: every per-channel reduction runs over fixed blocks of kStatBlock pixels (accumulated in the
 // accumulation type, vectorized across channels), and the block partials are merged in float64 in block
@@ -265,13 +266,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     });
   });
   at::Tensor grad_input, grad_weight;
-  if (output_mask[0] || output_mask[1]) {
+  const bool own_weight_grad = output_mask[1] && weight_grad_kernel_preferred(g, input.scalar_type());
+  if (output_mask[0] || (output_mask[1] && !own_weight_grad)) {
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation,
                                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-                                          {output_mask[0], output_mask[1], false});
+                                          {output_mask[0], output_mask[1] && !own_weight_grad, false});
     if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
-    if (output_mask[1]) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+    if (output_mask[1] && !own_weight_grad) grad_weight = std::get<1>(grads);
   }
+  if (own_weight_grad) grad_weight = conv_weight_grad_cpu(g, input, grad_y);
+  if (output_mask[1]) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   const at::TensorOptions acc_options = input.options().dtype(acc_type_of(input.scalar_type()));
   auto empty = [&](const at::TensorOptions& o) { return at::empty({0}, o); };
   at::Tensor grad_gamma = empty(acc_options), grad_beta = empty(acc_options);

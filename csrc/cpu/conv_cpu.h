@@ -13,5 +13,14 @@ at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, cons
                                 const at::Tensor& scale, const at::Tensor& shift,
                                 const std::optional<at::Tensor>& residual, bool relu);
 
+// Gradient of the convolution's weight, dW = sum over pixels of grad_y x input patches, as a contiguous
+// [C_out, C_in/groups, KH, KW] tensor of the input's dtype. Deterministic for any number of threads.
+at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& grad_y);
+
+// Whether the backward uses conv_weight_grad_cpu rather than ATen (oneDNN): always under
+// torch.use_deterministic_algorithms(True), and where it measured faster on x86-64 (AVX2/AVX-512, float32/bfloat16,
+// 2-4 channels per group, as ResNeXt-50's first stage). Mirrored by resnext_kernels.ops.explain.
+bool weight_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype);
+
 }  // namespace cpu
 }  // namespace rk
