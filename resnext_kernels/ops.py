@@ -223,14 +223,11 @@ def _conv_grads_source(input: Tensor, weight: Tensor, groups: int) -> str:
     if torch.are_deterministic_algorithms_enabled():
         return ("conv weight gradient from the project's deterministic CPU kernel "
                 "(torch.use_deterministic_algorithms is on), data gradient from ATen")
-    c_out = weight.shape[0]
-    cpg_in, cpg_out = input.shape[1] // groups, c_out // groups
-    if (input.dtype in (torch.float32, torch.bfloat16)
-            and _CPU_CAPABILITY in ("AVX2", "AVX512")
-            and 2 <= cpg_in <= 4 and 2 <= cpg_out <= 4 and c_out % 16 == 0
-            and max(weight.shape[2:]) <= 16):
-        return ("conv weight gradient from the project's CPU kernel (2-4 channels per group, where it measured "
-                "faster than oneDNN), data gradient from ATen")
+    cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
+    if (input.dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1
+            and cpg_in == cpg_out and 2 <= cpg_in <= 8 and input.shape[1] % 16 == 0 and weight.shape[3] == 3):
+        return ("conv weight gradient from the project's CPU kernel (groups of 2-8 channels, where it measured "
+                "at least as fast as oneDNN), data gradient from ATen")
     return "conv data and weight gradients from ATen (oneDNN)"
 
 

@@ -1,13 +1,15 @@
-// CPU kernels of the grouped convolution's gradients (NHWC), used by the backward of the fused ops.
+// CPU kernel of the grouped convolution's weight gradient (NHWC), used by the backward of the fused ops.
 //
-// Weight gradient: dW[co][ci][kh][kw] = sum over output pixels p of gy[p][co] * x[src(p, kh, kw)][grp(co) * cpg_in + ci].
-//   * Vectorized across output channels, like the forward kernel: for a block of CB output channels the input
-//     row an output row reads is first laid out as E[j][ci][lane] (expand mode: lane l holds the input channel of
-//     output channel co0 + l's group; broadcast mode, when the block lies inside one group: one value per ci),
-//     with zeros at padded columns, so the inner loop has no bounds checks.
-//   * A microkernel keeps R columns (one column = one (tap, ci) pair) x NV vectors of output channels in
-//     registers while it walks the pixels of an output row: per pixel NV loads of gy, then one multiply-add per
-//     accumulator with one load (expand) or one broadcast per column (broadcast).
+// dW[co][ci][kh][kw] = sum over output pixels p of gy[p][co] * x[src(p, kh, kw)][grp(co) * cpg_in + ci].
+//   * Channel-lane path (groups of c = cpg_in = cpg_out channels, c dividing the vector width: ResNeXt's 4, 8,
+//     16): vector lanes are consecutive input channels, so each tap's input is one contiguous load, and the gy
+//     multiplier of a lane is one in-register permute of the pixel's gy vector (wgrad_task_channel_lanes).
+//   * Other widths vectorize across output channels like the forward kernel: for a block of CB output channels
+//     the input rows are laid out as E[j][ci][lane] (expand mode: lane l holds the input channel of output
+//     channel co0 + l's group; broadcast mode, when the block lies inside one group: one value per ci), with
+//     zeros at padded columns. A microkernel keeps R columns (one column = one (tap, ci) pair) x NV vectors of
+//     output channels in registers over every pixel of a band of rows (wgrad_task_blocked).
+//   * Generic path (float64, CPUs without AVX2, other widths): the same arithmetic with the accumulator in memory.
 //   * Deterministic: the pixels are cut into fixed chunks of output rows whose size depends on the shape only
 //     (never on the thread count); each (chunk, channel block) task adds into its own partial sum, and the
 //     partial sums are merged in chunk order, in float64. Results are bitwise identical run to run and for any
@@ -48,12 +50,20 @@ struct WgradPlan {
   int64_t weight_size;     // taps * cpg_in * C_out
   int nv, r;               // vectors per block and columns per microkernel call; nv == 0: generic path
   bool broadcast;
+  int jt;                  // > 0: the channel-lane path, with jt output channels per register tile
 };
 
 template <class V>
 void plan_blocked(WgradPlan& p, const ConvGeom& g) {
   constexpr int L = V::kLanes;
-  const int64_t cpg_out = g.C_out / g.groups;
+  const int64_t cpg_out = g.C_out / g.groups, cpg_in = g.C_in / g.groups;
+  if (g.groups > 1 && cpg_in == cpg_out && cpg_in >= 2 && L % cpg_in == 0 && g.C_in % L == 0 && g.KW == 3) {
+    // Channel-lane path (see wgrad_task_channel_lanes): 3 taps x jt output channels of accumulators.
+    p.jt = int(std::min<int64_t>(cpg_in, V::kAccRegs / 3 >= 8 ? 8 : 4));
+    p.nv = 1;
+    p.cb = L;
+    return;
+  }
   if (g.groups == 1 || cpg_out >= L) {
     if (cpg_out % L != 0) return;
     p.broadcast = true;
@@ -101,7 +111,7 @@ struct WgradProblem {
   const WgradPlan* plan;
   const scalar_t* x;   // NHWC input
   const scalar_t* gy;  // NHWC gradient of the conv output
-  acc_t* partial;      // [n_chunks][taps * cpg_in][C_out]
+  acc_t* partial;      // [n_chunks][taps * cpg_in][C_out], channel-lane path [n_chunks][taps][cpg][C_in]
   const acc_t* zeros;  // one E row of zeros, read by the padding columns of a microkernel's last call
 };
 
@@ -165,7 +175,7 @@ struct WgradScratch {
     const int64_t fit = band_budget / std::max<int64_t>(row_size, 1);  // input rows that fit the budget
     band_rows = std::clamp<int64_t>((fit - slots) / g.stride_h + 1, 1, g.OH);
     const int64_t band_input_rows = (band_rows - 1) * g.stride_h + slots;
-    rows.resize(std::max(slots, pl.nv > 0 ? band_input_rows : slots) * row_size);
+    rows.resize(pl.jt > 0 ? 0 : std::max(slots, pl.nv > 0 ? band_input_rows : slots) * row_size);  // jt: no E rows
     // Column c = (kh * KW + kw) * cpg_in + ci reads input row ih0 + column_dh[c] at E offset column_offset[c].
     const int64_t cpg_in = g.C_in / g.groups;
     for (int64_t kh = 0; kh < g.KH; ++kh)
@@ -317,10 +327,69 @@ RK_ALWAYS_INLINE void wgrad_task_blocked(const WgradProblem<scalar_t, float>& P,
   }
 }
 
+// Channel-lane path, for groups of c = cpg_in = cpg_out channels with c dividing the vector width (ResNeXt's
+// 4, 8 and 16): the lanes of a vector are L consecutive *input* channels (L / c whole groups), so the input of a
+// tap is one contiguous load and needs no expansion. The accumulator acc[j][kw] holds, in lane (group, ci), the
+// gradient of weight [group * c + j][ci][kh][kw]; its multiplier is gy of output channel group * c + j in every
+// lane of that group: one in-register permute of the pixel's gy vector, shared by the 3 taps of a kernel row.
+// Per pixel and kernel row: 1 gy load, jt permutes, 3 input loads and 3 * jt multiply-adds.
+template <class V, int JT, typename scalar_t>
+RK_ALWAYS_INLINE void wgrad_task_channel_lanes(const WgradProblem<scalar_t, float>& P, int64_t row0, int64_t row1,
+                                               int64_t ch0) {
+  using vec = typename V::vec;
+  using ivec = typename V::ivec;
+  constexpr int L = V::kLanes;
+  const ConvGeom& g = *P.g;
+  const WgradPlan& pl = *P.plan;
+  const int64_t C = g.C_in, c = C / g.groups;
+  float* part = P.partial + (row0 / pl.rows_per_chunk) * pl.weight_size;
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t n = row / g.OH, oh = row % g.OH;
+    const scalar_t* gy_row = P.gy + row * g.OW * C + ch0;
+    for (int32_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = oh * g.stride_h - g.pad_h + int64_t(kh) * g.dil_h;
+      if (ih < 0 || ih >= g.H) continue;
+      const scalar_t* x_row = P.x + (n * g.H + ih) * g.W * C + ch0;
+      for (int64_t j0 = 0; j0 < c; j0 += JT) {
+        ivec idx[JT];
+        for (int j = 0; j < JT; ++j)
+          for (int l = 0; l < L; ++l) idx[j][l] = int32_t((l / c) * c + j0 + j);
+        vec acc[JT][3];
+        for (int j = 0; j < JT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = vec{};
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const vec gv = vload<V>(gy_row + ow * C);
+          vec xv[3];
+          for (int kw = 0; kw < 3; ++kw) {
+            const int64_t iw = ow * g.stride_w - g.pad_w + int64_t(kw) * g.dil_w;
+            xv[kw] = (iw >= 0 && iw < g.W) ? vload<V>(x_row + iw * C) : vec{};
+          }
+          for (int j = 0; j < JT; ++j) {
+            const vec gj = __builtin_shuffle(gv, idx[j]);
+            for (int kw = 0; kw < 3; ++kw) acc[j][kw] += gj * xv[kw];
+          }
+        }
+        for (int j = 0; j < JT && j0 + j < c; ++j) {
+          for (int kw = 0; kw < 3; ++kw) {
+            float* d = part + ((int64_t(kh) * 3 + kw) * c + j0 + j) * C + ch0;
+            vstore<V>(d, vload<V>(d) + acc[j][kw]);
+          }
+        }
+      }
+    }
+  }
+}
+
 template <class V, typename scalar_t>
 RK_ALWAYS_INLINE void wgrad_task_dispatch(const WgradProblem<scalar_t, float>& P, WgradScratch<float>& S,
                                           int64_t row0, int64_t row1, int64_t co0) {
   const WgradPlan& pl = *P.plan;
+  if (pl.jt > 0) {
+    if constexpr (V::kAccRegs / 3 >= 8) {
+      if (pl.jt == 8) return wgrad_task_channel_lanes<V, 8>(P, row0, row1, co0);
+    }
+    if (pl.jt == 4) return wgrad_task_channel_lanes<V, 4>(P, row0, row1, co0);
+    return wgrad_task_channel_lanes<V, 2>(P, row0, row1, co0);
+  }
   if (pl.nv == 2) {
     if (pl.broadcast) wgrad_task_blocked<V, 2, true>(P, S, row0, row1, co0);
     else wgrad_task_blocked<V, 2, false>(P, S, row0, row1, co0);
@@ -407,14 +476,15 @@ void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor&
       wgrad_task_generic(P, S, row0, row1, co0);
     }
   });
-  // Merge the chunks in order (float64) and transpose [tap][ci][co] -> weight [co][ci][kh][kw].
+  // Merge the chunks in order (float64) and transpose the partial's layout to weight [co][ci][kh][kw].
   const int64_t taps = int64_t(g.KH) * g.KW;
   scalar_t* out = grad_weight.data_ptr<scalar_t>();
   at::parallel_for(0, g.C_out, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co) {
       for (int64_t ci = 0; ci < cpg_in; ++ci) {
         for (int64_t tap = 0; tap < taps; ++tap) {
-          const int64_t idx = (tap * cpg_in + ci) * g.C_out + co;
+          const int64_t idx = pl.jt > 0 ? (tap * cpg_in + co % cpg_in) * g.C_in + (co / cpg_in) * cpg_in + ci
+                                        : (tap * cpg_in + ci) * g.C_out + co;
           double sum = 0.0;
           for (int64_t c = 0; c < pl.n_chunks; ++c) sum += static_cast<double>(partial[c * pl.weight_size + idx]);
           out[(co * cpg_in + ci) * taps + tap] = static_cast<scalar_t>(sum);
@@ -442,10 +512,10 @@ at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const at::Tensor& input, cons
 
 bool weight_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype) {
   if (at::globalContext().deterministicAlgorithms()) return true;
+  // Where the channel-lane path runs with groups of 2-8 channels (ResNeXt-50 32x4d stages 1-2).
   const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && detected_isa() != CpuIsa::kBaseline && cpg_in >= 2 &&
-         cpg_in <= 4 && cpg_out >= 2 && cpg_out <= 4 && g.C_out % 16 == 0 && g.KH <= kMaxBlockedKernel &&
-         g.KW <= kMaxBlockedKernel;
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && detected_isa() != CpuIsa::kBaseline && g.groups > 1 &&
+         cpg_in == cpg_out && cpg_in >= 2 && cpg_in <= 8 && g.C_in % 16 == 0 && g.KW == 3;
 }
 
 }  // namespace cpu

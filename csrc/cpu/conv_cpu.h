@@ -18,8 +18,9 @@ at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, cons
 at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& grad_y);
 
 // Whether the backward uses conv_weight_grad_cpu rather than ATen (oneDNN): always under
-// torch.use_deterministic_algorithms(True), and where it measured faster on x86-64 (AVX2/AVX-512, float32/bfloat16,
-// 2-4 channels per group, as ResNeXt-50's first stage). Mirrored by resnext_kernels.ops.explain.
+// torch.use_deterministic_algorithms(True), and where it measured at least as fast on x86-64 (AVX2/AVX-512,
+// float32/bfloat16, 3x3 kernels, groups of 2-8 channels in and out: ResNeXt-50 32x4d stages 1-2). Mirrored by
+// resnext_kernels.ops.explain.
 bool weight_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype);
 
 }  // namespace cpu
