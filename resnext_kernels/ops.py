@@ -219,6 +219,9 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
 def _conv_grads_source(input: Tensor, weight: Tensor, groups: int) -> str:
     """Where the training backward takes the convolution's gradients from (mirrors the C++ backends)."""
     if input.device.type != "cpu":
+        if torch.are_deterministic_algorithms_enabled() and weight.shape[2] * weight.shape[3] in (1, 9):
+            return ("conv weight gradient from the project's deterministic CUDA kernels "
+                    "(torch.use_deterministic_algorithms is on), data gradient from cuDNN")
         return "conv data and weight gradients from cuDNN"
     if torch.are_deterministic_algorithms_enabled():
         return ("conv weight gradient from the project's deterministic CPU kernel "

@@ -24,3 +24,15 @@ def pytest_configure(config):
     if not getattr(_build_info, "SANITIZED", False):
         raise pytest.UsageError(f"RESNEXT_KERNELS_EXPECT_SANITIZED=1 but resnext_kernels was imported from "
                                 f"{resnext_kernels.__file__}, which is not the sanitizer build")
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test: the training backward then always runs the project's
+    weight-gradient kernels (CPU: any shape; emulated CUDA: 3x3 and 1x1), so every path of them can be tested."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -139,6 +139,18 @@ TRAIN_CASES = [  # (N, C_in, C_out, H, W, groups, k, stride, padding, dilation, 
 ]
 
 
+def _train_inputs(case, seed):
+    """The generator (to draw more), float64 input, weight, BN weight and bias, and the op's trailing arguments."""
+    n, cin, cout, h, w_, groups, k, stride, padding, dilation, relu, affine = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w_, generator=gen, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=torch.float64)
+    gamma = torch.rand(cout, generator=gen, dtype=torch.float64) + 0.5 if affine else None
+    beta = torch.randn(cout, generator=gen, dtype=torch.float64) * 0.2 if affine else None
+    args = (1e-5, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups, relu)
+    return gen, x, w, gamma, beta, args
+
+
 def _train_reference(x, w, gamma, beta, case):
     _, _, _, _, _, groups, _, stride, padding, dilation, relu, _ = case
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, gamma, beta)]
@@ -151,13 +163,8 @@ def _train_reference(x, w, gamma, beta, case):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
 def test_emulated_cuda_training_forward_backward(case, dtype, order, seed):
-    n, cin, cout, h, w_, groups, k, stride, padding, dilation, relu, affine = case
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(n, cin, h, w_, generator=gen, dtype=torch.float64)
-    w = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=torch.float64)
-    gamma = torch.rand(cout, generator=gen, dtype=torch.float64) + 0.5 if affine else None
-    beta = torch.randn(cout, generator=gen, dtype=torch.float64) * 0.2 if affine else None
-    args = (1e-5, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups, relu)
+    gen, x, w, gamma, beta, args = _train_inputs(case, seed=7)
+    _, _, _, _, _, groups, _, stride, padding, dilation, relu, affine = case
     ref, leaves = _train_reference(x, w, gamma, beta, case)
     grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     ref.backward(grad)
@@ -205,6 +212,48 @@ def test_emulated_training_is_deterministic_across_schedules():
 
 def _pair(v):
     return v if isinstance(v, tuple) else (v, v)
+
+
+# Extra shapes for the weight-gradient kernel: several output-channel tiles per group (cpg_out 8), and
+# C_in > 256 (several channel blocks per chunk), and more than one 64-pixel chunk.
+WGRAD_CASES = TRAIN_CASES + [
+    (2, 16, 16, 9, 8, 2, 3, 1, 1, 1, True, True),
+    (2, 288, 288, 5, 4, 96, 3, 2, 1, 1, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_emulated_weight_gradient_kernel(case, dtype, deterministic_algorithms):
+    """Under torch.use_deterministic_algorithms(True) the CUDA backward's weight gradient comes from the
+    project's two-pass kernel: against float64 autograd, and (half types) against the library path."""
+    gen, x, w, gamma, beta, args = _train_inputs(case, seed=11)
+    E = torch.ops.resnext_kernels_emu
+    xd, wd = x.to(dtype), w.to(dtype)
+    out, y, mean, var = E.conv_bn_relu_train(xd, wd, gamma, beta, *args)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    def grad_weight():
+        return E.conv_bn_relu_train_backward(grad, xd, wd, y, mean, var, gamma, beta, *args, [False, True, False])[1]
+
+    before = emulator.launch_stats()["launches"]
+    ours = grad_weight()
+    # BN backward: affine, partials, finalize, grad_y; weight gradient: partial + finalize
+    assert emulator.launch_stats()["launches"] - before == 6
+    assert ours.dtype == dtype and ours.shape == w.shape
+    if dtype in (torch.float64, torch.float32):
+        ref, leaves = _train_reference(x, w, gamma, beta, case)
+        ref.backward(grad.double())
+        assert rel_err(ours, leaves[1].grad) <= (1e-12 if dtype == torch.float64 else 2e-5)
+    else:
+        torch.use_deterministic_algorithms(False)
+        before = emulator.launch_stats()["launches"]
+        library = grad_weight()
+        assert emulator.launch_stats()["launches"] - before == 4
+        torch.use_deterministic_algorithms(True)
+        assert rel_err(ours, library) <= 4 * torch.finfo(dtype).eps
+    with emulator.schedule(*emulator.SCHEDULES[-1]):
+        assert torch.equal(grad_weight(), ours)
 
 
 def test_emulated_training_ops_opcheck():

@@ -279,18 +279,6 @@ def test_functional_training_matches_f_batch_norm():
     torch.testing.assert_close(rv, rv2)
 
 
-@pytest.fixture
-def deterministic_algorithms():
-    """torch.use_deterministic_algorithms(True) for one test: the CPU backward then always runs the project's
-    weight-gradient kernel, whatever the shape, so every path of that kernel can be tested."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
-
-
 # (C_in, C_out, k, stride, padding, dilation, groups, N, H, W): the kernel's paths on an AVX-512 machine
 # (16 lanes): expand with 2 and 1 vectors per block, broadcast with 2 and 1, depthwise, dense, 1x1, strides,
 # dilation, no padding, odd kernel and widths no vector path takes (the generic path).

@@ -1,8 +1,12 @@
 // Host side of the training form on CUDA (conv_bn_relu_train and its backward), shared by the real CUDA
 // build and the emulated build. The convolution runs the fused forward kernel (identity affine), the
-// statistics and the BN + ReLU backward run the kernels of kernels/bn_train.cuh, and the convolution's data
-// and weight gradients come from ATen (cuDNN on a GPU).
+// statistics and the BN + ReLU backward run the kernels of kernels/bn_train.cuh. The convolution's data
+// gradient comes from ATen (cuDNN on a GPU); its weight gradient too, except under
+// torch.use_deterministic_algorithms(True), where the deterministic kernels of kernels/conv_wgrad.cuh run
+// (3x3 and 1x1 kernels; cuDNN's own deterministic algorithms otherwise). They are not the default because
+// they have not been timed against cuDNN on a GPU.
 #pragma once
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +18,7 @@
 
 #include "cuda/conv_bn_relu_host.h"
 #include "cuda/kernels/bn_train.cuh"
+#include "cuda/kernels/conv_wgrad.cuh"
 
 namespace rk {
 namespace train_detail {
@@ -76,6 +81,43 @@ void affine_only(const char* op, int64_t C, double eps, const at::Tensor& gamma,
 }
 
 inline unsigned elementwise_blocks(int64_t n) { return unsigned((n + 255) / 256); }
+
+// Elements all the weight-gradient partial sums of one call may take.
+constexpr int64_t kWgradPartialBudget = int64_t(64) << 20;
+
+// The weight gradient by the deterministic kernels (TAPS = KH * KW of 9 or 1), in the weight's dtype, contiguous.
+template <typename T, typename Acc>
+at::Tensor weight_grad_cuda(const char* op, const ConvGeom& g, const at::Tensor& input, const at::Tensor& grad_y,
+                            cudaStream_t stream) {
+  using namespace cuda_kernels;
+  const int64_t taps = int64_t(g.KH) * g.KW, cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
+  at::Tensor grad_weight = at::empty({g.C_out, cpg_in, g.KH, g.KW}, input.options());
+  const int64_t M = g.N * g.OH * g.OW;
+  if (grad_weight.numel() == 0) return grad_weight;
+  const int64_t per_chunk = taps * cpg_out * g.C_in;
+  const int64_t chunk = wgrad_chunk_pixels(M, per_chunk, kWgradPartialBudget);
+  const int64_t n_chunks = M > 0 ? (M + chunk - 1) / chunk : 0;
+  at::Tensor partial = at::empty({n_chunks * per_chunk}, input.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  if (n_chunks > 0) {
+    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    const dim3 grid(unsigned(n_chunks), unsigned((g.C_in + 32 * kWgradWarps - 1) / (32 * kWgradWarps)),
+                    unsigned((cpg_out + kWgradJ - 1) / kWgradJ));
+    const dim3 block(32, kWgradWarps);
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
+    const T* gp = reinterpret_cast<const T*>(grad_y.const_data_ptr());
+    Acc* pp = partial.mutable_data_ptr<Acc>();
+    check_launch(taps == 9 ? launch_kernel(weight_grad_partial_kernel<9, T, Acc>, grid, block, 0, stream, g, xp, gp,
+                                           chunk, pp)
+                           : launch_kernel(weight_grad_partial_kernel<1, T, Acc>, grid, block, 0, stream, g, xp, gp,
+                                           chunk, pp),
+                 op);
+  }
+  check_launch(launch_kernel(weight_grad_finalize_kernel<T, Acc>, dim3(elementwise_blocks(grad_weight.numel())),
+                             dim3(256), 0, stream, g, static_cast<const Acc*>(partial.const_data_ptr<Acc>()), n_chunks,
+                             reinterpret_cast<T*>(grad_weight.mutable_data_ptr())),
+               op);
+  return grad_weight;
+}
 
 template <typename F>
 void dispatch_train_types(at::ScalarType dtype, const F& f) {
@@ -167,11 +209,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
                  op);
   });
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options());
-  if (output_mask[0] || output_mask[1]) {
+  const int64_t taps = int64_t(g.KH) * g.KW;
+  const bool own_weight_grad =
+      output_mask[1] && at::globalContext().deterministicAlgorithms() && (taps == 9 || taps == 1);
+  if (output_mask[0] || (output_mask[1] && !own_weight_grad)) {
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation, false, {0, 0},
-                                          groups, {output_mask[0], output_mask[1], false});
+                                          groups, {output_mask[0], output_mask[1] && !own_weight_grad, false});
     if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
-    if (output_mask[1]) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+    if (output_mask[1] && !own_weight_grad) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+  }
+  if (own_weight_grad) {
+    dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
+      grad_weight = weight_grad_cuda<decltype(t), decltype(acc_v)>(op, g, input, grad_y, stream);
+    });
+    grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   }
   if (!output_mask[2]) bn_grads[0] = bn_grads[1] = at::empty({0}, acc_opts);
   return {grad_input, grad_weight, bn_grads[0], bn_grads[1]};
