@@ -57,7 +57,8 @@ template <class V>
 void plan_blocked(WgradPlan& p, const ConvGeom& g) {
   constexpr int L = V::kLanes;
   const int64_t cpg_out = g.C_out / g.groups, cpg_in = g.C_in / g.groups;
-  if (g.groups > 1 && cpg_in == cpg_out && cpg_in >= 2 && L % cpg_in == 0 && g.C_in % L == 0 && g.KW == 3) {
+  if (g.groups > 1 && cpg_in == cpg_out && cpg_in >= 2 && (L % cpg_in == 0 || cpg_in % L == 0) && g.C_in % L == 0 &&
+      g.KW == 3) {
     // Channel-lane path (see wgrad_task_channel_lanes): 3 taps x jt output channels of accumulators.
     p.jt = int(std::min<int64_t>(cpg_in, V::kAccRegs / 3 >= 8 ? 8 : 4));
     p.nv = 1;
@@ -89,7 +90,8 @@ WgradPlan plan_wgrad(const ConvGeom& g, bool vectorizable, bool avx512) {
     p.rows_per_chunk = (p.rows + max_chunks - 1) / max_chunks;
     n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
   }
-  p.n_chunks = n_chunks;
+  p.rows_per_chunk = (p.rows + n_chunks - 1) / n_chunks;  // even chunks: tasks of one size balance across threads
+  p.n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
   if (vectorizable && g.KH <= kMaxBlockedKernel && g.KW <= kMaxBlockedKernel) {
     if (avx512) plan_blocked<Avx512Vec>(p, g);
     else plan_blocked<Avx2Vec>(p, g);
@@ -333,7 +335,7 @@ RK_ALWAYS_INLINE void wgrad_task_blocked(const WgradProblem<scalar_t, float>& P,
 // gradient of weight [group * c + j][ci][kh][kw]; its multiplier is gy of output channel group * c + j in every
 // lane of that group: one in-register permute of the pixel's gy vector, shared by the 3 taps of a kernel row.
 // Per pixel and kernel row: 1 gy load, jt permutes, 3 input loads and 3 * jt multiply-adds.
-template <class V, int JT, typename scalar_t>
+template <class V, int JT, bool WIDE, typename scalar_t>
 RK_ALWAYS_INLINE void wgrad_task_channel_lanes(const WgradProblem<scalar_t, float>& P, int64_t row0, int64_t row1,
                                                int64_t ch0) {
   using vec = typename V::vec;
@@ -343,36 +345,52 @@ RK_ALWAYS_INLINE void wgrad_task_channel_lanes(const WgradProblem<scalar_t, floa
   const WgradPlan& pl = *P.plan;
   const int64_t C = g.C_in, c = C / g.groups;
   float* part = P.partial + (row0 / pl.rows_per_chunk) * pl.weight_size;
-  for (int64_t row = row0; row < row1; ++row) {
-    const int64_t n = row / g.OH, oh = row % g.OH;
-    const scalar_t* gy_row = P.gy + row * g.OW * C + ch0;
+  // Narrow groups (c < L): lane l of the permuted gy vector j is output channel (l / c) * c + j of the unit.
+  // Wide groups (c a multiple of L): the unit lies inside one group, and gy of output channel j is a broadcast.
+  ivec idx[L];
+  if constexpr (!WIDE) {
+    for (int64_t j = 0; j < c; ++j)
+      for (int l = 0; l < L; ++l) idx[j][l] = int32_t((l / c) * c + j);
+  }
+  const int64_t gy_offset = WIDE ? (ch0 / c) * c : ch0;  // first gy channel a unit reads
+  // Accumulators live across all the chunk's rows for one (kernel row, output-channel tile), so the partial sum
+  // is read and written once per chunk, not once per output row (at 7x7 that flush cost as much as the math).
+  // The unit's input and gy slices of a chunk (one cache line per pixel) stay in L2 across the passes.
+  for (int64_t j0 = 0; j0 < c; j0 += JT) {
     for (int32_t kh = 0; kh < g.KH; ++kh) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + int64_t(kh) * g.dil_h;
-      if (ih < 0 || ih >= g.H) continue;
-      const scalar_t* x_row = P.x + (n * g.H + ih) * g.W * C + ch0;
-      for (int64_t j0 = 0; j0 < c; j0 += JT) {
-        ivec idx[JT];
-        for (int j = 0; j < JT; ++j)
-          for (int l = 0; l < L; ++l) idx[j][l] = int32_t((l / c) * c + j0 + j);
-        vec acc[JT][3];
-        for (int j = 0; j < JT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = vec{};
+      vec acc[JT][3];
+      for (int j = 0; j < JT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = vec{};
+      for (int64_t row = row0; row < row1; ++row) {
+        const int64_t n = row / g.OH, oh = row % g.OH;
+        const int64_t ih = oh * g.stride_h - g.pad_h + int64_t(kh) * g.dil_h;
+        if (ih < 0 || ih >= g.H) continue;
+        const scalar_t* gy_row = P.gy + row * g.OW * C + gy_offset;
+        const scalar_t* x_row = P.x + (n * g.H + ih) * g.W * C + ch0;
         for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const vec gv = vload<V>(gy_row + ow * C);
           vec xv[3];
           for (int kw = 0; kw < 3; ++kw) {
             const int64_t iw = ow * g.stride_w - g.pad_w + int64_t(kw) * g.dil_w;
             xv[kw] = (iw >= 0 && iw < g.W) ? vload<V>(x_row + iw * C) : vec{};
           }
-          for (int j = 0; j < JT; ++j) {
-            const vec gj = __builtin_shuffle(gv, idx[j]);
-            for (int kw = 0; kw < 3; ++kw) acc[j][kw] += gj * xv[kw];
+          if constexpr (WIDE) {
+            const scalar_t* gp = gy_row + ow * C + j0;
+            for (int j = 0; j < JT; ++j) {
+              const float gs = static_cast<float>(gp[j]);
+              for (int kw = 0; kw < 3; ++kw) acc[j][kw] += xv[kw] * gs;
+            }
+          } else {
+            const vec gv = vload<V>(gy_row + ow * C);
+            for (int j = 0; j < JT; ++j) {
+              const vec gj = __builtin_shuffle(gv, idx[j0 + j]);
+              for (int kw = 0; kw < 3; ++kw) acc[j][kw] += gj * xv[kw];
+            }
           }
         }
-        for (int j = 0; j < JT && j0 + j < c; ++j) {
-          for (int kw = 0; kw < 3; ++kw) {
-            float* d = part + ((int64_t(kh) * 3 + kw) * c + j0 + j) * C + ch0;
-            vstore<V>(d, vload<V>(d) + acc[j][kw]);
-          }
+      }
+      for (int j = 0; j < JT; ++j) {
+        for (int kw = 0; kw < 3; ++kw) {
+          float* d = part + ((int64_t(kh) * 3 + kw) * c + j0 + j) * C + ch0;
+          vstore<V>(d, vload<V>(d) + acc[j][kw]);
         }
       }
     }
@@ -384,11 +402,15 @@ RK_ALWAYS_INLINE void wgrad_task_dispatch(const WgradProblem<scalar_t, float>& P
                                           int64_t row0, int64_t row1, int64_t co0) {
   const WgradPlan& pl = *P.plan;
   if (pl.jt > 0) {
-    if constexpr (V::kAccRegs / 3 >= 8) {
-      if (pl.jt == 8) return wgrad_task_channel_lanes<V, 8>(P, row0, row1, co0);
+    if (P.g->C_in / P.g->groups >= V::kLanes) {  // wide groups
+      if constexpr (V::kAccRegs / 3 >= 8) return wgrad_task_channel_lanes<V, 8, true>(P, row0, row1, co0);
+      else return wgrad_task_channel_lanes<V, 4, true>(P, row0, row1, co0);
     }
-    if (pl.jt == 4) return wgrad_task_channel_lanes<V, 4>(P, row0, row1, co0);
-    return wgrad_task_channel_lanes<V, 2>(P, row0, row1, co0);
+    if constexpr (V::kAccRegs / 3 >= 8) {
+      if (pl.jt == 8) return wgrad_task_channel_lanes<V, 8, false>(P, row0, row1, co0);
+    }
+    if (pl.jt == 4) return wgrad_task_channel_lanes<V, 4, false>(P, row0, row1, co0);
+    return wgrad_task_channel_lanes<V, 2, false>(P, row0, row1, co0);
   }
   if (pl.nv == 2) {
     if (pl.broadcast) wgrad_task_blocked<V, 2, true>(P, S, row0, row1, co0);
@@ -462,7 +484,7 @@ void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor&
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     WgradScratch<acc_t> S(g, pl, kBandBudget);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t chunk = t / pl.n_cblocks, co0 = (t % pl.n_cblocks) * pl.cb;
+      const int64_t chunk = t % pl.n_chunks, co0 = (t / pl.n_chunks) * pl.cb;  // a thread's range spans chunks
       const int64_t row0 = chunk * pl.rows_per_chunk, row1 = std::min(pl.rows, row0 + pl.rows_per_chunk);
 #if RK_X86_DISPATCH
       if constexpr (kFloatAcc) {
