@@ -215,7 +215,7 @@ def _pair(v):
 
 
 # Extra shapes for the weight-gradient kernel: several output-channel tiles per group (cpg_out 8), and
-# C_in > 256 (several channel blocks per chunk), and more than one 64-pixel chunk.
+# C_in > 256 (several channel blocks per chunk), and more than one 128-pixel chunk.
 WGRAD_CASES = TRAIN_CASES + [
     (2, 16, 16, 9, 8, 2, 3, 1, 1, 1, True, True),
     (2, 288, 288, 5, 4, 96, 3, 2, 1, 1, False, True),

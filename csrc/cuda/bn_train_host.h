@@ -83,7 +83,7 @@ void affine_only(const char* op, int64_t C, double eps, const at::Tensor& gamma,
 inline unsigned elementwise_blocks(int64_t n) { return unsigned((n + 255) / 256); }
 
 // Elements all the weight-gradient partial sums of one call may take.
-constexpr int64_t kWgradPartialBudget = int64_t(64) << 20;
+constexpr int64_t kWgradPartialBudget = int64_t(16) << 20;
 
 // The weight gradient by the deterministic kernels (TAPS = KH * KW of 9 or 1), in the weight's dtype, contiguous.
 template <typename T, typename Acc>

@@ -24,7 +24,7 @@ namespace cuda_kernels {
 
 constexpr int kWgradJ = 4;             // output channels per thread
 constexpr int kWgradWarps = 8;         // warps per block (each its own 32 input channels)
-constexpr int64_t kWgradChunkMin = 64; // fewest pixels per chunk
+constexpr int64_t kWgradChunkMin = 128;  // fewest pixels per chunk
 
 // Pixels per chunk: kWgradChunkMin, or more when the partial sums would exceed `budget` elements.
 inline int64_t wgrad_chunk_pixels(int64_t M, int64_t partial_per_chunk, int64_t budget) {
