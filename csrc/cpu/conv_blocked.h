@@ -109,7 +109,40 @@ struct BlockedProblem {
   bool relu;
   const float* zero_expanded;  // cpg_in * C_out zeros
   const scalar_t* zero_input;  // C_in zeros
+  float* row_stats;            // when not null: per output row, [pivot | sum(y - pivot) | sum((y - pivot)^2)] x C_out
 };
+
+// Per-row statistics of the stored output, for the training form's BatchNorm: the pivot is the row's first pixel
+// (ow = 0, written by the row's first call for these channels), and the sums are of deviations from it, so a
+// large common offset does not cancel (the rows are merged with Chan's formula in float64 by the caller).
+// Reads back the stored (dtype-rounded) values: the statistics are those of the tensor that gets normalized.
+template <class V, int NV, int TP, typename scalar_t>
+RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, const scalar_t* out) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes;
+  const ConvGeom& g = *P.g;
+  const int64_t C_out = g.C_out, offset = out - P.out;
+  const int64_t pix = offset / C_out, co0 = offset % C_out;
+  const int64_t row = pix / g.OW, ow = pix % g.OW;
+  float* st = P.row_stats + row * 3 * C_out + co0;
+  for (int v = 0; v < NV; ++v) {
+    const vec pivot = ow == 0 ? vload<V>(out + v * L) : vload<V>(st + v * L);
+    vec s{}, q{};
+    for (int p = 0; p < TP; ++p) {
+      const vec d = vload<V>(out + p * C_out + v * L) - pivot;
+      s += d;
+      q += d * d;
+    }
+    if (ow == 0) {
+      vstore<V>(st + v * L, pivot);
+      vstore<V>(st + C_out + v * L, s);
+      vstore<V>(st + 2 * C_out + v * L, q);
+    } else {
+      vstore<V>(st + C_out + v * L, vload<V>(st + C_out + v * L) + s);
+      vstore<V>(st + 2 * C_out + v * L, vload<V>(st + 2 * C_out + v * L) + q);
+    }
+  }
+}
 
 // Per-thread scratch: the cache of expanded input rows (row_slots of span * cpg_in * C_out), their tags,
 // and the microkernel's source pointers, src[p * KH * KW + tap].
@@ -163,6 +196,7 @@ RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool*
       vstore<V>(out + p * C_out + v * L, r);
     }
   }
+  if (P.row_stats) accumulate_row_stats<V, NV, TP>(P, out);
 }
 
 // Expands input row ih of image n for one column tile into a cache slot, unless the slot holds it already:

@@ -98,7 +98,7 @@ RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const 
                                      const int64_t* __restrict src_channel, scalar_t* __restrict out,
                                      const scalar_t* __restrict residual, bool relu,
                                      int64_t row_begin, int64_t row_end, acc_t* __restrict acc,
-                                     acc_t* __restrict ex) {
+                                     acc_t* __restrict ex, acc_t* __restrict row_stats) {
   const int64_t C_in = g.C_in, C_out = g.C_out;
   const int64_t cpg_in = C_in / g.groups, cpg_out = C_out / g.groups;
   const int64_t tap_stride = cpg_in * C_out;  // wp elements per (kh, kw)
@@ -162,6 +162,17 @@ RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const 
         } else {
           for (int64_t co = 0; co < C_out; ++co) o[co] = static_cast<scalar_t>(a[co]);
         }
+        if (row_stats) {  // as accumulate_row_stats (conv_blocked.h): deviations from the row's first pixel
+          acc_t* st = row_stats + row * 3 * C_out;
+          const bool first = ow0 + t == 0;
+          for (int64_t co = 0; co < C_out; ++co) {
+            const acc_t v = static_cast<acc_t>(o[co]);
+            if (first) st[co] = v;
+            const acc_t d = v - st[co];
+            st[C_out + co] = first ? d : st[C_out + co] + d;
+            st[2 * C_out + co] = first ? d * d : st[2 * C_out + co] + d * d;
+          }
+        }
       }
     }
   }
@@ -172,9 +183,9 @@ RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const 
   RK_CPU_ISA_CLONES void NAME(const ConvGeom& g, const Tiling& tl, const scalar_t* in, const acc_t* wp,      \
                               const acc_t* shift, const int64_t* src_channel, scalar_t* out,                \
                               const scalar_t* residual, bool relu,                                          \
-                              int64_t row_begin, int64_t row_end, acc_t* acc, acc_t* ex) {                  \
+                              int64_t row_begin, int64_t row_end, acc_t* acc, acc_t* ex, acc_t* row_stats) { \
     conv_rows_impl<scalar_t, acc_t>(g, tl, in, wp, shift, src_channel, out, residual, relu, row_begin,    \
-                                    row_end, acc, ex);                                                      \
+                                    row_end, acc, ex, row_stats);                                           \
   }
 RK_DEFINE_CONV_ROWS(conv_rows, float, float)
 RK_DEFINE_CONV_ROWS(conv_rows, double, double)
@@ -252,7 +263,7 @@ std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, cons
 template <typename scalar_t, typename acc_t>
 void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, const at::Tensor& weight,
                             const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* residual_nhwc,
-                            at::Tensor& out_nhwc, bool relu) {
+                            at::Tensor& out_nhwc, bool relu, acc_t* row_stats) {
   const std::vector<acc_t> wp = pack_weight<scalar_t, acc_t>(g, weight, scale);
   const at::Tensor shift_c = shift.contiguous();
   const acc_t* sh = shift_c.data_ptr<acc_t>();
@@ -273,7 +284,7 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
       const BlockedProblem<scalar_t> P{&g, tl.tile_ow, tl.span, tl.n_tiles, tl.row_slots, tl.expand, in,
                                        wp.data(), sh, src_channel.data(), out, residual, relu, zero_expanded.data(),
-                                       zero_input.data()};
+                                       zero_input.data(), row_stats};
       at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> expanded(tl.expand_size);
         std::vector<int64_t> slot_tag(tl.row_slots, -1);
@@ -287,7 +298,7 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
   at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(tl.acc_size), ex(tl.expand_size);
     conv_rows(g, tl, in, wp.data(), sh, src_channel.data(), out, residual, relu, begin, end, acc.data(),
-              ex.data());
+              ex.data(), row_stats);
   });
 }
 
@@ -304,7 +315,7 @@ at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& wei
 
 at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
                                 const at::Tensor& scale, const at::Tensor& shift,
-                                const std::optional<at::Tensor>& residual, bool relu) {
+                                const std::optional<at::Tensor>& residual, bool relu, at::Tensor* row_stats) {
   TORCH_CHECK(input.device().is_cpu(), "resnext_kernels (CPU kernel): input must be a CPU tensor");
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
@@ -324,14 +335,20 @@ at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, cons
     // row of H*W pixels (same NHWC memory), so pixel blocks are not cut at image rows and each weight
     // block is reused across a whole image (at 7x7 this is 7x fewer passes over the weights).
     ConvGeom gk = g;
-    if (g.KH == 1 && g.KW == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0) {
+    // (Not with row statistics: their per-row sums must stay short, image rows, for accuracy.)
+    if (g.KH == 1 && g.KW == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 && !row_stats) {
       gk.W = gk.OW = g.H * g.W;
       gk.H = gk.OH = 1;
     }
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "conv_affine_nhwc_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      acc_t* stats = nullptr;
+      if (row_stats) {
+        *row_stats = at::empty({g.N * g.OH, 3, g.C_out}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        stats = row_stats->data_ptr<acc_t>();
+      }
       conv_bn_relu_cpu_typed<scalar_t, acc_t>(gk, x, weight, scale, shift, res.defined() ? &res : nullptr, out,
-                                              relu);
+                                              relu, stats);
     });
   }
   return out;

@@ -1,18 +1,21 @@
 // CPU kernels of the training form of the fused op: BatchNorm with batch statistics, and its backward.
 //
-// Forward:  y = conv2d(input, weight) with the fused conv kernel (NHWC, input dtype), then per-channel
-//           statistics of y, then out = relu?(y * a + b) with a = gamma / sqrt(var + eps),
-//           b = beta - mean * a.
+// Forward:  y = conv2d(input, weight) with the fused conv kernel (NHWC, input dtype), whose epilogue also sums
+//           each output row's deviations from the row's first value (and their squares) per channel; those
+//           row sums are merged into the batch mean and variance (merge_row_stats), and one pass writes
+//           out = relu?(y * a + b) with a = gamma / sqrt(var + eps), b = beta - mean * a. So y is written once
+//           and read once in the forward.
 // Backward: one pass forms the ReLU mask from (y, a, b) exactly as the forward did and reduces
 //           sum(g) and sum(g * xhat) per channel; a second pass writes
 //           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's data
 //           gradient then comes from ATen (oneDNN), its weight gradient from conv_weight_grad_cpu
 //           (conv_backward.cpp) where weight_grad_kernel_preferred says so, else from ATen.
 //
-// Determinism: every per-channel reduction runs over fixed blocks of kStatBlock pixels (accumulated in the
-// accumulation type, vectorized across channels), and the block partials are merged in float64 in block
-// order, so results are bitwise identical run to run and for any number of threads. Statistics use two passes (mean, then the sum of squared deviations): no
-// cancellation of E[y^2] - E[y]^2.
+// Determinism: each output row's statistics are computed by one thread in a fixed order, and rows are merged in
+// row order; the backward's per-channel reductions run over fixed blocks of kStatBlock pixels merged in float64
+// in block order. Results are bitwise identical run to run and for any number of threads. Numerics: no
+// E[y^2] - E[y]^2 anywhere; within a row the sums are of deviations from one of the row's values, across rows
+// Chan's formula merges (count, mean, sum of squared deviations) in float64.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -23,6 +26,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -141,6 +145,33 @@ NormAffine<acc_t> norm_affine(const double* mean, const double* var, const std::
   return n;
 }
 
+// Batch mean and biased variance per channel from the conv epilogue's row statistics ([rows][pivot | sum of
+// deviations | sum of squared deviations][C], rows of `width` pixels): each row's mean and sum of squared
+// deviations, merged in row order with Chan's parallel formula in float64. Deterministic, and numerically safe:
+// no E[y^2] - E[y]^2 over the batch (a row's sums are of deviations from one of its own values).
+void merge_row_stats(const at::Tensor& row_stats, int64_t width, int64_t M, std::vector<double>& mean,
+                     std::vector<double>& var) {
+  const at::Tensor st = row_stats.to(at::kDouble).contiguous();
+  const double* p = st.data_ptr<double>();
+  const int64_t rows = st.size(0), C = st.size(2);
+  const double nb = double(width);
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double n = 0.0, mu = 0.0, m2 = 0.0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const double* row = p + r * 3 * C;
+        const double s = row[C + c], mean_b = row[c] + s / nb, m2_b = std::max(0.0, row[2 * C + c] - s * s / nb);
+        const double n_new = n + nb, delta = mean_b - mu;
+        mu += delta * nb / n_new;
+        m2 += m2_b + delta * delta * n * nb / n_new;
+        n = n_new;
+      }
+      mean[c] = mu;
+      var[c] = m2 / double(M);
+    }
+  });
+}
+
 std::vector<double> tensor_to_doubles(const at::Tensor& t) {
   const at::Tensor d = t.to(at::kDouble).contiguous();
   return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
@@ -171,28 +202,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_cp
   check_train_bn_args(op, input, g, bn_weight, bn_bias, eps);
   const at::ScalarType acc = acc_type_of(input.scalar_type());
   const int64_t C = g.C_out, M = g.N * g.OH * g.OW;
+  at::Tensor row_stats;
   const at::Tensor conv_out = conv_affine_nhwc_cpu(g, input, weight, at::ones({C}, input.options().dtype(acc)),
-                                                   at::zeros({C}, input.options().dtype(acc)), std::nullopt, false);
+                                                   at::zeros({C}, input.options().dtype(acc)), std::nullopt, false,
+                                                   &row_stats);
   at::Tensor out = at::empty_like(conv_out);
-  std::vector<double> mean, var;
+  std::vector<double> mean(C, 0.0), var(C, 0.0);
+  if (row_stats.defined()) merge_row_stats(row_stats, g.OW, M, mean, var);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_bn_relu_train_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* y = conv_out.data_ptr<scalar_t>();
-    mean = reduce_channels<acc_t>(M, C, 1, [&](int64_t r, acc_t* __restrict p) {
-      const scalar_t* __restrict row = y + r * C;
-      for (int64_t c = 0; c < C; ++c) p[c] += static_cast<acc_t>(row[c]);
-    });
-    for (double& m : mean) m /= double(M);
-    const std::vector<acc_t> mean_acc(mean.begin(), mean.end());
-    var = reduce_channels<acc_t>(M, C, 1, [&](int64_t r, acc_t* __restrict p) {
-      const scalar_t* __restrict row = y + r * C;
-      const acc_t* __restrict mu = mean_acc.data();
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = static_cast<acc_t>(row[c]) - mu[c];
-        p[c] += d * d;
-      }
-    });
-    for (double& v : var) v /= double(M);
     const NormAffine<acc_t> n = norm_affine<acc_t>(mean.data(), var.data(), channel_values(bn_weight, C, 1.0),
                                                    channel_values(bn_bias, C, 0.0), eps, C);
     scalar_t* o = out.data_ptr<scalar_t>();

@@ -9,9 +9,12 @@ namespace cpu {
 
 // relu?(conv2d(input, weight) * scale[c] + shift[c] + residual?) as a channels_last tensor, for arguments
 // already validated into `g` (float32/bfloat16 take float scale/shift, float64 takes double).
+// With row_stats, the epilogue also fills *row_stats = [N*OH][3][C_out] (accumulation dtype): per output row and
+// channel, the row's first value (pivot), the sum of the row's deviations from it, and their sum of squares.
 at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
                                 const at::Tensor& scale, const at::Tensor& shift,
-                                const std::optional<at::Tensor>& residual, bool relu);
+                                const std::optional<at::Tensor>& residual, bool relu,
+                                at::Tensor* row_stats = nullptr);
 
 // Gradient of the convolution's weight, dW = sum over pixels of grad_y x input patches, as a contiguous
 // [C_out, C_in/groups, KH, KW] tensor of the input's dtype. Deterministic for any number of threads.

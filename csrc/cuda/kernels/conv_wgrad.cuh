@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(32 * kWgradWarps)
   }
   Acc* out = partial + int64_t(blockIdx.x) * TAPS * cpg_out * g.C_in;
   for (int t = 0; t < TAPS; ++t)
-    for (int j = 0; j < nj; ++j) out[(int64_t(t) * cpg_out + j0 + j) * g.C_in + ch] = acc[j][t];
+    for (int j = 0; j < kWgradJ; ++j)  // compile-time indices: acc stays in registers
+      if (j < nj) out[(int64_t(t) * cpg_out + j0 + j) * g.C_in + ch] = acc[j][t];
 }
 
 // One thread per weight element w = ((co * cpg_in + ci) * TAPS + t): the sum of its n_chunks partials, in order.
