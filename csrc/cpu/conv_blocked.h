@@ -116,8 +116,8 @@ struct BlockedProblem {
 // (ow = 0, written by the row's first call for these channels), and the sums are of deviations from it, so a
 // large common offset does not cancel (the rows are merged with Chan's formula in float64 by the caller).
 // Reads back the stored (dtype-rounded) values: the statistics are those of the tensor that gets normalized.
-template <class V, int NV, int TP, typename scalar_t>
-RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, const scalar_t* out) {
+template <class V, int NV, typename scalar_t>
+RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, const scalar_t* out, int np) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   const ConvGeom& g = *P.g;
@@ -128,7 +128,7 @@ RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, co
   for (int v = 0; v < NV; ++v) {
     const vec pivot = ow == 0 ? vload<V>(out + v * L) : vload<V>(st + v * L);
     vec s{}, q{};
-    for (int p = 0; p < TP; ++p) {
+    for (int p = 0; p < np; ++p) {
       const vec d = vload<V>(out + p * C_out + v * L) - pivot;
       s += d;
       q += d * d;
@@ -196,7 +196,6 @@ RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool*
       vstore<V>(out + p * C_out + v * L, r);
     }
   }
-  if (P.row_stats) accumulate_row_stats<V, NV, TP>(P, out);
 }
 
 // Expands input row ih of image n for one column tile into a cache slot, unless the slot holds it already:
@@ -307,6 +306,7 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
           }
           const float* w = P.wp + co0;
           microkernel_tail<V, NV, TP, EXPAND>(np, P, row_ok, S.src, w, P.shift + co0, out_row + t0 * C_out + co0);
+          if (P.row_stats) accumulate_row_stats<V, NV>(P, out_row + t0 * C_out + co0, np);
         }
       }
     }
