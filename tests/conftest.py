@@ -16,7 +16,13 @@ def _seed():
 
 def pytest_configure(config):
     """Under scripts/sanitize.sh the suite must run against the sanitizer build, never silently against the
-    regular one (which would make a clean sanitizer run meaningless)."""
+    regular one (which would make a clean sanitizer run meaningless). Under .ci/run the emulated CUDA build must
+    be there: without it every CUDA kernel test would be skipped and the run would still look green."""
+    if os.environ.get("RESNEXT_KERNELS_REQUIRE_EMULATOR", "0") == "1":
+        from resnext_kernels import emulator
+        if not emulator.available():
+            raise pytest.UsageError("RESNEXT_KERNELS_REQUIRE_EMULATOR=1 but resnext_kernels._emu (the emulated CUDA "
+                                    "kernels) was not built; see the build log (logs/build.log)")
     if os.environ.get("RESNEXT_KERNELS_EXPECT_SANITIZED", "0") != "1":
         return
     import resnext_kernels

@@ -48,7 +48,7 @@ struct WgradPlan {
   int64_t lanes;           // floats per (column, ci) in E: cb (expand) or 1 (broadcast)
   int64_t span;            // input columns one output row reads
   int64_t weight_size;     // taps * cpg_in * C_out
-  int nv, r;               // vectors per block and columns per microkernel call; nv == 0: generic path
+  int nv;                  // vectors per block (blocked paths); 0: generic path
   bool broadcast;
   int jt;                  // > 0: the channel-lane path, with jt output channels per register tile
 };
@@ -75,7 +75,6 @@ void plan_blocked(WgradPlan& p, const ConvGeom& g) {
     p.nv = g.C_out % (2 * L) == 0 ? 2 : 1;
   }
   p.cb = int64_t(p.nv) * L;
-  p.r = V::kAccRegs / p.nv;
 }
 
 WgradPlan plan_wgrad(const ConvGeom& g, bool vectorizable, bool avx512) {
@@ -117,19 +116,6 @@ struct WgradProblem {
   const acc_t* zeros;  // one E row of zeros, read by the padding columns of a microkernel's last call
 };
 
-// The channel slice [c0, c1) of a block sits in a different cache line of every pixel (C_in apart), a stride the
-// hardware prefetchers do not follow, and the expansion does too little work per pixel to hide a miss. So while
-// row ih is expanded, the same pixel of row ih + stride_h (the row the next output row will need) is fetched:
-// a whole output row of multiply-adds ahead.
-template <typename scalar_t>
-inline void prefetch_next_row(const scalar_t* px, const ConvGeom& g, int64_t c0, int64_t c1) {
-  // Integer arithmetic: the address may lie past the tensor (a prefetch never faults).
-  const uintptr_t base = reinterpret_cast<uintptr_t>(px) + uintptr_t(g.stride_h * g.W * g.C_in) * sizeof(scalar_t);
-  for (uintptr_t p = base + c0 * sizeof(scalar_t), end = base + c1 * sizeof(scalar_t); p < end; p += 64) {
-    __builtin_prefetch(reinterpret_cast<const void*>(p));
-  }
-}
-
 // E[j][ci][l] for input row ih of image n and output channels [co0, co0 + cb): zero outside the image.
 // lane_channel[l] is the first input channel of output channel co0 + l's group.
 template <typename scalar_t, typename acc_t>
@@ -147,7 +133,6 @@ void expand_row(const WgradProblem<scalar_t, acc_t>& P, int64_t n, int64_t ih, i
       continue;
     }
     const scalar_t* __restrict px = P.x + ((n * g.H + ih) * g.W + iw) * g.C_in;
-    prefetch_next_row(px, g, lane_channel[0], lane_channel[cb - 1] + cpg_in);
     if (pl.broadcast) {
       const scalar_t* src = px + (co0 / cpg_out) * cpg_in;
       for (int64_t ci = 0; ci < cpg_in; ++ci) ej[ci] = static_cast<acc_t>(src[ci]);
@@ -264,7 +249,6 @@ RK_ALWAYS_INLINE void expand_row_vec(const WgradProblem<scalar_t, float>& P, int
       continue;
     }
     const scalar_t* px = P.x + ((n * g.H + ih) * g.W + iw) * g.C_in;
-    prefetch_next_row(px, g, lane_channel[0], lane_channel[cb - 1] + cpg_in);
     for (int64_t v0 = 0; v0 < cb; v0 += L) {
       const scalar_t* src = px + lane_channel[v0];
       const vec x = chunk == L ? vload<V>(src) : load_partial<V>(src, chunk);
