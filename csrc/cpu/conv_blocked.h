@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "common/conv_geometry.h"
@@ -35,12 +36,20 @@ namespace cpu {
 
 enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
 
-// The vector ISA the blocked kernels run with on this machine, detected once per process.
+// The vector ISA the blocked kernels run with on this machine, detected once per process. The environment
+// variable RESNEXT_KERNELS_CPU_ISA (avx2 or baseline) caps it, so that tests on an AVX-512 machine can run the
+// AVX2 and portable code too (it never raises it above what the CPU supports).
 inline CpuIsa detected_isa() {
 #if RK_X86_DISPATCH
-  static const CpuIsa isa = __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
-                            : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
-                                                                  : CpuIsa::kBaseline;
+  static const CpuIsa isa = [] {
+    CpuIsa best = __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
+                  : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
+                                                        : CpuIsa::kBaseline;
+    const char* cap = std::getenv("RESNEXT_KERNELS_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) best = std::min(best, CpuIsa::kAvx2);
+    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) best = CpuIsa::kBaseline;
+    return best;
+  }();
   return isa;
 #else
   return CpuIsa::kBaseline;

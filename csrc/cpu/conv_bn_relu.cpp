@@ -36,6 +36,7 @@
 
 #include "common/conv_checks.h"
 #include "cpu/conv_blocked.h"
+#include "cpu/conv_lanes.h"
 #include "cpu/conv_cpu.h"
 
 #if RK_X86_DISPATCH
@@ -204,6 +205,17 @@ RK_DEFINE_BLOCKED(blocked_rows_avx512, "arch=x86-64-v4", Avx512Vec, c10::BFloat1
 RK_DEFINE_BLOCKED(blocked_rows_avx2, "arch=x86-64-v3", Avx2Vec, float)
 RK_DEFINE_BLOCKED(blocked_rows_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
 #undef RK_DEFINE_BLOCKED
+
+#define RK_DEFINE_LANES(NAME, TARGET, VEC, scalar_t)                                                       \
+  __attribute__((target(TARGET))) void NAME(const BlockedProblem<scalar_t>& P, const scalar_t** tbl, int c, \
+                                            int64_t row_begin, int64_t row_end) {                        \
+    lane_rows_dispatch<VEC>(P, tbl, c, row_begin, row_end);                                              \
+  }
+RK_DEFINE_LANES(lane_rows_avx512, "arch=x86-64-v4", Avx512Vec, float)
+RK_DEFINE_LANES(lane_rows_avx512, "arch=x86-64-v4", Avx512Vec, c10::BFloat16)
+RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, float)
+RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
+#undef RK_DEFINE_LANES
 #endif
 
 // Vectors per microkernel block on this machine for this problem, or 0 when the generic path must run.
@@ -237,6 +249,63 @@ void run_blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int 
 #endif
 }
 
+template <typename scalar_t>
+void run_lane_rows(const BlockedProblem<scalar_t>& P, const scalar_t** tbl, int c, int64_t row_begin,
+                   int64_t row_end) {
+#if RK_X86_DISPATCH
+  if (detected_isa() == CpuIsa::kAvx512) {
+    lane_rows_avx512(P, tbl, c, row_begin, row_end);
+  } else {
+    lane_rows_avx2(P, tbl, c, row_begin, row_end);
+  }
+#else
+  (void)P, (void)tbl, (void)c, (void)row_begin, (void)row_end;
+  TORCH_INTERNAL_ASSERT(false, "channel-lane CPU path selected on a build without x86 dispatch");
+#endif
+}
+
+// The group width the channel-lane path runs with for this problem on this machine, or 0 when it does not
+// apply (float64, CPUs without AVX2, other group shapes or kernel widths).
+template <typename scalar_t>
+int lane_group_width(const ConvGeom& g) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return 0;
+  } else {
+    const int64_t c = g.C_in / g.groups;
+    const CpuIsa isa = detected_isa();
+    if (isa == CpuIsa::kBaseline || g.groups == 1 || g.C_out / g.groups != c || (c != 2 && c != 4 && c != 8) ||
+        g.KW != kLaneKernelWidth || g.KH > kMaxBlockedKernel) {
+      return 0;
+    }
+    const int L = isa == CpuIsa::kAvx512 ? Avx512Vec::kLanes : Avx2Vec::kLanes;
+    return g.C_in % L == 0 ? int(c) : 0;
+  }
+}
+
+// wl[cb][kh][kw][j][lane] = weight[co][ci][kh][kw] * scale[co] for channel cb * L + lane = group * c + ci and
+// co = group * c + j.
+template <typename scalar_t>
+std::vector<float> pack_lane_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale, int L) {
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor s = scale.contiguous();
+  const scalar_t* wsrc = w.data_ptr<scalar_t>();
+  const float* sc = s.data_ptr<float>();
+  const int64_t c = g.C_in / g.groups, khw = int64_t(g.KH) * g.KW;
+  std::vector<float> wl(khw * c * g.C_in);
+  for (int64_t cb = 0; cb < g.C_in / L; ++cb) {
+    for (int64_t k = 0; k < khw; ++k) {
+      for (int64_t j = 0; j < c; ++j) {
+        float* dst = wl.data() + ((cb * khw + k) * c + j) * L;
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t ch = cb * L + l, co = (ch / c) * c + j, ci = ch % c;
+          dst[l] = static_cast<float>(wsrc[(co * c + ci) * khw + k]) * sc[co];
+        }
+      }
+    }
+  }
+  return wl;
+}
+
 // wp[kh][kw][ci][co] = weight[co][ci][kh][kw] * scale[co], in the accumulation type.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale) {
@@ -264,7 +333,6 @@ template <typename scalar_t, typename acc_t>
 void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, const at::Tensor& weight,
                             const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* residual_nhwc,
                             at::Tensor& out_nhwc, bool relu, acc_t* row_stats) {
-  const std::vector<acc_t> wp = pack_weight<scalar_t, acc_t>(g, weight, scale);
   const at::Tensor shift_c = shift.contiguous();
   const acc_t* sh = shift_c.data_ptr<acc_t>();
   const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
@@ -277,6 +345,22 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
   // Grain: enough rows per task that a task does at least ~64k multiply-adds.
   const int64_t macs_per_row = g.OW * g.C_out * cpg_in * g.KH * g.KW;
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(macs_per_row, 1));
+  if (const int c = lane_group_width<scalar_t>(g); c > 0) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const int L = detected_isa() == CpuIsa::kAvx512 ? Avx512Vec::kLanes : Avx2Vec::kLanes;
+      const std::vector<float> wl = pack_lane_weight<scalar_t>(g, weight, scale, L);
+      const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
+      BlockedProblem<scalar_t> P{};
+      P.g = &g, P.in = in, P.wp = wl.data(), P.shift = sh, P.out = out, P.residual = residual, P.relu = relu;
+      P.zero_input = zero_input.data(), P.row_stats = row_stats;
+      at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
+        std::vector<const scalar_t*> tbl(int64_t(g.KH) * g.OW * kLaneKernelWidth);
+        run_lane_rows(P, tbl.data(), c, begin, end);
+      });
+      return;
+    }
+  }
+  const std::vector<acc_t> wp = pack_weight<scalar_t, acc_t>(g, weight, scale);
   const int nv = blocked_vectors<scalar_t>(g, tl);
   if (nv > 0) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
