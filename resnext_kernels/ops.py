@@ -39,7 +39,24 @@ FORCE_ATEN_ENV = "RESNEXT_KERNELS_FORCE_ATEN"
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _force = threading.local()
-_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+CPU_ISA_ENV = "RESNEXT_KERNELS_CPU_ISA"
+
+
+def _cpu_capability() -> str:
+    """torch's CPU capability, capped as the C++ kernels cap theirs by RESNEXT_KERNELS_CPU_ISA (avx2 or baseline:
+    run the AVX2 or portable kernels on a machine with more, e.g. to test them)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    limit = os.environ.get(CPU_ISA_ENV, "")
+    if limit in ("", "avx512"):
+        return capability
+    if limit == "avx2":
+        return "AVX2" if capability == "AVX512" else capability
+    if limit == "baseline":
+        return "DEFAULT"
+    raise ValueError(f"{CPU_ISA_ENV} must be one of avx512, avx2, baseline (or unset), got {limit!r}")
+
+
+_CPU_CAPABILITY = _cpu_capability()
 
 IntPair = int | Sequence[int]
 

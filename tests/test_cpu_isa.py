@@ -1,0 +1,38 @@
+"""The AVX2 and portable builds of the CPU kernels, run on this machine by capping the ISA in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(__file__)
+
+
+def _run_capped(isa):
+    env = dict(os.environ, RESNEXT_KERNELS_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "cpu_isa_cases.py")], env=env, cwd=HERE,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("isa,capability", [("avx2", ("AVX2", "DEFAULT")), ("baseline", ("DEFAULT",))])
+def test_capped_isa_kernels_match_float64_reference(isa, capability):
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2: the cap would test the portable code twice")
+    result = _run_capped(isa)
+    assert result.pop("capability") in capability
+    assert len(result) == 2 * 8 + 3 * 3
+    for name, err in result.items():
+        bound = 1e-2 if "bfloat16" in name else 1e-5
+        assert err <= bound, (name, err)
+
+
+def test_unknown_isa_cap_is_a_clear_error():
+    env = dict(os.environ, RESNEXT_KERNELS_CPU_ISA="sse9")
+    proc = subprocess.run([sys.executable, "-c", "import resnext_kernels"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "RESNEXT_KERNELS_CPU_ISA must be one of" in proc.stderr
