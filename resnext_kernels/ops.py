@@ -222,7 +222,7 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
                                     "PyTorch's batch_norm handles (and reports) it")
         reason = "fused kernels, training form (batch statistics, fused BN+ReLU backward)"
         if not torch.compiler.is_compiling():  # the path is the same; the text only matters to a person asking
-            reason += "; " + _conv_grads_source(input, weight, groups)
+            reason += "; " + _conv_grads_source(input, weight, stride, padding, dilation, groups)
         return Decision(device, reason)
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
@@ -233,22 +233,42 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
     return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)")
 
 
-def _conv_grads_source(input: Tensor, weight: Tensor, groups: int) -> str:
+def _cpu_channel_lanes(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int],
+                       dtype: torch.dtype) -> bool:
+    """Whether the CPU conv kernel runs its channel-lane path (mirrors conv_uses_channel_lanes, csrc/cpu)."""
+    c = channels_in // groups
+    lanes = 16 if _CPU_CAPABILITY == "AVX512" else 8
+    return (dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1
+            and channels_out // groups == c and c in (2, 4, 8) and kernel[1] == 3 and kernel[0] <= 16
+            and channels_in % lanes == 0)
+
+
+def _conv_grads_source(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
+                       groups: int) -> str:
     """Where the training backward takes the convolution's gradients from (mirrors the C++ backends)."""
     if input.device.type != "cpu":
         if torch.are_deterministic_algorithms_enabled() and weight.shape[2] * weight.shape[3] in (1, 9):
             return ("conv weight gradient from the project's deterministic CUDA kernels "
                     "(torch.use_deterministic_algorithms is on), data gradient from cuDNN")
         return "conv data and weight gradients from cuDNN"
-    if torch.are_deterministic_algorithms_enabled():
-        return ("conv weight gradient from the project's deterministic CPU kernel "
-                "(torch.use_deterministic_algorithms is on), data gradient from ATen")
     cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
-    if (input.dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1
-            and cpg_in == cpg_out and 2 <= cpg_in <= 8 and input.shape[1] % 16 == 0 and weight.shape[3] == 3):
-        return ("conv weight gradient from the project's CPU kernel (groups of 2-8 channels, where it measured "
-                "at least as fast as oneDNN), data gradient from ATen")
-    return "conv data and weight gradients from ATen (oneDNN)"
+    kernel = (weight.shape[2], weight.shape[3])
+    if torch.are_deterministic_algorithms_enabled():
+        weight_source = "the project's deterministic CPU kernel (torch.use_deterministic_algorithms is on)"
+    elif (input.dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1
+            and cpg_in == cpg_out and 2 <= cpg_in <= 8 and input.shape[1] % 16 == 0 and kernel[1] == 3):
+        weight_source = ("the project's CPU kernel (groups of 2-8 channels, where it measured at least as fast as "
+                         "oneDNN)")
+    else:
+        weight_source = "ATen (oneDNN)"
+    s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    if (s == (1, 1) and all(d[i] * (kernel[i] - 1) >= p[i] for i in (0, 1)) and cpg_in <= 4
+            and _cpu_channel_lanes(weight.shape[0], input.shape[1], groups, kernel, input.dtype)):
+        data_source = ("the project's fused conv kernel run on grad_y (stride 1, groups of 2-4 channels, where it "
+                       "measured faster than oneDNN)")
+    else:
+        data_source = "ATen (oneDNN)"
+    return f"conv weight gradient from {weight_source}, data gradient from {data_source}"
 
 
 def _out_hw(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair) -> int:

@@ -369,3 +369,40 @@ def test_explain_names_the_weight_gradient_source(deterministic_algorithms):
     assert "ATen (oneDNN)" in dense
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert "project's CPU kernel" in resnext
+
+
+# (C, channels per group, kernel (KH, KW), padding, dilation, N, H, W): stride-1 shapes of the data-gradient kernel
+# (the fused forward kernel run on grad_y), and neighbours that must stay with ATen.
+DATA_GRAD_CASES = [
+    (64, 4, (3, 3), (1, 1), (1, 1), 2, 9, 10),
+    (32, 2, (3, 3), (0, 0), (1, 1), 2, 8, 7),
+    (32, 4, (3, 3), (2, 2), (2, 2), 1, 9, 11),
+    (32, 4, (3, 3), (2, 1), (1, 1), 2, 6, 7),
+    (32, 4, (1, 3), (0, 1), (1, 1), 2, 5, 6),
+    (32, 4, (3, 3), (3, 1), (1, 1), 1, 6, 6),  # padding beyond the kernel's reach: ATen
+    (64, 8, (3, 3), (1, 1), (1, 1), 2, 7, 8),  # 8 channels per group: ATen (measured faster)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", DATA_GRAD_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_data_gradient_against_float64_reference(case, dtype):
+    ch, c, kernel, padding, dilation, n, h, w_ = case
+    x = torch.randn(n, ch, h, w_, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(ch, c, *kernel, dtype=torch.float64) / (c * kernel[0] * kernel[1]) ** 0.5
+    args = ([1, 1], list(padding), list(dilation), ch // c, False)
+    xd, wd = x.to(dtype), w.to(dtype)
+    _, conv_out, mean, var = train_op(xd, wd, None, None, 1e-5, *args)
+    g = torch.randn(conv_out.shape, dtype=torch.float64).to(dtype)
+    grad_x, _, _, _ = backward_op(g, xd, wd, conv_out, mean, var, None, None, 1e-5, *args, [True, False, False])
+    # Reference: the same grad_y (rounded as the kernel's) through float64 autograd of conv2d.
+    gy = _grad_y_of(g, conv_out, mean, var)
+    xr = xd.double().requires_grad_()
+    (expected,) = torch.autograd.grad(F.conv2d(xr, wd.double(), None, 1, padding, dilation, ch // c), xr, gy.double())
+    assert grad_x.dtype == dtype and grad_x.shape == x.shape
+    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(grad_x, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    reason = rk.ops.explain(xd, wd, stride=1, padding=padding, dilation=dilation, groups=ch // c, training=True).reason
+    own = c <= 4 and padding[0] <= dilation[0] * (kernel[0] - 1) and padding[1] <= dilation[1] * (kernel[1] - 1)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert ("data gradient from the project's fused conv kernel" in reason) == own, reason

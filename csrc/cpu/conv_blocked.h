@@ -264,58 +264,95 @@ RK_ALWAYS_INLINE void microkernel_tail(int np, const BlockedProblem<scalar_t>& P
   }
 }
 
-// Computes output rows [row_begin, row_end) (row = n * OH + oh) with blocks of NV vectors.
+// One column tile of output row `row` for the CB output channels from co0: pixel blocks of TP through the
+// microkernel. rows[kh] are the tile's expanded input rows (expand mode).
 template <class V, int NV, bool EXPAND, typename scalar_t>
-RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int64_t row_begin,
-                                   int64_t row_end) {
-  constexpr int CB = NV * V::kLanes;
+RK_ALWAYS_INLINE void blocked_tile_channels(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int64_t row,
+                                            int64_t tile, int64_t co0, const bool* row_ok, const float* const* rows) {
   constexpr int TP = pixels_per_block<V, NV>();
   const ConvGeom& g = *P.g;
   const int64_t C_in = g.C_in, C_out = g.C_out;
   const int64_t cpg_in = C_in / g.groups, cpg_out = C_out / g.groups, tap_stride = cpg_in * C_out;
   const int64_t taps = int64_t(g.KH) * g.KW;
+  const int64_t n = row / g.OH, oh = row % g.OH;
+  const int64_t ih0 = oh * g.stride_h - g.pad_h;
+  const int64_t ow0 = tile * P.tile_ow, nt = std::min(P.tile_ow, g.OW - ow0);
+  const int64_t iw0 = ow0 * g.stride_w - g.pad_w;
+  scalar_t* out_row = P.out + ((n * g.OH + oh) * g.OW + ow0) * C_out;
+  const int64_t in_ch0 = (co0 / cpg_out) * cpg_in;  // broadcast mode: the block's group's inputs
+  for (int64_t t0 = 0; t0 < nt; t0 += TP) {
+    const int np = int(std::min<int64_t>(TP, nt - t0));
+    for (int32_t kh = 0; kh < g.KH; ++kh) {
+      if (!row_ok[kh]) continue;
+      const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
+      for (int32_t kw = 0; kw < g.KW; ++kw) {
+        const void** s = S.src + int64_t(kh) * g.KW + kw;
+        for (int p = 0; p < np; ++p) {
+          const int64_t j = (t0 + p) * g.stride_w + int64_t(kw) * g.dil_w;
+          const int64_t iw = iw0 + j;
+          const bool inside = iw >= 0 && iw < g.W;
+          if constexpr (EXPAND) {
+            s[p * taps] = (inside ? rows[kh] + j * tap_stride : P.zero_expanded) + co0;
+          } else {
+            s[p * taps] = inside ? P.in + ((n * g.H + ih) * g.W + iw) * C_in + in_ch0 : P.zero_input;
+          }
+        }
+      }
+    }
+    const float* w = P.wp + co0;
+    microkernel_tail<V, NV, TP, EXPAND>(np, P, row_ok, S.src, w, P.shift + co0, out_row + t0 * C_out + co0);
+    if (P.row_stats) accumulate_row_stats<V, NV>(P, out_row + t0 * C_out + co0, np);
+  }
+}
+
+// Input bytes a band of output rows may read in broadcast mode (see blocked_rows): about a quarter of an L2.
+constexpr int64_t kBandInputBytes = 256 * 1024;
+
+// Computes output rows [row_begin, row_end) (row = n * OH + oh) with blocks of NV vectors. Expand mode goes row
+// by row (the cached expanded rows serve every channel block). Broadcast mode goes band of rows by band of rows,
+// and within a band channel block by channel block: a block's weights (up to 9 * 32 * 32 floats at ResNeXt-50's
+// last stage) then stay in cache for all the band's rows instead of being streamed again for each row, while the
+// band's input rows stay in L2 for all the channel blocks.
+template <class V, int NV, bool EXPAND, typename scalar_t>
+RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int64_t row_begin,
+                                   int64_t row_end) {
+  constexpr int CB = NV * V::kLanes;
+  const ConvGeom& g = *P.g;
   bool row_ok[kMaxBlockedKernel];
   const float* rows[kMaxBlockedKernel];
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t n = row / g.OH, oh = row % g.OH;
-    const int64_t ih0 = oh * g.stride_h - g.pad_h;
+  const auto set_row_ok = [&](int64_t row) {
+    const int64_t ih0 = (row % g.OH) * g.stride_h - g.pad_h;
     for (int32_t kh = 0; kh < g.KH; ++kh) {
       const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
       row_ok[kh] = ih >= 0 && ih < g.H;
     }
-    for (int64_t tile = 0; tile < P.n_tiles; ++tile) {
-      const int64_t ow0 = tile * P.tile_ow, nt = std::min(P.tile_ow, g.OW - ow0);
-      const int64_t iw0 = ow0 * g.stride_w - g.pad_w;
-      if constexpr (EXPAND) {
+  };
+  if constexpr (EXPAND) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      set_row_ok(row);
+      const int64_t n = row / g.OH, ih0 = (row % g.OH) * g.stride_h - g.pad_h;
+      for (int64_t tile = 0; tile < P.n_tiles; ++tile) {
+        const int64_t iw0 = tile * P.tile_ow * g.stride_w - g.pad_w;
         for (int32_t kh = 0; kh < g.KH; ++kh) {
           if (row_ok[kh]) rows[kh] = expanded_row<V>(P, S, n, ih0 + int64_t(kh) * g.dil_h, tile, iw0);
         }
+        for (int64_t co0 = 0; co0 < g.C_out; co0 += CB) {
+          blocked_tile_channels<V, NV, true>(P, S, row, tile, co0, row_ok, rows);
+        }
       }
-      scalar_t* out_row = P.out + ((n * g.OH + oh) * g.OW + ow0) * C_out;
-      for (int64_t co0 = 0; co0 < C_out; co0 += CB) {
-        const int64_t in_ch0 = (co0 / cpg_out) * cpg_in;  // broadcast mode: the block's group's inputs
-        for (int64_t t0 = 0; t0 < nt; t0 += TP) {
-          const int np = int(std::min<int64_t>(TP, nt - t0));
-          for (int32_t kh = 0; kh < g.KH; ++kh) {
-            if (!row_ok[kh]) continue;
-            const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
-            for (int32_t kw = 0; kw < g.KW; ++kw) {
-              const void** s = S.src + int64_t(kh) * g.KW + kw;
-              for (int p = 0; p < np; ++p) {
-                const int64_t j = (t0 + p) * g.stride_w + int64_t(kw) * g.dil_w;
-                const int64_t iw = iw0 + j;
-                const bool inside = iw >= 0 && iw < g.W;
-                if constexpr (EXPAND) {
-                  s[p * taps] = (inside ? rows[kh] + j * tap_stride : P.zero_expanded) + co0;
-                } else {
-                  s[p * taps] = inside ? P.in + ((n * g.H + ih) * g.W + iw) * C_in + in_ch0 : P.zero_input;
-                }
-              }
-            }
+    }
+  } else {
+    // Bands of output rows whose input rows stay in L2 (about kBandInputBytes) across the channel blocks.
+    const int64_t in_bytes_per_row = std::max<int64_t>(1, g.stride_h * g.W * g.C_in * int64_t(sizeof(scalar_t)));
+    const int64_t band = std::max<int64_t>(1, kBandInputBytes / in_bytes_per_row);
+    for (int64_t b0 = row_begin; b0 < row_end; b0 += band) {
+      const int64_t b1 = std::min(row_end, b0 + band);
+      for (int64_t co0 = 0; co0 < g.C_out; co0 += CB) {
+        for (int64_t row = b0; row < b1; ++row) {
+          set_row_ok(row);
+          for (int64_t tile = 0; tile < P.n_tiles; ++tile) {
+            blocked_tile_channels<V, NV, false>(P, S, row, tile, co0, row_ok, rows);
           }
-          const float* w = P.wp + co0;
-          microkernel_tail<V, NV, TP, EXPAND>(np, P, row_ok, S.src, w, P.shift + co0, out_row + t0 * C_out + co0);
-          if (P.row_stats) accumulate_row_stats<V, NV>(P, out_row + t0 * C_out + co0, np);
         }
       }
     }

@@ -397,6 +397,10 @@ at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& wei
 
 }  // namespace
 
+bool conv_uses_channel_lanes(const ConvGeom& g, at::ScalarType dtype) {
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && lane_group_width<float>(g) > 0;
+}
+
 at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
                                 const at::Tensor& scale, const at::Tensor& shift,
                                 const std::optional<at::Tensor>& residual, bool relu, at::Tensor* row_stats) {

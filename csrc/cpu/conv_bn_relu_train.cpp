@@ -8,8 +8,9 @@
 // Backward: one pass forms the ReLU mask from (y, a, b) exactly as the forward did and reduces
 //           sum(g) and sum(g * xhat) per channel; a second pass writes
 //           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's data
-//           gradient then comes from ATen (oneDNN), its weight gradient from conv_weight_grad_cpu
-//           (conv_backward.cpp) where weight_grad_kernel_preferred says so, else from ATen.
+//           gradient from conv_data_grad_cpu (the fused forward kernel on grad_y) where data_grad_kernel_preferred
+//           says so, its weight gradient from conv_weight_grad_cpu where weight_grad_kernel_preferred says so
+//           (both conv_backward.cpp), else from ATen (oneDNN).
 //
 // Determinism: each output row's statistics are computed by one thread in a fixed order, and rows are merged in
 // row order; the backward's per-channel reductions run over fixed blocks of kStatBlock pixels merged in float64
@@ -286,13 +287,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
   });
   at::Tensor grad_input, grad_weight;
   const bool own_weight_grad = output_mask[1] && weight_grad_kernel_preferred(g, input.scalar_type());
-  if (output_mask[0] || (output_mask[1] && !own_weight_grad)) {
+  const bool own_data_grad = output_mask[0] && data_grad_kernel_preferred(g, input.scalar_type());
+  const bool aten_data = output_mask[0] && !own_data_grad, aten_weight = output_mask[1] && !own_weight_grad;
+  if (aten_data || aten_weight) {
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation,
                                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-                                          {output_mask[0], output_mask[1] && !own_weight_grad, false});
-    if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
-    if (output_mask[1] && !own_weight_grad) grad_weight = std::get<1>(grads);
+                                          {aten_data, aten_weight, false});
+    if (aten_data) grad_input = std::get<0>(grads);
+    if (aten_weight) grad_weight = std::get<1>(grads);
   }
+  if (own_data_grad) grad_input = conv_data_grad_cpu(g, grad_y, weight);
+  if (output_mask[0]) grad_input = grad_input.contiguous(input.suggest_memory_format());
   if (own_weight_grad) grad_weight = conv_weight_grad_cpu(g, input, grad_y);
   if (output_mask[1]) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   const at::TensorOptions acc_options = input.options().dtype(acc_type_of(input.scalar_type()));

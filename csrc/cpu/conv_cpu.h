@@ -26,5 +26,18 @@ at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const at::Tensor& input, cons
 // resnext_kernels.ops.explain.
 bool weight_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype);
 
+// Whether conv_affine_nhwc_cpu runs its channel-lane path for this problem on this machine (float32/bfloat16,
+// AVX2/AVX-512, 3-wide kernel, groups of 2, 4 or 8 channels in and out).
+bool conv_uses_channel_lanes(const ConvGeom& g, at::ScalarType dtype);
+
+// Data gradient of a stride-1 convolution, dX = conv2d(grad_y, W flipped and transposed within each group), through
+// conv_affine_nhwc_cpu: a channels_last tensor of grad_y's dtype. Deterministic like the forward.
+at::Tensor conv_data_grad_cpu(const ConvGeom& g, const at::Tensor& grad_y, const at::Tensor& weight);
+
+// Whether the backward uses conv_data_grad_cpu rather than ATen: stride 1 where the channel-lane path runs and
+// measured faster than oneDNN (groups of 2-4 channels: ResNeXt-50 32x4d stage 1). Mirrored by
+// resnext_kernels.ops.explain.
+bool data_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype);
+
 }  // namespace cpu
 }  // namespace rk
