@@ -154,16 +154,18 @@ RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, co
 }
 
 // Per-thread scratch: the cache of expanded input rows (row_slots of span * cpg_in * C_out), their tags,
-// and the microkernel's source pointers, src[p * KH * KW + tap].
+// and the microkernel's source pointers, src[p * KH * KW + tap] (expand mode: one block's; broadcast mode: a band's,
+// see broadcast_source_table).
 struct BlockedScratch {
   float* expanded;
   int64_t* slot_tag;
   const void** src;
 };
 
+// src[p * KH * KW + tap] is pixel p's source for the tap; broadcast mode adds src_offset input channels to it.
 template <class V, int NV, int TP, bool EXPAND, typename scalar_t>
 RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool* row_ok, const void* const* src,
-                                  const float* w, const float* shift, scalar_t* out) {
+                                  int64_t src_offset, const float* w, const float* shift, scalar_t* out) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   const ConvGeom& g = *P.g;
@@ -190,7 +192,7 @@ RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool*
             const float* e = static_cast<const float*>(s[p]) + ci * C_out;
             for (int v = 0; v < NV; ++v) acc[p][v] += vload<V>(e + v * L) * wv[v];
           } else {
-            const float x = static_cast<float>(static_cast<const scalar_t*>(s[p])[ci]);
+            const float x = static_cast<float>(static_cast<const scalar_t*>(s[p])[src_offset + ci]);
             for (int v = 0; v < NV; ++v) acc[p][v] += x * wv[v];
           }
         }
@@ -255,69 +257,95 @@ RK_ALWAYS_INLINE const float* expanded_row(const BlockedProblem<scalar_t>& P, Bl
 // Runs the microkernel on np (< TP) pixels: a block of exactly that width, so weights are still reused.
 template <class V, int NV, int TP, bool EXPAND, typename scalar_t>
 RK_ALWAYS_INLINE void microkernel_tail(int np, const BlockedProblem<scalar_t>& P, const bool* row_ok,
-                                       const void* const* src, const float* w, const float* shift, scalar_t* out) {
+                                       const void* const* src, int64_t src_offset, const float* w,
+                                       const float* shift, scalar_t* out) {
   if constexpr (TP > 1) {
-    if (np == TP) return microkernel<V, NV, TP, EXPAND>(P, row_ok, src, w, shift, out);
-    microkernel_tail<V, NV, TP - 1, EXPAND>(np, P, row_ok, src, w, shift, out);
+    if (np == TP) return microkernel<V, NV, TP, EXPAND>(P, row_ok, src, src_offset, w, shift, out);
+    microkernel_tail<V, NV, TP - 1, EXPAND>(np, P, row_ok, src, src_offset, w, shift, out);
   } else {
-    microkernel<V, NV, 1, EXPAND>(P, row_ok, src, w, shift, out);
+    microkernel<V, NV, 1, EXPAND>(P, row_ok, src, src_offset, w, shift, out);
   }
 }
 
-// One column tile of output row `row` for the CB output channels from co0: pixel blocks of TP through the
-// microkernel. rows[kh] are the tile's expanded input rows (expand mode).
-template <class V, int NV, bool EXPAND, typename scalar_t>
-RK_ALWAYS_INLINE void blocked_tile_channels(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int64_t row,
-                                            int64_t tile, int64_t co0, const bool* row_ok, const float* const* rows) {
+// Expand mode: one column tile of output row `row` for the CB output channels from co0, pixel blocks of TP
+// through the microkernel. rows[kh] are the tile's expanded input rows.
+template <class V, int NV, typename scalar_t>
+RK_ALWAYS_INLINE void expand_tile_channels(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int64_t row,
+                                           int64_t tile, int64_t co0, const bool* row_ok, const float* const* rows) {
   constexpr int TP = pixels_per_block<V, NV>();
   const ConvGeom& g = *P.g;
-  const int64_t C_in = g.C_in, C_out = g.C_out;
-  const int64_t cpg_in = C_in / g.groups, cpg_out = C_out / g.groups, tap_stride = cpg_in * C_out;
+  const int64_t C_out = g.C_out, tap_stride = (g.C_in / g.groups) * C_out;
   const int64_t taps = int64_t(g.KH) * g.KW;
-  const int64_t n = row / g.OH, oh = row % g.OH;
-  const int64_t ih0 = oh * g.stride_h - g.pad_h;
   const int64_t ow0 = tile * P.tile_ow, nt = std::min(P.tile_ow, g.OW - ow0);
   const int64_t iw0 = ow0 * g.stride_w - g.pad_w;
-  scalar_t* out_row = P.out + ((n * g.OH + oh) * g.OW + ow0) * C_out;
-  const int64_t in_ch0 = (co0 / cpg_out) * cpg_in;  // broadcast mode: the block's group's inputs
+  scalar_t* out_row = P.out + (row * g.OW + ow0) * C_out;
   for (int64_t t0 = 0; t0 < nt; t0 += TP) {
     const int np = int(std::min<int64_t>(TP, nt - t0));
     for (int32_t kh = 0; kh < g.KH; ++kh) {
       if (!row_ok[kh]) continue;
-      const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
       for (int32_t kw = 0; kw < g.KW; ++kw) {
         const void** s = S.src + int64_t(kh) * g.KW + kw;
         for (int p = 0; p < np; ++p) {
           const int64_t j = (t0 + p) * g.stride_w + int64_t(kw) * g.dil_w;
           const int64_t iw = iw0 + j;
-          const bool inside = iw >= 0 && iw < g.W;
-          if constexpr (EXPAND) {
-            s[p * taps] = (inside ? rows[kh] + j * tap_stride : P.zero_expanded) + co0;
-          } else {
-            s[p * taps] = inside ? P.in + ((n * g.H + ih) * g.W + iw) * C_in + in_ch0 : P.zero_input;
-          }
+          s[p * taps] = (iw >= 0 && iw < g.W ? rows[kh] + j * tap_stride : P.zero_expanded) + co0;
         }
       }
     }
-    const float* w = P.wp + co0;
-    microkernel_tail<V, NV, TP, EXPAND>(np, P, row_ok, S.src, w, P.shift + co0, out_row + t0 * C_out + co0);
+    microkernel_tail<V, NV, TP, true>(np, P, row_ok, S.src, 0, P.wp + co0, P.shift + co0, out_row + t0 * C_out + co0);
     if (P.row_stats) accumulate_row_stats<V, NV>(P, out_row + t0 * C_out + co0, np);
   }
 }
 
-// Input bytes a band of output rows may read in broadcast mode (see blocked_rows): about a quarter of an L2.
+// Broadcast mode: the source pointers (input channel 0, or zeros outside the image) of every pixel and tap of
+// output rows [b0, b1), tbl[((row - b0) * OW + ow) * KH * KW + tap]; each channel block then adds its group's
+// first input channel.
+template <typename scalar_t>
+RK_ALWAYS_INLINE void broadcast_source_table(const BlockedProblem<scalar_t>& P, const void** tbl, int64_t b0,
+                                             int64_t b1) {
+  const ConvGeom& g = *P.g;
+  const int64_t taps = int64_t(g.KH) * g.KW;
+  for (int64_t row = b0; row < b1; ++row) {
+    const int64_t n = row / g.OH, ih0 = (row % g.OH) * g.stride_h - g.pad_h;
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const void** t = tbl + ((row - b0) * g.OW + ow) * taps;
+      for (int32_t kh = 0; kh < g.KH; ++kh) {
+        const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
+        for (int32_t kw = 0; kw < g.KW; ++kw) {
+          const int64_t iw = ow * g.stride_w - g.pad_w + int64_t(kw) * g.dil_w;
+          const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+          t[int64_t(kh) * g.KW + kw] = inside ? P.in + ((n * g.H + ih) * g.W + iw) * g.C_in : P.zero_input;
+        }
+      }
+    }
+  }
+}
+
+// Broadcast mode works on bands of output rows: input rows read about kBandInputBytes (a quarter of an L2), and
+// at most kBandTablePointers source pointers.
 constexpr int64_t kBandInputBytes = 256 * 1024;
+constexpr int64_t kBandTablePointers = 32 * 1024;
+
+// Output rows per band in broadcast mode (see blocked_rows).
+template <typename scalar_t>
+inline int64_t broadcast_band_rows(const ConvGeom& g) {
+  const int64_t in_bytes_per_row = std::max<int64_t>(1, g.stride_h * g.W * g.C_in * int64_t(sizeof(scalar_t)));
+  const int64_t pointers_per_row = std::max<int64_t>(1, g.OW * g.KH * g.KW);
+  return std::max<int64_t>(1, std::min(kBandInputBytes / in_bytes_per_row, kBandTablePointers / pointers_per_row));
+}
 
 // Computes output rows [row_begin, row_end) (row = n * OH + oh) with blocks of NV vectors. Expand mode goes row
 // by row (the cached expanded rows serve every channel block). Broadcast mode goes band of rows by band of rows,
 // and within a band channel block by channel block: a block's weights (up to 9 * 32 * 32 floats at ResNeXt-50's
-// last stage) then stay in cache for all the band's rows instead of being streamed again for each row, while the
-// band's input rows stay in L2 for all the channel blocks.
+// last stage) then stay in cache for all the band's rows instead of being streamed again for each row, the band's
+// input rows stay in L2 for all the channel blocks, and the source pointers are computed once per band.
 template <class V, int NV, bool EXPAND, typename scalar_t>
 RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int64_t row_begin,
                                    int64_t row_end) {
   constexpr int CB = NV * V::kLanes;
+  constexpr int TP = pixels_per_block<V, NV>();
   const ConvGeom& g = *P.g;
+  const int64_t taps = int64_t(g.KH) * g.KW;
   bool row_ok[kMaxBlockedKernel];
   const float* rows[kMaxBlockedKernel];
   const auto set_row_ok = [&](int64_t row) {
@@ -336,22 +364,26 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
         for (int32_t kh = 0; kh < g.KH; ++kh) {
           if (row_ok[kh]) rows[kh] = expanded_row<V>(P, S, n, ih0 + int64_t(kh) * g.dil_h, tile, iw0);
         }
-        for (int64_t co0 = 0; co0 < g.C_out; co0 += CB) {
-          blocked_tile_channels<V, NV, true>(P, S, row, tile, co0, row_ok, rows);
-        }
+        for (int64_t co0 = 0; co0 < g.C_out; co0 += CB) expand_tile_channels<V, NV>(P, S, row, tile, co0, row_ok, rows);
       }
     }
   } else {
-    // Bands of output rows whose input rows stay in L2 (about kBandInputBytes) across the channel blocks.
-    const int64_t in_bytes_per_row = std::max<int64_t>(1, g.stride_h * g.W * g.C_in * int64_t(sizeof(scalar_t)));
-    const int64_t band = std::max<int64_t>(1, kBandInputBytes / in_bytes_per_row);
+    const int64_t band = broadcast_band_rows<scalar_t>(g);
+    const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
     for (int64_t b0 = row_begin; b0 < row_end; b0 += band) {
       const int64_t b1 = std::min(row_end, b0 + band);
+      broadcast_source_table(P, S.src, b0, b1);
       for (int64_t co0 = 0; co0 < g.C_out; co0 += CB) {
+        const int64_t in_ch0 = (co0 / cpg_out) * cpg_in;  // the block's group's first input channel
         for (int64_t row = b0; row < b1; ++row) {
           set_row_ok(row);
-          for (int64_t tile = 0; tile < P.n_tiles; ++tile) {
-            blocked_tile_channels<V, NV, false>(P, S, row, tile, co0, row_ok, rows);
+          scalar_t* out_row = P.out + row * g.OW * g.C_out;
+          const void* const* tbl = S.src + (row - b0) * g.OW * taps;
+          for (int64_t t0 = 0; t0 < g.OW; t0 += TP) {
+            const int np = int(std::min<int64_t>(TP, g.OW - t0));
+            scalar_t* out = out_row + t0 * g.C_out + co0;
+            microkernel_tail<V, NV, TP, false>(np, P, row_ok, tbl + t0 * taps, in_ch0, P.wp + co0, P.shift + co0, out);
+            if (P.row_stats) accumulate_row_stats<V, NV>(P, out, np);
           }
         }
       }

@@ -372,7 +372,8 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> expanded(tl.expand_size);
         std::vector<int64_t> slot_tag(tl.row_slots, -1);
-        std::vector<const void*> src(int64_t(kMaxPixelsPerBlock) * g.KH * g.KW);
+        const int64_t table_pixels = tl.expand ? kMaxPixelsPerBlock : broadcast_band_rows<scalar_t>(g) * g.OW;
+        std::vector<const void*> src(table_pixels * g.KH * g.KW);
         BlockedScratch S{expanded.data(), slot_tag.data(), src.data()};
         run_blocked_rows(P, S, nv, begin, end);
       });
