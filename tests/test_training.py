@@ -406,3 +406,25 @@ def test_data_gradient_against_float64_reference(case, dtype):
     own = c <= 4 and padding[0] <= dilation[0] * (kernel[0] - 1) and padding[1] <= dilation[1] * (kernel[1] - 1)
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert ("data gradient from the project's fused conv kernel" in reason) == own, reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cin,cout,stride", [(128, 128, 1), (256, 64, 2), (64, 512, 1)])
+def test_dense_pointwise_through_aten_with_statistics(cin, cout, stride, dtype):
+    """Dense 1x1 convolutions with >= 64 KB of weights run through ATen (oneDNN); the training form then takes its
+    row statistics from a pass over the output. Output, batch statistics and running stats against float64."""
+    x = (torch.randn(2, cin, 9, 7) + 3).to(dtype).contiguous(memory_format=torch.channels_last)  # offset mean
+    w = (torch.randn(cout, cin, 1, 1) / cin ** 0.5).to(dtype)
+    rm, rv = torch.zeros(cout), torch.ones(cout)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    out = rk.conv_bn_relu(x, w, rm, rv, None, None, training=True, stride=stride, padding=0)
+    y = F.conv2d(x.double(), w.double(), None, stride)
+    expected = F.relu(F.batch_norm(y, rm_ref, rv_ref, None, None, True, 0.1, 1e-5))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype and rel_err(out, expected) < tol
+    assert rel_err(rm, rm_ref) < tol and rel_err(rv, rv_ref) < tol
+    # inference form of the same layer, through the same ATen route
+    scale, shift = torch.rand(cout) + 0.5, torch.randn(cout)
+    inf = torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, [stride] * 2, [0, 0], [1, 1], 1, False)
+    ref = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    assert inf.is_contiguous(memory_format=torch.channels_last) and rel_err(inf, ref) < tol
