@@ -1,8 +1,8 @@
 // CPU kernel of bottleneck_infer: the whole aggregated bottleneck in one operator call
-// (common/bottleneck_impl.h). Each convolution runs the fused CPU conv kernel with its BatchNorm folded into
-// the epilogue; the shortcut (identity or projection) is added, and the final ReLU applied, in the epilogue of
-// the last 1x1 convolution, so the block makes no pass over memory besides its convolutions. Intermediates
-// stay channels_last.
+// (common/bottleneck_impl.h). Each convolution goes through conv_affine_nhwc_cpu with its BatchNorm folded: the
+// fused CPU conv kernel, except dense 1x1 convolutions with >= 64 KB of weights, which it hands to oneDNN (see
+// conv_bn_relu.cpp). The shortcut (identity or projection) is added, and the final ReLU applied, in the last
+// 1x1 convolution's epilogue (or in place after oneDNN's). Intermediates stay channels_last.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 

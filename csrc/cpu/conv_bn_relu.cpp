@@ -7,10 +7,13 @@
 //     output pixel starts at the BN shift, so the epilogue is only the optional ReLU and the store.
 //   * Work items are output rows (n, oh), split across threads by at::parallel_for; a row is processed
 //     in column tiles sized so that a thread's scratch stays cache-sized.
-//   * Vectorization runs across output channels (contiguous in NHWC and in wp), in one of two ways:
+//   * Channel-lane path (conv_lanes.h): groups of 2, 4 or 8 channels in and out with a 3-wide kernel put input
+//     channels in the vector lanes and reorder the sums per output pixel; it takes precedence over the below.
+//   * Dense 1x1 convolutions with >= kPointwiseWeightBytesForAten of weights go to ATen (oneDNN).
+//   * Otherwise vectorization runs across output channels (contiguous in NHWC and in wp), in one of two ways:
 //       broadcast: when a group has >= kBroadcastMinWidth output channels (dense and wide groups), each
 //                  input value is broadcast and multiplied into its group's slice of the accumulator;
-//       expand:    when groups are narrow (ResNeXt's 4 or 8 channels per group, depthwise), the input
+//       expand:    when groups are narrow and the lane path does not apply (depthwise, 3 per group), the input
 //                  columns of the tile are first expanded to e[ci][co] = x[group(co) * cpg_in + ci], so
 //                  that the inner loop runs over all C_out channels with no per-group bookkeeping.
 //   * Blocked path (float32/bfloat16 on AVX-512 or AVX2 machines, block widths a multiple of the vector
