@@ -223,14 +223,26 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
         reason = "fused kernels, training form (batch statistics, fused BN+ReLU backward)"
         if not torch.compiler.is_compiling():  # the path is the same; the text only matters to a person asking
             reason += "; " + _conv_grads_source(input, weight, stride, padding, dilation, groups)
-        return Decision(device, reason)
+        return Decision(device, reason + _cpu_pointwise_note(input, weight, padding, groups))
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
     if requires_grad:
         return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue) with autograd: "
                                 "backward through the ReLU mask and the folded BN scale, conv gradients from "
-                                "ATen")
-    return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)")
+                                "ATen" + _cpu_pointwise_note(input, weight, padding, groups))
+    return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)"
+                    + _cpu_pointwise_note(input, weight, padding, groups))
+
+
+def _cpu_pointwise_note(input: Tensor, weight: Tensor, padding: IntPair, groups: int) -> str:
+    """Mirrors pointwise_runs_on_aten (csrc/cpu/conv_bn_relu.cpp): the CPU op hands dense 1x1 convolutions with
+    >= 64 KB of weights to oneDNN, whose GEMM blocking beats the fused kernel there."""
+    if (input.device.type == "cpu" and input.dtype != torch.float64 and groups == 1
+            and tuple(weight.shape[2:]) == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
+            and input.shape[1] * weight.shape[0] * 4 >= 64 * 1024):
+        return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM with the BN "
+                "scale folded into the weight and the shift as bias (faster than the fused kernel there)")
+    return ""
 
 
 def _cpu_channel_lanes(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int],

@@ -425,6 +425,11 @@ def test_dense_pointwise_through_aten_with_statistics(cin, cout, stride, dtype):
     assert rel_err(rm, rm_ref) < tol and rel_err(rv, rv_ref) < tol
     # inference form of the same layer, through the same ATen route
     scale, shift = torch.rand(cout) + 0.5, torch.randn(cout)
+    for training in (True, False):
+        reason = rk.ops.explain(x, w, stride=stride, padding=0, training=training).reason
+        assert "dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM" in reason, reason
+    small = rk.ops.explain(x[:, :32], torch.randn(32, 32, 1, 1).to(dtype), padding=0).reason
+    assert "oneDNN" not in small
     inf = torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, [stride] * 2, [0, 0], [1, 1], 1, False)
     ref = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
     assert inf.is_contiguous(memory_format=torch.channels_last) and rel_err(inf, ref) < tol
