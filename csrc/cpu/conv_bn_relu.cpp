@@ -238,35 +238,14 @@ int blocked_vectors(const ConvGeom& g, const Tiling& tl) {
   }
 }
 
-template <typename scalar_t>
-void run_blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScratch& S, int nv, int64_t row_begin,
-                      int64_t row_end) {
+// Calls NAME_avx512 or NAME_avx2 (the entry points above) for the detected ISA; callers have checked that a vector
+// path applies, so a build without x86 dispatch never gets here.
 #if RK_X86_DISPATCH
-  if (detected_isa() == CpuIsa::kAvx512) {
-    blocked_rows_avx512(P, S, nv, row_begin, row_end);
-  } else {
-    blocked_rows_avx2(P, S, nv, row_begin, row_end);
-  }
+#define RK_CALL_FOR_ISA(NAME, ...) \
+  (detected_isa() == CpuIsa::kAvx512 ? NAME##_avx512(__VA_ARGS__) : NAME##_avx2(__VA_ARGS__))
 #else
-  (void)P, (void)S, (void)nv, (void)row_begin, (void)row_end;
-  TORCH_INTERNAL_ASSERT(false, "blocked CPU path selected on a build without x86 dispatch");
+#define RK_CALL_FOR_ISA(NAME, ...) TORCH_INTERNAL_ASSERT(false, "vector CPU path selected on a build without x86 dispatch")
 #endif
-}
-
-template <typename scalar_t>
-void run_lane_rows(const BlockedProblem<scalar_t>& P, const scalar_t** tbl, int c, int64_t row_begin,
-                   int64_t row_end) {
-#if RK_X86_DISPATCH
-  if (detected_isa() == CpuIsa::kAvx512) {
-    lane_rows_avx512(P, tbl, c, row_begin, row_end);
-  } else {
-    lane_rows_avx2(P, tbl, c, row_begin, row_end);
-  }
-#else
-  (void)P, (void)tbl, (void)c, (void)row_begin, (void)row_end;
-  TORCH_INTERNAL_ASSERT(false, "channel-lane CPU path selected on a build without x86 dispatch");
-#endif
-}
 
 // The group width the channel-lane path runs with for this problem on this machine, or 0 when it does not
 // apply (float64, CPUs without AVX2, other group shapes or kernel widths).
@@ -359,7 +338,7 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
       at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
         std::vector<const scalar_t*> tbl(int64_t(g.KH) * g.OW * kLaneKernelWidth);
-        run_lane_rows(P, tbl.data(), c, begin, end);
+        RK_CALL_FOR_ISA(lane_rows, P, tbl.data(), c, begin, end);
       });
       return;
     }
@@ -379,7 +358,7 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
         const int64_t table_pixels = tl.expand ? kMaxPixelsPerBlock : broadcast_band_rows<scalar_t>(g) * g.OW;
         std::vector<const void*> src(table_pixels * g.KH * g.KW);
         BlockedScratch S{expanded.data(), slot_tag.data(), src.data()};
-        run_blocked_rows(P, S, nv, begin, end);
+        RK_CALL_FOR_ISA(blocked_rows, P, S, nv, begin, end);
       });
       return;
     }
