@@ -223,31 +223,47 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
         reason = "fused kernels, training form (batch statistics, fused BN+ReLU backward)"
         if not torch.compiler.is_compiling():  # the path is the same; the text only matters to a person asking
             reason += "; " + _conv_grads_source(input, weight, stride, padding, dilation, groups)
-        return Decision(device, reason + _cpu_pointwise_note(input, weight, padding, groups))
+        return Decision(device, reason + _cpu_conv_note(input, weight, stride, padding, dilation, groups))
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
     if requires_grad:
         return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue) with autograd: "
                                 "backward through the ReLU mask and the folded BN scale, conv gradients from "
-                                "ATen" + _cpu_pointwise_note(input, weight, padding, groups))
+                                "ATen" + _cpu_conv_note(input, weight, stride, padding, dilation, groups))
     return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)"
-                    + _cpu_pointwise_note(input, weight, padding, groups))
+                    + _cpu_conv_note(input, weight, stride, padding, dilation, groups))
 
 
-def _cpu_pointwise_note(input: Tensor, weight: Tensor, padding: IntPair, groups: int) -> str:
-    """Mirrors pointwise_runs_on_aten (csrc/cpu/conv_bn_relu.cpp): the CPU op hands dense 1x1 convolutions with
-    >= 64 KB of weights to oneDNN, whose GEMM blocking beats the fused kernel there."""
-    if (input.device.type == "cpu" and input.dtype != torch.float64 and groups == 1
-            and tuple(weight.shape[2:]) == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
+def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
+                   groups: int) -> str:
+    """How the CPU op computes the convolution itself, where it is not the direct fused kernel: mirrors
+    pointwise_runs_on_aten and winograd_lanes (csrc/cpu/conv_bn_relu.cpp)."""
+    if input.device.type != "cpu":
+        return ""
+    kernel = tuple(weight.shape[2:])
+    if (input.dtype != torch.float64 and groups == 1 and kernel == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
             and input.shape[1] * weight.shape[0] * 4 >= 64 * 1024):
         return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM with the BN "
                 "scale folded into the weight and the shift as bias (faster than the fused kernel there)")
+    if _cpu_winograd(input.shape[1], weight.shape[0], groups, kernel, _pair(stride, "stride", 1),
+                     _pair(dilation, "dilation", 1), input.dtype):
+        return ("; the 3x3 convolution runs as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds, with results within a "
+                "few float32 rounding steps of direct summation")
     return ""
+
+
+def _cpu_winograd(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int], stride: Sequence[int],
+                  dilation: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether the CPU conv kernel runs its Winograd path (mirrors conv_uses_winograd, csrc/cpu)."""
+    return (dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512")
+            and tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and channels_in == channels_out and channels_in // groups in (8, 16, 32, 64))
 
 
 def _cpu_channel_lanes(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int],
                        dtype: torch.dtype) -> bool:
-    """Whether the CPU conv kernel runs its channel-lane path (mirrors conv_uses_channel_lanes, csrc/cpu)."""
+    """Whether the CPU conv kernel runs its channel-lane path (mirrors conv_uses_channel_lanes, csrc/cpu, for the groups
+    of 2-4 channels it is asked about: the Winograd path, which takes precedence, starts at 8)."""
     c = channels_in // groups
     lanes = 16 if _CPU_CAPABILITY == "AVX512" else 8
     return (dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1

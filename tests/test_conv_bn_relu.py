@@ -90,7 +90,7 @@ def test_channels_per_group(channels):
 # Widths are chosen so that a row ends in a partial pixel block.
 LANE_CASES = [
     (2, 64, 9, 11, 4, 3, 1, 1, 1),
-    (1, 128, 7, 13, 8, 3, 1, 1, 1),
+    (1, 128, 7, 13, 8, 5, 1, (2, 1), 1),  # 5x3 kernel: 8 channels per group with a 3x3 kernel go to Winograd
     (2, 32, 8, 9, 2, 3, 2, 1, 1),
     (1, 64, 10, 7, 8, 3, 2, 0, 1),
     (1, 32, 9, 12, 4, 3, 1, 2, 2),
@@ -121,6 +121,51 @@ def test_channel_lane_path_shapes(case, dtype, relu):
         assert rel_err(out, ref) <= 2 * rel_err(F.relu(own) if relu else own, ref) + 1e-3
     else:
         assert rel_err(out, ref) <= 1e-5
+
+
+# (N, C, H, W, channels per group, padding): the Winograd path (3x3, stride 1, dilation 1, 8-64 channels per group).
+WINOGRAD_CASES = [
+    (2, 64, 9, 11, 8, 1),   # two groups of 8 per 16-lane transform; 30 tiles: two blocks
+    (1, 24, 5, 7, 8, 1),    # an odd number of groups of 8: 8-lane transform
+    (1, 64, 7, 7, 16, 1),   # odd output size: the last tile row and column are half outside
+    (2, 96, 6, 5, 32, 0),   # no padding
+    (1, 64, 6, 9, 64, 2),   # dense, padding 2: tiles of zeros at the edges
+    (1, 320, 5, 4, 64, 1),  # 1.25 MB of transformed weights: group-major work order
+    (1, 16, 30, 29, 16, 1), # 225 tiles: blocks of 23 and a shorter last one
+    (3, 32, 1, 1, 16, 1),   # a single pixel
+]
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "affine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_winograd_path_shapes(case, dtype, relu):
+    n, ch, h, w_, c, padding = case
+    x = torch.randn(n, ch, h, w_).to(dtype).contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(ch, c, 3, 3) / (c * 9) ** 0.5).to(dtype)
+    scale, shift = torch.rand(ch) + 0.5, torch.randn(ch)
+    args = ((1, 1), (padding, padding), (1, 1), ch // c)
+    if rk.ops._CPU_CAPABILITY in ("AVX2", "AVX512"):
+        assert "Winograd" in rk.explain(x, wt, padding=padding, groups=ch // c).reason
+    out = torch.ops.resnext_kernels.conv_bn_relu_infer(x, wt, scale, shift, *args, relu)
+    ref = reference_conv_affine_relu(x, wt, scale, shift, *args, relu)
+    assert out.shape == ref.shape and out.dtype == dtype
+    if dtype == torch.bfloat16:
+        own = F.conv2d(x, wt, None, *args) * scale.bfloat16().view(1, -1, 1, 1) + shift.bfloat16().view(1, -1, 1, 1)
+        assert rel_err(out, ref) <= 2 * rel_err(F.relu(own) if relu else own, ref) + 1e-3
+    else:
+        # The same bound as the direct paths: F(2x2, 3x3)'s transforms add a few float32 rounding steps, not more.
+        assert rel_err(out, ref) <= 1e-5
+        assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_winograd_is_not_taken_outside_its_shapes():
+    x = torch.randn(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    for kwargs in (dict(stride=2), dict(dilation=2, padding=2), dict(groups=16)):  # 4 channels per group: lanes
+        wt = torch.randn(64, 64 // kwargs.get("groups", 4), 3, 3)
+        kwargs.setdefault("groups", 4)
+        assert "Winograd" not in rk.explain(x, wt, **kwargs).reason
+    assert "Winograd" not in rk.explain(x.double(), torch.randn(64, 16, 3, 3, dtype=torch.float64), groups=4).reason
 
 
 @pytest.mark.parametrize("stride", [1, 2])

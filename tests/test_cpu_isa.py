@@ -25,7 +25,7 @@ def test_capped_isa_kernels_match_float64_reference(isa, capability):
         pytest.skip("this CPU has no AVX2: the cap would test the portable code twice")
     result = _run_capped(isa)
     assert result.pop("capability") in capability
-    assert len(result) == 2 * 8 + 3 * 3
+    assert len(result) == 2 * 10 + 3 * 3
     for name, err in result.items():
         bound = 1e-2 if "bfloat16" in name else 1e-5
         assert err <= bound, (name, err)

@@ -433,3 +433,30 @@ def test_dense_pointwise_through_aten_with_statistics(cin, cout, stride, dtype):
     inf = torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, [stride] * 2, [0, 0], [1, 1], 1, False)
     ref = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
     assert inf.is_contiguous(memory_format=torch.channels_last) and rel_err(inf, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels,groups,size", [(64, 4, (9, 7)), (64, 8, (6, 11)), (96, 3, (5, 5))])
+def test_winograd_forward_with_statistics(channels, groups, size, dtype):
+    """3x3 stride-1 convolutions with 8-32 channels per group run through the Winograd path, whose epilogue also
+    collects the per-row statistics of the training form (pivot from each row's first tile). An offset mean makes
+    a wrong pivot or a dropped partial tile visible. Output, gradients and running stats against float64."""
+    x = (torch.randn(2, channels, *size) + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(channels, channels // groups, 3, 3) / (channels // groups * 9) ** 0.5 + 0.05).to(dtype)
+    gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels)
+    if rk.ops._CPU_CAPABILITY in ("AVX2", "AVX512"):
+        assert "Winograd" in rk.ops.explain(x, w, groups=groups, training=True).reason
+    rm, rv = torch.zeros(channels), torch.ones(channels)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    out = rk.conv_bn_relu(xr, wr, rm, rv, gamma, beta, training=True, groups=groups)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    expected = F.relu(F.batch_norm(F.conv2d(xd, wd, None, 1, 1, 1, groups), rm_ref, rv_ref, gamma.double(),
+                                   beta.double(), True, 0.1, 1e-5))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype and rel_err(out, expected) < tol
+    assert rel_err(rm, rm_ref) < tol and rel_err(rv, rv_ref) < tol
+    grad = torch.randn(expected.shape, dtype=torch.float64)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    assert rel_err(xr.grad, xd.grad) < 10 * tol and rel_err(wr.grad, wd.grad) < 10 * tol

@@ -7,6 +7,8 @@
 //     output pixel starts at the BN shift, so the epilogue is only the optional ReLU and the store.
 //   * Work items are output rows (n, oh), split across threads by at::parallel_for; a row is processed
 //     in column tiles sized so that a thread's scratch stays cache-sized.
+//   * Winograd path (conv_winograd.h): 3x3, stride 1, dilation 1, 8-64 channels per group in and out, no residual,
+//     as F(2x2, 3x3) with 2.25x fewer multiply-adds; it takes precedence over the below.
 //   * Channel-lane path (conv_lanes.h): groups of 2, 4 or 8 channels in and out with a 3-wide kernel put input
 //     channels in the vector lanes and reorder the sums per output pixel; it takes precedence over the below.
 //   * Dense 1x1 convolutions with >= kPointwiseWeightBytesForAten of weights go to ATen (oneDNN).
@@ -41,6 +43,7 @@
 #include "common/conv_checks.h"
 #include "cpu/conv_blocked.h"
 #include "cpu/conv_lanes.h"
+#include "cpu/conv_winograd.h"
 #include "cpu/conv_cpu.h"
 
 #if RK_X86_DISPATCH
@@ -220,6 +223,36 @@ RK_DEFINE_LANES(lane_rows_avx512, "arch=x86-64-v4", Avx512Vec, c10::BFloat16)
 RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, float)
 RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
 #undef RK_DEFINE_LANES
+
+// Winograd entry points: `lanes` is the transform vector width (winograd_lanes), cpg the channels per group.
+#define RK_WINOGRAD_CASE(VT, VG, CPG) \
+  case CPG: return winograd_items<VT, VG, CPG>(P, vbuf, mbuf, begin, end);
+template <typename scalar_t>
+__attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const BlockedProblem<scalar_t>& P, float* vbuf,
+                                                                     float* mbuf, int lanes, int cpg, int64_t begin,
+                                                                     int64_t end) {
+  if (lanes == 8) return winograd_items<Avx512YmmVec, Avx512YmmVec, 8>(P, vbuf, mbuf, begin, end);
+  switch (cpg) {
+    RK_WINOGRAD_CASE(Avx512Vec, Avx512YmmVec, 8)
+    RK_WINOGRAD_CASE(Avx512Vec, Avx512Vec, 16)
+    RK_WINOGRAD_CASE(Avx512Vec, Avx512Vec, 32)
+    RK_WINOGRAD_CASE(Avx512Vec, Avx512Vec, 64)
+    default: TORCH_INTERNAL_ASSERT(false, "winograd_items_avx512: unexpected channels per group ", cpg);
+  }
+}
+template <typename scalar_t>
+__attribute__((target("arch=x86-64-v3"))) void winograd_items_avx2(const BlockedProblem<scalar_t>& P, float* vbuf,
+                                                                   float* mbuf, int /*lanes*/, int cpg, int64_t begin,
+                                                                   int64_t end) {
+  switch (cpg) {
+    RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 8)
+    RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 16)
+    RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 32)
+    RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 64)
+    default: TORCH_INTERNAL_ASSERT(false, "winograd_items_avx2: unexpected channels per group ", cpg);
+  }
+}
+#undef RK_WINOGRAD_CASE
 #endif
 
 // Vectors per microkernel block on this machine for this problem, or 0 when the generic path must run.
@@ -263,6 +296,69 @@ int lane_group_width(const ConvGeom& g) {
     const int L = isa == CpuIsa::kAvx512 ? Avx512Vec::kLanes : Avx2Vec::kLanes;
     return g.C_in % L == 0 ? int(c) : 0;
   }
+}
+
+// The transform vector width (lanes) the Winograd path (conv_winograd.h) runs with for this problem on this machine,
+// or 0 when it does not apply: float32/bfloat16 on AVX2/AVX-512, 3x3 kernel, stride 1, dilation 1, and 8, 16, 32 or
+// 64 channels per group in and out. AVX-512 transforms 16 channels at once (two groups of 8 when the group count is
+// even), otherwise 8.
+template <typename scalar_t>
+int winograd_lanes(const ConvGeom& g) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return 0;
+  } else {
+    const int64_t cpg = g.C_in / g.groups;
+    const CpuIsa isa = detected_isa();
+    if (isa == CpuIsa::kBaseline || g.KH != 3 || g.KW != 3 || g.stride_h != 1 || g.stride_w != 1 || g.dil_h != 1 ||
+        g.dil_w != 1 || g.C_out != g.C_in || (cpg != 8 && cpg != 16 && cpg != 32 && cpg != 64)) {
+      return 0;
+    }
+    if (isa == CpuIsa::kAvx2) return 8;
+    return cpg >= 16 || g.groups % 2 == 0 ? 16 : 8;
+  }
+}
+
+// u[group][p][ci][co] = (G w G^T)[p] for w = weight[group * cpg + co][ci] * scale (the 3x3 kernel, co local to the
+// group): the weight transform of F(2x2, 3x3) (conv_winograd.h). G's rows are w0, (w0 + w1 + w2) / 2,
+// (w0 - w1 + w2) / 2 and w2, applied to the kernel's columns and then its rows, vectorized across co.
+template <typename scalar_t>
+std::vector<float> pack_winograd_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale) {
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor s = scale.contiguous();
+  const scalar_t* wsrc = w.data_ptr<scalar_t>();
+  const float* sc = s.data_ptr<float>();
+  const int64_t cpg = g.C_in / g.groups;
+  std::vector<float> u(kWinogradPoints * cpg * g.C_out);
+  const auto transform = [cpg](const float* x0, const float* x1, const float* x2, int64_t stride, float* y) {
+    for (int64_t co = 0; co < cpg; ++co) {
+      y[co] = x0[co];
+      y[stride + co] = 0.5f * (x0[co] + x1[co] + x2[co]);
+      y[2 * stride + co] = 0.5f * (x0[co] - x1[co] + x2[co]);
+      y[3 * stride + co] = x2[co];
+    }
+  };
+  at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> k(cpg * 9 * cpg), gk(12 * cpg);  // k[ci][tap][co], gk[a][c][co]
+    for (int64_t grp = begin; grp < end; ++grp) {
+      for (int64_t co = 0; co < cpg; ++co) {  // the group's weights are read in order
+        const int64_t oc = grp * cpg + co;
+        const scalar_t* src = wsrc + oc * cpg * 9;
+        for (int64_t i = 0; i < cpg * 9; ++i) k[i * cpg + co] = static_cast<float>(src[i]) * sc[oc];
+      }
+      for (int64_t ci = 0; ci < cpg; ++ci) {
+        const float* kc = k.data() + ci * 9 * cpg;
+        for (int c = 0; c < 3; ++c) {  // G w: gk[a][c] from the column (w[0][c], w[1][c], w[2][c])
+          transform(kc + c * cpg, kc + (3 + c) * cpg, kc + (6 + c) * cpg, 3 * cpg, &gk[c * cpg]);
+        }
+        float* dst = u.data() + (grp * kWinogradPoints * cpg + ci) * cpg;  // u[grp][p][ci][.], p stride cpg * cpg
+        for (int a = 0; a < 4; ++a) {  // (G w) G^T: row a of gk -> points (a, 0..3)
+          transform(&gk[(a * 3) * cpg], &gk[(a * 3 + 1) * cpg], &gk[(a * 3 + 2) * cpg], cpg * cpg,
+                    dst + a * 4 * cpg * cpg);
+        }
+      }
+    }
+  });
+  return u;
 }
 
 // wl[cb][kh][kw][j][lane] = weight[co][ci][kh][kw] * scale[co] for channel cb * L + lane = group * c + ci and
@@ -328,6 +424,22 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
   // Grain: enough rows per task that a task does at least ~64k multiply-adds.
   const int64_t macs_per_row = g.OW * g.C_out * cpg_in * g.KH * g.KW;
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(macs_per_row, 1));
+  if (const int lanes = winograd_lanes<scalar_t>(g); lanes > 0 && !residual) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const std::vector<float> u = pack_winograd_weight<scalar_t>(g, weight, scale);
+      const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
+      BlockedProblem<scalar_t> P{};
+      P.g = &g, P.in = in, P.wp = u.data(), P.shift = sh, P.out = out, P.relu = relu;
+      P.zero_input = zero_input.data(), P.row_stats = row_stats;
+      const int64_t block = std::max<int64_t>(cpg_in, lanes);
+      at::parallel_for(0, g.C_in / block * g.N, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> vbuf(kWinogradPoints * kMaxWinogradTiles * block);
+        std::vector<float> mbuf(kWinogradPoints * kMaxWinogradTiles * block);
+        RK_CALL_FOR_ISA(winograd_items, P, vbuf.data(), mbuf.data(), lanes, int(cpg_in), begin, end);
+      });
+      return;
+    }
+  }
   if (const int c = lane_group_width<scalar_t>(g); c > 0) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const int L = detected_isa() == CpuIsa::kAvx512 ? Avx512Vec::kLanes : Avx2Vec::kLanes;
@@ -431,7 +543,12 @@ void fill_row_stats(const ConvGeom& g, const at::Tensor& out, float* row_stats) 
 }  // namespace
 
 bool conv_uses_channel_lanes(const ConvGeom& g, at::ScalarType dtype) {
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && lane_group_width<float>(g) > 0;
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && winograd_lanes<float>(g) == 0 &&
+         lane_group_width<float>(g) > 0;
+}
+
+bool conv_uses_winograd(const ConvGeom& g, at::ScalarType dtype) {
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && winograd_lanes<float>(g) > 0;
 }
 
 at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,

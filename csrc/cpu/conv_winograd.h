@@ -1,0 +1,237 @@
+// Winograd path of the CPU fused conv kernel: 3x3 convolutions with stride 1 and dilation 1 whose groups have 8, 16,
+// 32 or 64 channels in and out (ResNeXt-50 32x4d stages 2-4; dense 3x3 convolutions of up to 64 channels).
+//
+// F(2x2, 3x3) computes a 2x2 block of outputs from a 4x4 block of inputs with 16 multiplies per (input, output)
+// channel pair instead of 36 (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
+//   Y = A^T [ (G w G^T) .* (B^T d B) ] A
+// with B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1] and
+// A^T = [1 1 1 0; 0 1 -1 -1]. The weight transform U = G w G^T (BN scale folded in) is done once per call
+// (pack_winograd_weight, conv_bn_relu.cpp). Per point p of the 4x4 transform domain, the products summed over a
+// group's input channels are a small GEMM, M_p[tile][co] = sum_ci V_p[tile][ci] U_p[ci][co]: the direct
+// convolution's 9 multiply-adds per (output pixel, ci, co) become 4 (2.25x fewer), for the price of the input and
+// output transforms (adds only). All transform coefficients are 0, +-1 and 1/2, so the results stay within a few
+// float32 rounding steps of the direct sum (the tests hold both to the same float64 reference tolerances).
+//
+// An image's tiles (ceil(OH/2) x ceil(OW/2), raster order) go in blocks of up to TB tiles, for one block of
+// channels at a time (see winograd_items for the work items):
+//   1. input transform (winograd_input_transform): V_p for every tile of the block -> vbuf[p][tile][c];
+//   2. GEMMs (winograd_gemm): per point p, group and NV vectors of output channels, a register-blocked TB x NV
+//      microkernel (each V value broadcast, each U vector shared by the TB tiles) -> mbuf[p][tile][c];
+//   3. output transform (winograd_output_transform) with the blocked path's epilogue: shift, ReLU, store of the
+//      outputs inside the image, and row statistics for the training form (a row's tiles come in order, so the
+//      first one sets the pivot). No residual: a call with one takes the other paths (the bottleneck adds it to
+//      its last, 1x1, convolution).
+// Per-phase timing at ResNeXt-50 stage 3 (one thread, N=8, phases skipped one at a time): the GEMMs take about 60%
+// of the time, the two transforms about 30%, the weight transform and setup about 10%.
+//
+// Included by conv_bn_relu.cpp only (always_inline, compiled once per ISA entry point there).
+#pragma once
+
+#include "cpu/conv_blocked.h"
+
+namespace rk {
+namespace cpu {
+
+// 8-lane (ymm) vectors in AVX-512 code, which has 32 of them: for groups of 8 channels. On Zen 4 a 512-bit FMA is
+// two 256-bit halves, so the narrower vector loses no multiply-add throughput.
+struct Avx512YmmVec {
+  typedef float vec __attribute__((vector_size(32)));
+  typedef int32_t ivec __attribute__((vector_size(32)));
+  static constexpr int kLanes = 8;
+  static constexpr int kAccRegs = 24;
+};
+
+// Points of the F(2x2, 3x3) transform domain (4x4 input tiles) and tiles per block at most.
+constexpr int kWinogradPoints = 16;
+constexpr int kMaxWinogradTiles = 24;
+
+// Work-item order (see winograd_items): image-major while the transformed weights of all groups, 16 C_in C_out / groups
+// floats, fit in this many bytes (about an L2), group-major beyond. Measured on ResNeXt-50: image-major at stages 2-3
+// (128 and 512 KB), group-major at stage 4 (2 MB) 1.04 against 1.16 ms.
+constexpr int64_t kImageMajorWeightBytes = 1024 * 1024;
+
+inline bool winograd_image_major(const ConvGeom& g) {
+  return kWinogradPoints * g.C_in * (g.C_out / g.groups) * int64_t(sizeof(float)) <= kImageMajorWeightBytes;
+}
+
+template <class V, int NV>
+constexpr int winograd_tiles_per_block() {
+  return std::min(kMaxWinogradTiles, V::kAccRegs / NV);
+}
+
+// m[t * CB + co] = sum_ci v[t * CB + ci] * u[ci * CPG + co] for TB tiles and NV vectors of output channels (v, u
+// and m point at the group's and the channel block's first channel). Compile-time strides give every tile's
+// broadcast a constant displacement, so the TB x NV accumulators and the NV weights are all the registers needed.
+template <class V, int NV, int TB, int CPG, int CB>
+RK_ALWAYS_INLINE void winograd_gemm(const float* __restrict v, const float* __restrict u, float* __restrict m) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes;
+  vec acc[TB][NV];
+#pragma GCC unroll 24
+  for (int t = 0; t < TB; ++t) {
+#pragma GCC unroll 4
+    for (int k = 0; k < NV; ++k) acc[t][k] = vec{};
+  }
+#pragma GCC unroll 2
+  for (int ci = 0; ci < CPG; ++ci) {
+    vec w[NV];
+#pragma GCC unroll 4
+    for (int k = 0; k < NV; ++k) w[k] = vload<V>(u + ci * CPG + k * L);
+#pragma GCC unroll 24
+    for (int t = 0; t < TB; ++t) {
+      const float x = v[t * CB + ci];
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) acc[t][k] += x * w[k];
+    }
+  }
+#pragma GCC unroll 24
+  for (int t = 0; t < TB; ++t) {
+#pragma GCC unroll 4
+    for (int k = 0; k < NV; ++k) vstore<V>(m + t * CB + k * L, acc[t][k]);
+  }
+}
+
+// winograd_gemm on nt <= TB tiles: a microkernel of exactly that many, so the weights are still shared.
+template <class V, int NV, int TB, int CPG, int CB>
+RK_ALWAYS_INLINE void winograd_gemm_tail(int nt, const float* v, const float* u, float* m) {
+  if constexpr (TB > 1) {
+    if (nt == TB) return winograd_gemm<V, NV, TB, CPG, CB>(v, u, m);
+    winograd_gemm_tail<V, NV, TB - 1, CPG, CB>(nt, v, u, m);
+  } else {
+    winograd_gemm<V, NV, 1, CPG, CB>(v, u, m);
+  }
+}
+
+// Step 1 for tiles [t0, t0 + nt) of image n, the CB channels from c0: vbuf[(p * TB + t) * CB + c] = (B^T d B)[p].
+// Tiles go by tile row. Along a row, neighbouring tiles share two input columns, so B^T is applied once per input
+// column (4 loads, 4 adds) and the tile's 4x4 result only combines its 4 columns (16 adds): a sliding window of two
+// columns carries over to the next tile. Input rows outside the image read as zeros (a zero stride into zero_input),
+// and so do columns outside it.
+template <class V, int TB, int CB, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+                                               int64_t tiles_w, int64_t t0, int nt, float* vbuf) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes;
+  const ConvGeom& g = *P.g;
+  const scalar_t* image = P.in + n * g.H * g.W * g.C_in + c0;
+  for (int t = 0; t < nt;) {
+    const int64_t ty = (t0 + t) / tiles_w, tx0 = (t0 + t) % tiles_w;
+    const int count = int(std::min<int64_t>(nt - t, tiles_w - tx0));  // tiles of this row in the block
+    const int64_t iy0 = 2 * ty - g.pad_h, ix0 = 2 * tx0 - g.pad_w;
+    const scalar_t* row[4];
+    int64_t col_stride[4];
+    for (int i = 0; i < 4; ++i) {
+      const bool inside = iy0 + i >= 0 && iy0 + i < g.H;
+      row[i] = inside ? image + (iy0 + i) * g.W * g.C_in : P.zero_input;
+      col_stride[i] = inside ? g.C_in : 0;
+    }
+    // B^T applied to input column ix (rows iy0..iy0+3), channels c..c+L.
+    const auto column = [&](int64_t ix, int c, vec (&r)[4]) {
+      vec d[4];
+      if (ix >= 0 && ix < g.W) {
+        for (int i = 0; i < 4; ++i) d[i] = vload<V>(row[i] + ix * col_stride[i] + c);
+      } else {
+        for (int i = 0; i < 4; ++i) d[i] = vec{};
+      }
+      r[0] = d[0] - d[2], r[1] = d[1] + d[2], r[2] = d[2] - d[1], r[3] = d[1] - d[3];
+    };
+    for (int c = 0; c < CB; c += L) {
+      vec a[4], b[4];
+      column(ix0, c, a);
+      column(ix0 + 1, c, b);
+      for (int k = 0; k < count; ++k) {
+        vec e[4], f[4];
+        const int64_t ix = ix0 + 2 * k;
+        column(ix + 2, c, e);
+        column(ix + 3, c, f);
+        float* dst = vbuf + int64_t(t + k) * CB + c;
+        for (int i = 0; i < 4; ++i) {
+          vstore<V>(dst + (i * 4 + 0) * TB * CB, a[i] - e[i]);
+          vstore<V>(dst + (i * 4 + 1) * TB * CB, b[i] + e[i]);
+          vstore<V>(dst + (i * 4 + 2) * TB * CB, e[i] - b[i]);
+          vstore<V>(dst + (i * 4 + 3) * TB * CB, b[i] - f[i]);
+          a[i] = e[i], b[i] = f[i];
+        }
+      }
+    }
+    t += count;
+  }
+}
+
+// Step 3 for the same tiles: y = A^T m A + shift (ReLU), stored where inside the output.
+template <class V, int TB, int CB, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+                                                int64_t tiles_w, int64_t t0, int nt, const float* mbuf) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes;
+  const ConvGeom& g = *P.g;
+  const int64_t offset0 = n * g.OH * g.OW * g.C_out + c0;
+  for (int t = 0; t < nt; ++t) {
+    const int64_t ty = (t0 + t) / tiles_w, tx = (t0 + t) % tiles_w;
+    const int64_t oy0 = 2 * ty, ox0 = 2 * tx;
+    const int rows = int(std::min<int64_t>(2, g.OH - oy0)), cols = int(std::min<int64_t>(2, g.OW - ox0));
+    for (int c = 0; c < CB; c += L) {
+      vec m[4][4];
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) m[i][j] = vload<V>(mbuf + ((i * 4 + j) * TB + t) * CB + c);
+      }
+      vec s[2][4];
+      for (int j = 0; j < 4; ++j) {
+        s[0][j] = m[0][j] + m[1][j] + m[2][j];
+        s[1][j] = m[1][j] - m[2][j] - m[3][j];
+      }
+      const vec shift = vload<V>(P.shift + c0 + c);
+      for (int i = 0; i < rows; ++i) {
+        const vec y[2] = {s[i][0] + s[i][1] + s[i][2] + shift, s[i][1] - s[i][2] - s[i][3] + shift};
+        const int64_t offset = offset0 + ((oy0 + i) * g.OW + ox0) * g.C_out + c;
+        for (int j = 0; j < cols; ++j) {
+          vec r = y[j];
+          if (P.relu) r = r < vec{} ? vec{} : r;  // NaN passes, as torch.relu
+          vstore<V>(P.out + offset + j * g.C_out, r);
+        }
+        if (P.row_stats) accumulate_row_stats<V, 1>(P, P.out + offset, cols);
+      }
+    }
+  }
+}
+
+// Work items [begin, end) for CPG channels per group (in and out). A block is the CB = max(CPG, VT lanes) channels
+// of CB / CPG consecutive groups; item = image * blocks + block when all groups' U fit kImageMajorWeightBytes (a
+// thread then keeps one image's input and output in cache across blocks, and the U of all blocks with them), and
+// item = block * N + image otherwise (a thread keeps one block's U across images). The transforms run on VT vectors
+// across the block's channels, the GEMMs on NV vectors of VG (as wide as CPG where it is narrower than VT) per group.
+// vbuf and mbuf hold 16 * TB * CB floats each.
+template <class VT, class VG, int CPG, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, float* vbuf, float* mbuf, int64_t begin,
+                                     int64_t end) {
+  constexpr int NV = std::min(4, CPG / VG::kLanes);
+  constexpr int TB = winograd_tiles_per_block<VG, NV>();
+  constexpr int CB = std::max(CPG, VT::kLanes);
+  static_assert(CB % CPG == 0 && CB % VT::kLanes == 0 && CPG % (NV * VG::kLanes) == 0);
+  const ConvGeom& g = *P.g;
+  const int64_t tiles_w = (g.OW + 1) / 2, tiles = ((g.OH + 1) / 2) * tiles_w, blocks = g.C_out / CB;
+  const bool image_major = winograd_image_major(g);
+  // Equal blocks: 49 tiles at TB = 24 go as 17 + 16 + 16, not 24 + 24 + 1.
+  const int64_t tile_blocks = (tiles + TB - 1) / TB, per_block = (tiles + tile_blocks - 1) / tile_blocks;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t c0 = (image_major ? item % blocks : item / g.N) * CB;
+    const int64_t n = image_major ? item / blocks : item % g.N;
+    for (int64_t t0 = 0; t0 < tiles; t0 += per_block) {
+      const int nt = int(std::min(per_block, tiles - t0));
+      winograd_input_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, vbuf);
+      for (int j = 0; j < CB; j += CPG) {
+        const float* u = P.wp + (c0 + j) * kWinogradPoints * CPG;  // the group's [16][CPG][CPG]
+        for (int p = 0; p < kWinogradPoints; ++p) {
+          for (int co = 0; co < CPG; co += NV * VG::kLanes) {
+            winograd_gemm_tail<VG, NV, TB, CPG, CB>(nt, vbuf + p * TB * CB + j, u + p * CPG * CPG + co,
+                                                    mbuf + p * TB * CB + j + co);
+          }
+        }
+      }
+      winograd_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace rk
