@@ -226,12 +226,13 @@ RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
 
 // Winograd entry points: `lanes` is the transform vector width (winograd_lanes), cpg the channels per group.
 #define RK_WINOGRAD_CASE(VT, VG, CPG) \
-  case CPG: return winograd_items<VT, VG, CPG>(P, vbuf, mbuf, begin, end);
+  case CPG: return winograd_items<VT, VG, CPG>(P, W, vbuf, mbuf, ubuf, begin, end);
 template <typename scalar_t>
-__attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const BlockedProblem<scalar_t>& P, float* vbuf,
-                                                                     float* mbuf, int lanes, int cpg, int64_t begin,
+__attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const BlockedProblem<scalar_t>& P,
+                                                                     const WinogradWeights& W, float* vbuf, float* mbuf,
+                                                                     float* ubuf, int lanes, int cpg, int64_t begin,
                                                                      int64_t end) {
-  if (lanes == 8) return winograd_items<Avx512YmmVec, Avx512YmmVec, 8>(P, vbuf, mbuf, begin, end);
+  if (lanes == 8) return winograd_items<Avx512YmmVec, Avx512YmmVec, 8>(P, W, vbuf, mbuf, ubuf, begin, end);
   switch (cpg) {
     RK_WINOGRAD_CASE(Avx512Vec, Avx512YmmVec, 8)
     RK_WINOGRAD_CASE(Avx512Vec, Avx512Vec, 16)
@@ -241,8 +242,9 @@ __attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const Block
   }
 }
 template <typename scalar_t>
-__attribute__((target("arch=x86-64-v3"))) void winograd_items_avx2(const BlockedProblem<scalar_t>& P, float* vbuf,
-                                                                   float* mbuf, int /*lanes*/, int cpg, int64_t begin,
+__attribute__((target("arch=x86-64-v3"))) void winograd_items_avx2(const BlockedProblem<scalar_t>& P,
+                                                                   const WinogradWeights& W, float* vbuf, float* mbuf,
+                                                                   float* ubuf, int /*lanes*/, int cpg, int64_t begin,
                                                                    int64_t end) {
   switch (cpg) {
     RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 8)
@@ -318,18 +320,26 @@ int winograd_lanes(const ConvGeom& g) {
   }
 }
 
-// u[group][p][ci][co] = (G w G^T)[p] for w = weight[group * cpg + co][ci] * scale (the 3x3 kernel, co local to the
-// group): the weight transform of F(2x2, 3x3) (conv_winograd.h). G's rows are w0, (w0 + w1 + w2) / 2,
+// The weights of the Winograd path's weight transform: read through the weight's strides (a channels_last module's
+// weight would otherwise be copied on every call), scaled by the folded BN scale.
+template <typename scalar_t>
+struct WinogradPackArgs {
+  const scalar_t* w;
+  int64_t s_co, s_ci, s_kh, s_kw;
+  const float* scale;
+  int64_t cpg;
+};
+
+// u[p][ci][co] = (G w G^T)[p] for w = weight[group * cpg + co][ci] * scale (the 3x3 kernel, co local to the group):
+// the weight transform of F(2x2, 3x3) (conv_winograd.h) for one group. G's rows are w0, (w0 + w1 + w2) / 2,
 // (w0 - w1 + w2) / 2 and w2, applied to the kernel's columns and then its rows, vectorized across co.
 template <typename scalar_t>
-std::vector<float> pack_winograd_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale) {
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor s = scale.contiguous();
-  const scalar_t* wsrc = w.data_ptr<scalar_t>();
-  const float* sc = s.data_ptr<float>();
-  const int64_t cpg = g.C_in / g.groups;
-  std::vector<float> u(kWinogradPoints * cpg * g.C_out);
-  const auto transform = [cpg](const float* x0, const float* x1, const float* x2, int64_t stride, float* y) {
+void pack_winograd_group(const void* ctx, int64_t grp, float* u) {
+  const auto& a = *static_cast<const WinogradPackArgs<scalar_t>*>(ctx);
+  const int64_t cpg = a.cpg;
+  const auto transform = [cpg](const float* __restrict x0, const float* __restrict x1, const float* __restrict x2,
+                                int64_t stride, float* __restrict y) {
+#pragma omp simd
     for (int64_t co = 0; co < cpg; ++co) {
       y[co] = x0[co];
       y[stride + co] = 0.5f * (x0[co] + x1[co] + x2[co]);
@@ -337,28 +347,24 @@ std::vector<float> pack_winograd_weight(const ConvGeom& g, const at::Tensor& wei
       y[3 * stride + co] = x2[co];
     }
   };
-  at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> k(cpg * 9 * cpg), gk(12 * cpg);  // k[ci][tap][co], gk[a][c][co]
-    for (int64_t grp = begin; grp < end; ++grp) {
-      for (int64_t co = 0; co < cpg; ++co) {  // the group's weights are read in order
-        const int64_t oc = grp * cpg + co;
-        const scalar_t* src = wsrc + oc * cpg * 9;
-        for (int64_t i = 0; i < cpg * 9; ++i) k[i * cpg + co] = static_cast<float>(src[i]) * sc[oc];
-      }
-      for (int64_t ci = 0; ci < cpg; ++ci) {
-        const float* kc = k.data() + ci * 9 * cpg;
-        for (int c = 0; c < 3; ++c) {  // G w: gk[a][c] from the column (w[0][c], w[1][c], w[2][c])
-          transform(kc + c * cpg, kc + (3 + c) * cpg, kc + (6 + c) * cpg, 3 * cpg, &gk[c * cpg]);
-        }
-        float* dst = u.data() + (grp * kWinogradPoints * cpg + ci) * cpg;  // u[grp][p][ci][.], p stride cpg * cpg
-        for (int a = 0; a < 4; ++a) {  // (G w) G^T: row a of gk -> points (a, 0..3)
-          transform(&gk[(a * 3) * cpg], &gk[(a * 3 + 1) * cpg], &gk[(a * 3 + 2) * cpg], cpg * cpg,
-                    dst + a * 4 * cpg * cpg);
-        }
-      }
+  std::vector<float> k(cpg * 9 * cpg), gk(12 * cpg);  // k[ci][tap][co], gk[a][c][co]
+  for (int64_t co = 0; co < cpg; ++co) {  // one output channel's weights at a time
+    const int64_t oc = grp * cpg + co;
+    for (int tap = 0; tap < 9; ++tap) {
+      const scalar_t* t = a.w + oc * a.s_co + (tap / 3) * a.s_kh + (tap % 3) * a.s_kw;
+      for (int64_t ci = 0; ci < cpg; ++ci) k[(ci * 9 + tap) * cpg + co] = static_cast<float>(t[ci * a.s_ci]) * a.scale[oc];
     }
-  });
-  return u;
+  }
+  for (int64_t ci = 0; ci < cpg; ++ci) {
+    const float* kc = k.data() + ci * 9 * cpg;
+    for (int c = 0; c < 3; ++c) {  // G w: gk[a][c] from the column (w[0][c], w[1][c], w[2][c])
+      transform(kc + c * cpg, kc + (3 + c) * cpg, kc + (6 + c) * cpg, 3 * cpg, &gk[c * cpg]);
+    }
+    for (int r = 0; r < 4; ++r) {  // (G w) G^T: row r of gk -> points (r, 0..3), u[p][ci][.] with p stride cpg^2
+      transform(&gk[(r * 3) * cpg], &gk[(r * 3 + 1) * cpg], &gk[(r * 3 + 2) * cpg], cpg * cpg,
+                u + (r * 4 * cpg + ci) * cpg);
+    }
+  }
 }
 
 // wl[cb][kh][kw][j][lane] = weight[co][ci][kh][kw] * scale[co] for channel cb * L + lane = group * c + ci and
@@ -426,16 +432,29 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(macs_per_row, 1));
   if (const int lanes = winograd_lanes<scalar_t>(g); lanes > 0 && !residual) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      const std::vector<float> u = pack_winograd_weight<scalar_t>(g, weight, scale);
+      const at::Tensor scale_c = scale.contiguous();
+      const WinogradPackArgs<scalar_t> pack{weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
+                                            weight.stride(2),          weight.stride(3), scale_c.data_ptr<float>(),
+                                            cpg_in};
+      const int64_t group_floats = kWinogradPoints * cpg_in * cpg_in;
+      std::vector<float> u;  // all groups' U, image-major order only (see WinogradWeights)
+      if (winograd_image_major(g)) {
+        u.resize(g.groups * group_floats);
+        at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t grp = begin; grp < end; ++grp) pack_winograd_group<scalar_t>(&pack, grp, u.data() + grp * group_floats);
+        });
+      }
+      const WinogradWeights W{u.empty() ? nullptr : u.data(), &pack_winograd_group<scalar_t>, &pack};
       const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
       BlockedProblem<scalar_t> P{};
-      P.g = &g, P.in = in, P.wp = u.data(), P.shift = sh, P.out = out, P.relu = relu;
+      P.g = &g, P.in = in, P.shift = sh, P.out = out, P.relu = relu;
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
       const int64_t block = std::max<int64_t>(cpg_in, lanes);
       at::parallel_for(0, g.C_in / block * g.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> vbuf(kWinogradPoints * kMaxWinogradTiles * block);
         std::vector<float> mbuf(kWinogradPoints * kMaxWinogradTiles * block);
-        RK_CALL_FOR_ISA(winograd_items, P, vbuf.data(), mbuf.data(), lanes, int(cpg_in), begin, end);
+        std::vector<float> ubuf(u.empty() ? block / cpg_in * group_floats : 0);
+        RK_CALL_FOR_ISA(winograd_items, P, W, vbuf.data(), mbuf.data(), ubuf.data(), lanes, int(cpg_in), begin, end);
       });
       return;
     }
