@@ -34,6 +34,13 @@ namespace cpu {
 #define RK_X86_DISPATCH 0
 #endif
 
+// Compiles a plain function for AVX-512, AVX2 and baseline x86-64, picked at load time (GCC's target_clones).
+#if RK_X86_DISPATCH
+#define RK_CPU_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RK_CPU_ISA_CLONES
+#endif
+
 enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
 
 // The vector ISA the blocked kernels run with on this machine, detected once per process. The environment
@@ -125,14 +132,13 @@ struct BlockedProblem {
 // (ow = 0, written by the row's first call for these channels), and the sums are of deviations from it, so a
 // large common offset does not cancel (the rows are merged with Chan's formula in float64 by the caller).
 // Reads back the stored (dtype-rounded) values: the statistics are those of the tensor that gets normalized.
+// For the np pixels from `out`, which is output row `row`, column ow, channel co0 (the caller knows where it is).
 template <class V, int NV, typename scalar_t>
-RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, const scalar_t* out, int np) {
+RK_ALWAYS_INLINE void accumulate_row_stats_at(const BlockedProblem<scalar_t>& P, const scalar_t* out, int64_t row,
+                                              int64_t ow, int64_t co0, int np) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
-  const ConvGeom& g = *P.g;
-  const int64_t C_out = g.C_out, offset = out - P.out;
-  const int64_t pix = offset / C_out, co0 = offset % C_out;
-  const int64_t row = pix / g.OW, ow = pix % g.OW;
+  const int64_t C_out = P.g->C_out;
   float* st = P.row_stats + row * 3 * C_out + co0;
   for (int v = 0; v < NV; ++v) {
     const vec pivot = ow == 0 ? vload<V>(out + v * L) : vload<V>(st + v * L);
@@ -151,6 +157,14 @@ RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, co
       vstore<V>(st + 2 * C_out + v * L, vload<V>(st + 2 * C_out + v * L) + q);
     }
   }
+}
+
+// The same, locating `out` from its offset in the output.
+template <class V, int NV, typename scalar_t>
+RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, const scalar_t* out, int np) {
+  const ConvGeom& g = *P.g;
+  const int64_t offset = out - P.out, pix = offset / g.C_out;
+  accumulate_row_stats_at<V, NV>(P, out, pix / g.OW, pix % g.OW, offset % g.C_out, np);
 }
 
 // Per-thread scratch: the cache of expanded input rows (row_slots of span * cpg_in * C_out), their tags,

@@ -46,11 +46,6 @@
 #include "cpu/conv_winograd.h"
 #include "cpu/conv_cpu.h"
 
-#if RK_X86_DISPATCH
-#define RK_CPU_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RK_CPU_ISA_CLONES
-#endif
 
 namespace rk {
 namespace cpu {

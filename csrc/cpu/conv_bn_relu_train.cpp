@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/conv_checks.h"
+#include "cpu/conv_blocked.h"
 #include "cpu/conv_cpu.h"
 
 namespace rk {
@@ -89,6 +90,30 @@ void bn_backward_input_row(const scalar_t* __restrict y, const scalar_t* __restr
     out[c] = static_cast<scalar_t>(k1[c] * gi - k2[c] - k3[c] * (v - mean[c]));
   }
 }
+
+// The elementwise passes over rows [r0, r1) of C channels, one entry point per dtype compiled for AVX-512, AVX2 and
+// baseline x86-64 with runtime dispatch (target_clones needs plain functions; the row kernels inline into each).
+#define RK_DEFINE_ROW_PASSES(scalar_t, acc_t)                                                                      \
+  RK_CPU_ISA_CLONES void normalize_rows(const scalar_t* y, const acc_t* a, const acc_t* b, scalar_t* out,          \
+                                        int64_t C, bool relu, int64_t r0, int64_t r1) {                            \
+    for (int64_t r = r0; r < r1; ++r) {                                                                            \
+      if (relu) normalize_relu_row<true>(y + r * C, a, b, out + r * C, C);                                         \
+      else normalize_relu_row<false>(y + r * C, a, b, out + r * C, C);                                             \
+    }                                                                                                              \
+  }                                                                                                                \
+  RK_CPU_ISA_CLONES void bn_backward_input_rows(const scalar_t* y, const scalar_t* g, const acc_t* a,              \
+                                                const acc_t* b, const acc_t* mean, const acc_t* k1, const acc_t* k2, \
+                                                const acc_t* k3, scalar_t* out, int64_t C, bool relu, int64_t r0,   \
+                                                int64_t r1) {                                                      \
+    for (int64_t r = r0; r < r1; ++r) {                                                                            \
+      if (relu) bn_backward_input_row<true>(y + r * C, g + r * C, a, b, mean, k1, k2, k3, out + r * C, C);         \
+      else bn_backward_input_row<false>(y + r * C, g + r * C, a, b, mean, k1, k2, k3, out + r * C, C);             \
+    }                                                                                                              \
+  }
+RK_DEFINE_ROW_PASSES(float, float)
+RK_DEFINE_ROW_PASSES(double, double)
+RK_DEFINE_ROW_PASSES(c10::BFloat16, float)
+#undef RK_DEFINE_ROW_PASSES
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -156,19 +181,26 @@ void merge_row_stats(const at::Tensor& row_stats, int64_t width, int64_t M, std:
   const double* p = st.data_ptr<double>();
   const int64_t rows = st.size(0), C = st.size(2);
   const double nb = double(width);
-  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double n = 0.0, mu = 0.0, m2 = 0.0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const double* row = p + r * 3 * C;
+  // Rows outer, channels inner (contiguous, vectorized); each channel's arithmetic is the same sequence as a loop
+  // over rows for that channel alone.
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    std::vector<double> mu(c1 - c0, 0.0), m2(c1 - c0, 0.0);
+    double n = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double* row = p + r * 3 * C;
+      const double n_new = n + nb;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
         const double s = row[C + c], mean_b = row[c] + s / nb, m2_b = std::max(0.0, row[2 * C + c] - s * s / nb);
-        const double n_new = n + nb, delta = mean_b - mu;
-        mu += delta * nb / n_new;
-        m2 += m2_b + delta * delta * n * nb / n_new;
-        n = n_new;
+        const double delta = mean_b - mu[c - c0];
+        mu[c - c0] += delta * nb / n_new;
+        m2[c - c0] += m2_b + delta * delta * n * nb / n_new;
       }
-      mean[c] = mu;
-      var[c] = m2 / double(M);
+      n = n_new;
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      mean[c] = mu[c - c0];
+      var[c] = m2[c - c0] / double(M);
     }
   });
 }
@@ -219,10 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_cp
     const acc_t* __restrict na = n.a.data();
     const acc_t* __restrict nb = n.b.data();
     at::parallel_for(0, M, std::max<int64_t>(1, 4096 / C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        if (relu) normalize_relu_row<true>(y + r * C, na, nb, o + r * C, C);
-        else normalize_relu_row<false>(y + r * C, na, nb, o + r * C, C);
-      }
+      normalize_rows(y, na, nb, o, C, relu, r0, r1);
     });
   });
   const at::TensorOptions acc_options = input.options().dtype(acc);
@@ -279,10 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     if (!output_mask[0] && !output_mask[1]) return;  // only the BN parameter gradients: no grad_y pass
     scalar_t* gy = grad_y.data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 4096 / C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        if (relu) bn_backward_input_row<true>(y + r * C, gop + r * C, na, nb, mu, q1, q2, q3, gy + r * C, C);
-        else bn_backward_input_row<false>(y + r * C, gop + r * C, na, nb, mu, q1, q2, q3, gy + r * C, C);
-      }
+      bn_backward_input_rows(y, gop, na, nb, mu, q1, q2, q3, gy, C, relu, r0, r1);
     });
   });
   at::Tensor grad_input, grad_weight;

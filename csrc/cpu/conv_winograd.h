@@ -199,7 +199,7 @@ RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& 
           if (P.relu) r = r < vec{} ? vec{} : r;  // NaN passes, as torch.relu
           vstore<V>(P.out + offset + j * g.C_out, r);
         }
-        if (P.row_stats) accumulate_row_stats<V, 1>(P, P.out + offset, cols);
+        if (P.row_stats) accumulate_row_stats_at<V, 1>(P, P.out + offset, n * g.OH + oy0 + i, ox0, c0 + c, cols);
       }
     }
   }
