@@ -46,8 +46,8 @@ constexpr int kWinogradPoints = 16;
 constexpr int kMaxWinogradTiles = 24;
 
 // Work-item order (see winograd_items): image-major while the transformed weights of all groups, 16 C_in C_out / groups
-// floats, fit in this many bytes (about an L2), group-major beyond. Measured on ResNeXt-50: image-major at stages 2-3
-// (128 and 512 KB), group-major at stage 4 (2 MB) 1.04 against 1.16 ms.
+// floats, fit in this many bytes (about an L2), group-major beyond. Measured on ResNeXt-50 (2 threads): the orders
+// tie at stages 2-3 (128 and 512 KB of U); at stage 4 (2 MB) group-major took 1.04 ms against image-major's 1.16.
 constexpr int64_t kImageMajorWeightBytes = 1024 * 1024;
 
 inline bool winograd_image_major(const ConvGeom& g) {
