@@ -254,7 +254,7 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
 
 def _cpu_winograd(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int], stride: Sequence[int],
                   dilation: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether the CPU conv kernel runs its Winograd path (mirrors conv_uses_winograd, csrc/cpu)."""
+    """Whether the CPU conv kernel runs its Winograd path (mirrors winograd_lanes, csrc/cpu/conv_bn_relu.cpp)."""
     return (dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512")
             and tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and channels_in == channels_out and channels_in // groups in (8, 16, 32, 64))

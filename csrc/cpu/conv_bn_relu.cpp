@@ -561,9 +561,6 @@ bool conv_uses_channel_lanes(const ConvGeom& g, at::ScalarType dtype) {
          lane_group_width<float>(g) > 0;
 }
 
-bool conv_uses_winograd(const ConvGeom& g, at::ScalarType dtype) {
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && winograd_lanes<float>(g) > 0;
-}
 
 at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
                                 const at::Tensor& scale, const at::Tensor& shift,

@@ -30,10 +30,6 @@ bool weight_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype);
 // AVX2/AVX-512, 3-wide kernel, groups of 2, 4 or 8 channels in and out, and the Winograd path does not apply).
 bool conv_uses_channel_lanes(const ConvGeom& g, at::ScalarType dtype);
 
-// Whether conv_affine_nhwc_cpu runs its Winograd F(2x2, 3x3) path for this problem on this machine (float32/bfloat16,
-// AVX2/AVX-512, 3x3 kernel, stride 1, dilation 1, 8, 16, 32 or 64 channels per group in and out).
-bool conv_uses_winograd(const ConvGeom& g, at::ScalarType dtype);
-
 // Data gradient of a stride-1 convolution, dX = conv2d(grad_y, W flipped and transposed within each group), through
 // conv_affine_nhwc_cpu: a channels_last tensor of grad_y's dtype. Deterministic like the forward.
 at::Tensor conv_data_grad_cpu(const ConvGeom& g, const at::Tensor& grad_y, const at::Tensor& weight);

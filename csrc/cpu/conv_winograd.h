@@ -6,7 +6,7 @@
 //   Y = A^T [ (G w G^T) .* (B^T d B) ] A
 // with B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1] and
 // A^T = [1 1 1 0; 0 1 -1 -1]. The weight transform U = G w G^T (BN scale folded in) is done once per call
-// (pack_winograd_weight, conv_bn_relu.cpp). Per point p of the 4x4 transform domain, the products summed over a
+// (pack_winograd_group, conv_bn_relu.cpp). Per point p of the 4x4 transform domain, the products summed over a
 // group's input channels are a small GEMM, M_p[tile][co] = sum_ci V_p[tile][ci] U_p[ci][co]: the direct
 // convolution's 9 multiply-adds per (output pixel, ci, co) become 4 (2.25x fewer), for the price of the input and
 // output transforms (adds only). All transform coefficients are 0, +-1 and 1/2, so the results stay within a few
@@ -36,7 +36,6 @@ namespace cpu {
 // two 256-bit halves, so the narrower vector loses no multiply-add throughput.
 struct Avx512YmmVec {
   typedef float vec __attribute__((vector_size(32)));
-  typedef int32_t ivec __attribute__((vector_size(32)));
   static constexpr int kLanes = 8;
   static constexpr int kAccRegs = 24;
 };
