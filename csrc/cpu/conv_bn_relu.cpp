@@ -261,8 +261,8 @@ int blocked_vectors(const ConvGeom& g, const Tiling& tl) {
     if (g.KH > kMaxBlockedKernel || g.KW > kMaxBlockedKernel) return 0;
     const int64_t width = tl.expand ? g.C_out : g.C_out / g.groups;
     switch (detected_isa()) {
-      case CpuIsa::kAvx512: return vectors_per_block<Avx512Vec>(width);
-      case CpuIsa::kAvx2: return vectors_per_block<Avx2Vec>(width);
+      case CpuIsa::kAvx512: return vectors_per_block<Avx512Vec>(width, tl.expand);
+      case CpuIsa::kAvx2: return vectors_per_block<Avx2Vec>(width, tl.expand);
       default: return 0;
     }
   }

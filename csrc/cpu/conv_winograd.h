@@ -38,6 +38,7 @@ struct Avx512YmmVec {
   typedef float vec __attribute__((vector_size(32)));
   static constexpr int kLanes = 8;
   static constexpr int kAccRegs = 24;
+  static constexpr int kMaxBroadcastVectors = 4;  // of 32 registers, as Avx512Vec
 };
 
 // Points of the F(2x2, 3x3) transform domain (4x4 input tiles) and tiles per block at most.
@@ -213,7 +214,7 @@ RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& 
 template <class VT, class VG, int CPG, typename scalar_t>
 RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const WinogradWeights& W, float* vbuf,
                                      float* mbuf, float* ubuf, int64_t begin, int64_t end) {
-  constexpr int NV = std::min(4, CPG / VG::kLanes);
+  constexpr int NV = std::min(VG::kMaxBroadcastVectors, CPG / VG::kLanes);
   constexpr int TB = winograd_tiles_per_block<VG, NV>();
   constexpr int CB = std::max(CPG, VT::kLanes);
   static_assert(CB % CPG == 0 && CB % VT::kLanes == 0 && CPG % (NV * VG::kLanes) == 0);
