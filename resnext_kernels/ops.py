@@ -247,9 +247,21 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
                 "scale folded into the weight and the shift as bias (faster than the fused kernel there)")
     if _cpu_winograd(input.shape[1], weight.shape[0], groups, kernel, _pair(stride, "stride", 1),
                      _pair(dilation, "dilation", 1), input.dtype):
+        p = _pair(padding, "padding", 0)
+        if _cpu_winograd_tile(input.shape[0], input.shape[2] + 2 * p[0] - 2, input.shape[3] + 2 * p[1] - 2) == 4:
+            return ("; the 3x3 convolution runs as Winograd F(4x4, 3x3): 4x fewer multiply-adds, with a float32 error "
+                    "a few times that of direct summation (about 1e-6 of the output's scale)")
         return ("; the 3x3 convolution runs as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds, with results within a "
                 "few float32 rounding steps of direct summation")
     return ""
+
+
+def _cpu_winograd_tile(batch: int, out_h: int, out_w: int) -> int:
+    """The output tile of the CPU Winograd path for a 3x3 stride-1 convolution with this batch and output size
+    (mirrors winograd_plan, csrc/cpu/conv_bn_relu.cpp): 4 on AVX2 from 8 F(4x4) tiles on (kWinograd4MinTiles),
+    else 2."""
+    tiles = batch * ((out_h + 3) // 4) * ((out_w + 3) // 4)
+    return 4 if _CPU_CAPABILITY == "AVX2" and tiles >= 8 else 2
 
 
 def _cpu_winograd(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int], stride: Sequence[int],

@@ -133,6 +133,12 @@ WINOGRAD_CASES = [
     (1, 320, 5, 4, 64, 1),  # 1.25 MB of transformed weights: group-major work order
     (1, 16, 30, 29, 16, 1), # 225 tiles: blocks of 23 and a shorter last one
     (3, 32, 1, 1, 16, 1),   # a single pixel
+    # F(4x4, 3x3) on AVX2 (>= 8 tiles of 4x4; the cases above with fewer stay on F(2x2)):
+    (2, 96, 10, 13, 32, 0), # no padding, 8x11 outputs: a partial last tile column
+    (3, 64, 9, 6, 64, 2),   # dense, padding 2: tiles of zeros at the edges, a partial last tile row
+    (2, 256, 7, 7, 32, 1),  # 8 tiles (the threshold), 1.2 MB of F(4x4) weights: group-major order
+    (1, 40, 21, 26, 8, 1),  # an odd number of groups of 8; 7 tiles per tile row through the column ring
+    (2, 48, 13, 9, 16, 1),  # 16 channels per group, 2 blocks of 6 tiles and a shorter last one per image
 ]
 
 
@@ -146,7 +152,8 @@ def test_winograd_path_shapes(case, dtype, relu):
     scale, shift = torch.rand(ch) + 0.5, torch.randn(ch)
     args = ((1, 1), (padding, padding), (1, 1), ch // c)
     if rk.ops._CPU_CAPABILITY in ("AVX2", "AVX512"):
-        assert "Winograd" in rk.explain(x, wt, padding=padding, groups=ch // c).reason
+        tile = rk.ops._cpu_winograd_tile(n, h + 2 * padding - 2, w_ + 2 * padding - 2)
+        assert f"Winograd F({tile}x{tile}, 3x3)" in rk.explain(x, wt, padding=padding, groups=ch // c).reason
     out = torch.ops.resnext_kernels.conv_bn_relu_infer(x, wt, scale, shift, *args, relu)
     ref = reference_conv_affine_relu(x, wt, scale, shift, *args, relu)
     assert out.shape == ref.shape and out.dtype == dtype
@@ -154,9 +161,21 @@ def test_winograd_path_shapes(case, dtype, relu):
         own = F.conv2d(x, wt, None, *args) * scale.bfloat16().view(1, -1, 1, 1) + shift.bfloat16().view(1, -1, 1, 1)
         assert rel_err(out, ref) <= 2 * rel_err(F.relu(own) if relu else own, ref) + 1e-3
     else:
-        # The same bound as the direct paths: F(2x2, 3x3)'s transforms add a few float32 rounding steps, not more.
+        # The same bound as the direct paths: F(2x2, 3x3)'s transforms add a few float32 rounding steps, F(4x4, 3x3)'s
+        # a few times direct summation's error (1-2e-6 at these sizes).
         assert rel_err(out, ref) <= 1e-5
         assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_winograd_tile_follows_the_tile_count():
+    """F(4x4, 3x3) runs on AVX2 from 8 tiles of 4x4 on (the batch counts), F(2x2, 3x3) below and on AVX-512."""
+    wt = torch.randn(64, 16, 3, 3)
+    for n, size, f4 in ((1, 7, False), (2, 7, True), (1, 14, True), (7, 3, False), (8, 3, True)):
+        x = torch.randn(n, 64, size, size)
+        expected = 4 if f4 and rk.ops._CPU_CAPABILITY == "AVX2" else 2
+        assert rk.ops._cpu_winograd_tile(n, size, size) == expected
+        if rk.ops._CPU_CAPABILITY in ("AVX2", "AVX512"):
+            assert f"Winograd F({expected}x{expected}, 3x3)" in rk.explain(x, wt, padding=1, groups=4).reason
 
 
 def test_winograd_is_not_taken_outside_its_shapes():

@@ -219,36 +219,36 @@ RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, float)
 RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
 #undef RK_DEFINE_LANES
 
-// Winograd entry points: `lanes` is the transform vector width (winograd_lanes), cpg the channels per group.
-#define RK_WINOGRAD_CASE(VT, VG, CPG) \
-  case CPG: return winograd_items<VT, VG, CPG>(P, W, vbuf, mbuf, ubuf, begin, end);
+// Winograd entry points: `lanes` is the transform vector width and `tile` the output tile size (2 or 4) that
+// winograd_plan picked, cpg the channels per group.
+#define RK_WINOGRAD_CASE(F, VT, VG, CPG) \
+  case CPG: return winograd_items<F, VT, VG, CPG>(P, W, vbuf, mbuf, ubuf, begin, end);
+#define RK_WINOGRAD_SWITCH(NAME, F, VT, VG8, VG)                                \
+  switch (cpg) {                                                                \
+    RK_WINOGRAD_CASE(F, VT, VG8, 8)                                             \
+    RK_WINOGRAD_CASE(F, VT, VG, 16)                                             \
+    RK_WINOGRAD_CASE(F, VT, VG, 32)                                             \
+    RK_WINOGRAD_CASE(F, VT, VG, 64)                                             \
+    default: TORCH_INTERNAL_ASSERT(false, NAME ": unexpected channels per group ", cpg); \
+  }
 template <typename scalar_t>
 __attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const BlockedProblem<scalar_t>& P,
                                                                      const WinogradWeights& W, float* vbuf, float* mbuf,
-                                                                     float* ubuf, int lanes, int cpg, int64_t begin,
-                                                                     int64_t end) {
-  if (lanes == 8) return winograd_items<Avx512YmmVec, Avx512YmmVec, 8>(P, W, vbuf, mbuf, ubuf, begin, end);
-  switch (cpg) {
-    RK_WINOGRAD_CASE(Avx512Vec, Avx512YmmVec, 8)
-    RK_WINOGRAD_CASE(Avx512Vec, Avx512Vec, 16)
-    RK_WINOGRAD_CASE(Avx512Vec, Avx512Vec, 32)
-    RK_WINOGRAD_CASE(Avx512Vec, Avx512Vec, 64)
-    default: TORCH_INTERNAL_ASSERT(false, "winograd_items_avx512: unexpected channels per group ", cpg);
-  }
+                                                                     float* ubuf, int lanes, int tile, int cpg,
+                                                                     int64_t begin, int64_t end) {
+  TORCH_INTERNAL_ASSERT(tile == 2, "winograd_items_avx512: F(4x4, 3x3) is not built for AVX-512");
+  if (lanes == 8) return winograd_items<WinogradF2, Avx512YmmVec, Avx512YmmVec, 8>(P, W, vbuf, mbuf, ubuf, begin, end);
+  RK_WINOGRAD_SWITCH("winograd_items_avx512", WinogradF2, Avx512Vec, Avx512YmmVec, Avx512Vec)
 }
 template <typename scalar_t>
 __attribute__((target("arch=x86-64-v3"))) void winograd_items_avx2(const BlockedProblem<scalar_t>& P,
                                                                    const WinogradWeights& W, float* vbuf, float* mbuf,
-                                                                   float* ubuf, int /*lanes*/, int cpg, int64_t begin,
-                                                                   int64_t end) {
-  switch (cpg) {
-    RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 8)
-    RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 16)
-    RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 32)
-    RK_WINOGRAD_CASE(Avx2Vec, Avx2Vec, 64)
-    default: TORCH_INTERNAL_ASSERT(false, "winograd_items_avx2: unexpected channels per group ", cpg);
-  }
+                                                                   float* ubuf, int /*lanes*/, int tile, int cpg,
+                                                                   int64_t begin, int64_t end) {
+  if (tile == 4) RK_WINOGRAD_SWITCH("winograd_items_avx2", WinogradF4, Avx2Vec, Avx2Vec, Avx2Vec)
+  RK_WINOGRAD_SWITCH("winograd_items_avx2", WinogradF2, Avx2Vec, Avx2Vec, Avx2Vec)
 }
+#undef RK_WINOGRAD_SWITCH
 #undef RK_WINOGRAD_CASE
 #endif
 
@@ -295,24 +295,40 @@ int lane_group_width(const ConvGeom& g) {
   }
 }
 
-// The transform vector width (lanes) the Winograd path (conv_winograd.h) runs with for this problem on this machine,
-// or 0 when it does not apply: float32/bfloat16 on AVX2/AVX-512, 3x3 kernel, stride 1, dilation 1, and 8, 16, 32 or
-// 64 channels per group in and out. AVX-512 transforms 16 channels at once (two groups of 8 when the group count is
-// even), otherwise 8.
+// How the Winograd path (conv_winograd.h) runs a problem on this machine: the transform vector width (lanes; 0 when
+// the path does not apply) and the output tile size. It applies to float32/bfloat16 on AVX2/AVX-512, 3x3 kernels,
+// stride 1, dilation 1, and 8, 16, 32 or 64 channels per group in and out. AVX-512 transforms 16 channels at once
+// (two groups of 8 when the group count is even), otherwise 8. AVX2 runs F(4x4, 3x3) from kWinograd4MinTiles tiles
+// on; AVX-512 keeps F(2x2, 3x3), the form measured on an AVX-512 machine (the F(4x4) code is generic in the vector
+// width, but has not been run on one).
+struct WinogradPlan {
+  int lanes = 0;
+  int tile = 2;
+};
+
 template <typename scalar_t>
-int winograd_lanes(const ConvGeom& g) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    return 0;
-  } else {
+WinogradPlan winograd_plan(const ConvGeom& g) {
+  WinogradPlan plan;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
     const int64_t cpg = g.C_in / g.groups;
     const CpuIsa isa = detected_isa();
     if (isa == CpuIsa::kBaseline || g.KH != 3 || g.KW != 3 || g.stride_h != 1 || g.stride_w != 1 || g.dil_h != 1 ||
         g.dil_w != 1 || g.C_out != g.C_in || (cpg != 8 && cpg != 16 && cpg != 32 && cpg != 64)) {
-      return 0;
+      return plan;
     }
-    if (isa == CpuIsa::kAvx2) return 8;
-    return cpg >= 16 || g.groups % 2 == 0 ? 16 : 8;
+    if (isa == CpuIsa::kAvx2) {
+      plan.lanes = 8;
+      plan.tile = g.N * ((g.OH + 3) / 4) * ((g.OW + 3) / 4) >= kWinograd4MinTiles ? 4 : 2;
+    } else {
+      plan.lanes = cpg >= 16 || g.groups % 2 == 0 ? 16 : 8;
+    }
   }
+  return plan;
+}
+
+template <typename scalar_t>
+int winograd_lanes(const ConvGeom& g) {
+  return winograd_plan<scalar_t>(g).lanes;
 }
 
 // The weights of the Winograd path's weight transform: read through the weight's strides (a channels_last module's
@@ -325,24 +341,46 @@ struct WinogradPackArgs {
   int64_t cpg;
 };
 
-// u[p][ci][co] = (G w G^T)[p] for w = weight[group * cpg + co][ci] * scale (the 3x3 kernel, co local to the group):
-// the weight transform of F(2x2, 3x3) (conv_winograd.h) for one group. G's rows are w0, (w0 + w1 + w2) / 2,
-// (w0 - w1 + w2) / 2 and w2, applied to the kernel's columns and then its rows, vectorized across co.
-template <typename scalar_t>
-void pack_winograd_group(const void* ctx, int64_t grp, float* u) {
-  const auto& a = *static_cast<const WinogradPackArgs<scalar_t>*>(ctx);
-  const int64_t cpg = a.cpg;
-  const auto transform = [cpg](const float* __restrict x0, const float* __restrict x1, const float* __restrict x2,
-                                int64_t stride, float* __restrict y) {
+// y[r * stride + co] = (G x)[r] for co < n, G the weight transform matrix of F(tile x tile, 3x3) (4 rows for tile 2,
+// 6 for tile 4) and x = (x0, x1, x2): one step of the weight transform, vectorized across output channels.
+// F(2x2): w0, (w0 + w1 + w2) / 2, (w0 - w1 + w2) / 2, w2. F(4x4) (points 0, 1, -1, 1/2, -2, infinity; see
+// kWinograd4BT in conv_winograd.h): w0, (w0 + w1 + w2) / 3, (w1 - w0 - w2) / 3, -(16 w0 + 8 w1 + 4 w2) / 15,
+// (w0 - 2 w1 + 4 w2) / 15, w2.
+RK_CPU_ISA_CLONES void winograd_weight_rows(int tile, const float* __restrict x0, const float* __restrict x1,
+                                            const float* __restrict x2, int64_t stride, float* __restrict y,
+                                            int64_t n) {
+  if (tile == 2) {
 #pragma omp simd
-    for (int64_t co = 0; co < cpg; ++co) {
+    for (int64_t co = 0; co < n; ++co) {
       y[co] = x0[co];
       y[stride + co] = 0.5f * (x0[co] + x1[co] + x2[co]);
       y[2 * stride + co] = 0.5f * (x0[co] - x1[co] + x2[co]);
       y[3 * stride + co] = x2[co];
     }
-  };
-  std::vector<float> k(cpg * 9 * cpg), gk(12 * cpg);  // k[ci][tap][co], gk[a][c][co]
+  } else {
+    constexpr float third = 1.0f / 3, fifteenth = 1.0f / 15;
+#pragma omp simd
+    for (int64_t co = 0; co < n; ++co) {
+      const float a = x0[co] + x2[co], b = x1[co];
+      y[co] = x0[co];
+      y[stride + co] = third * (a + b);
+      y[2 * stride + co] = third * (b - a);
+      y[3 * stride + co] = -fifteenth * (16 * x0[co] + 8 * b + 4 * x2[co]);
+      y[4 * stride + co] = fifteenth * (x0[co] - 2 * b + 4 * x2[co]);
+      y[5 * stride + co] = x2[co];
+    }
+  }
+}
+
+// u[p][ci][co] = (G w G^T)[p] for w = weight[group * cpg + co][ci] * scale[co] (the 3x3 kernel, co local to the group):
+// the weight transform of F(TILE x TILE, 3x3) (conv_winograd.h) for one group, p = row * alpha + column of the
+// alpha x alpha transform domain (alpha = TILE + 2). G goes down the kernel's columns, then along its rows.
+template <int TILE, typename scalar_t>
+void pack_winograd_group(const void* ctx, int64_t grp, float* u) {
+  constexpr int alpha = TILE + 2;
+  const auto& a = *static_cast<const WinogradPackArgs<scalar_t>*>(ctx);
+  const int64_t cpg = a.cpg;
+  std::vector<float> k(cpg * 9 * cpg), gk(alpha * 3 * cpg);  // k[ci][tap][co], gk[a][c][co]
   for (int64_t co = 0; co < cpg; ++co) {  // one output channel's weights at a time
     const int64_t oc = grp * cpg + co;
     for (int tap = 0; tap < 9; ++tap) {
@@ -353,11 +391,11 @@ void pack_winograd_group(const void* ctx, int64_t grp, float* u) {
   for (int64_t ci = 0; ci < cpg; ++ci) {
     const float* kc = k.data() + ci * 9 * cpg;
     for (int c = 0; c < 3; ++c) {  // G w: gk[a][c] from the column (w[0][c], w[1][c], w[2][c])
-      transform(kc + c * cpg, kc + (3 + c) * cpg, kc + (6 + c) * cpg, 3 * cpg, &gk[c * cpg]);
+      winograd_weight_rows(TILE, kc + c * cpg, kc + (3 + c) * cpg, kc + (6 + c) * cpg, 3 * cpg, &gk[c * cpg], cpg);
     }
-    for (int r = 0; r < 4; ++r) {  // (G w) G^T: row r of gk -> points (r, 0..3), u[p][ci][.] with p stride cpg^2
-      transform(&gk[(r * 3) * cpg], &gk[(r * 3 + 1) * cpg], &gk[(r * 3 + 2) * cpg], cpg * cpg,
-                u + (r * 4 * cpg + ci) * cpg);
+    for (int r = 0; r < alpha; ++r) {  // (G w) G^T: row r of gk -> points (r, 0..alpha), u[p][ci][.], p stride cpg^2
+      winograd_weight_rows(TILE, &gk[(r * 3) * cpg], &gk[(r * 3 + 1) * cpg], &gk[(r * 3 + 2) * cpg], cpg * cpg,
+                           u + (r * alpha * cpg + ci) * cpg, cpg);
     }
   }
 }
@@ -425,31 +463,35 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
   // Grain: enough rows per task that a task does at least ~64k multiply-adds.
   const int64_t macs_per_row = g.OW * g.C_out * cpg_in * g.KH * g.KW;
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(macs_per_row, 1));
-  if (const int lanes = winograd_lanes<scalar_t>(g); lanes > 0 && !residual) {
+  if (const WinogradPlan plan = winograd_plan<scalar_t>(g); plan.lanes > 0 && !residual) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const at::Tensor scale_c = scale.contiguous();
       const WinogradPackArgs<scalar_t> pack{weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
                                             weight.stride(2),          weight.stride(3), scale_c.data_ptr<float>(),
                                             cpg_in};
-      const int64_t group_floats = kWinogradPoints * cpg_in * cpg_in;
+      const bool f4 = plan.tile == 4;
+      const int points = f4 ? WinogradF4::kPoints : WinogradF2::kPoints;
+      const auto pack_group = f4 ? &pack_winograd_group<4, scalar_t> : &pack_winograd_group<2, scalar_t>;
+      const int64_t group_floats = points * cpg_in * cpg_in;
       std::vector<float> u;  // all groups' U, image-major order only (see WinogradWeights)
-      if (winograd_image_major(g)) {
+      if (f4 ? winograd_image_major<WinogradF4>(g) : winograd_image_major<WinogradF2>(g)) {
         u.resize(g.groups * group_floats);
         at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t grp = begin; grp < end; ++grp) pack_winograd_group<scalar_t>(&pack, grp, u.data() + grp * group_floats);
+          for (int64_t grp = begin; grp < end; ++grp) pack_group(&pack, grp, u.data() + grp * group_floats);
         });
       }
-      const WinogradWeights W{u.empty() ? nullptr : u.data(), &pack_winograd_group<scalar_t>, &pack};
+      const WinogradWeights W{u.empty() ? nullptr : u.data(), pack_group, &pack};
       const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
       BlockedProblem<scalar_t> P{};
       P.g = &g, P.in = in, P.shift = sh, P.out = out, P.relu = relu;
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
-      const int64_t block = std::max<int64_t>(cpg_in, lanes);
+      const int64_t block = std::max<int64_t>(cpg_in, plan.lanes);
       at::parallel_for(0, g.C_in / block * g.N, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> vbuf(kWinogradPoints * kMaxWinogradTiles * block);
-        std::vector<float> mbuf(kWinogradPoints * kMaxWinogradTiles * block);
+        std::vector<float> vbuf(points * kMaxWinogradTiles * block);
+        std::vector<float> mbuf(points * kMaxWinogradTiles * block);
         std::vector<float> ubuf(u.empty() ? block / cpg_in * group_floats : 0);
-        RK_CALL_FOR_ISA(winograd_items, P, W, vbuf.data(), mbuf.data(), ubuf.data(), lanes, int(cpg_in), begin, end);
+        RK_CALL_FOR_ISA(winograd_items, P, W, vbuf.data(), mbuf.data(), ubuf.data(), plan.lanes, plan.tile,
+                        int(cpg_in), begin, end);
       });
       return;
     }

@@ -12,17 +12,24 @@
 // output transforms (adds only). All transform coefficients are 0, +-1 and 1/2, so the results stay within a few
 // float32 rounding steps of the direct sum (the tests hold both to the same float64 reference tolerances).
 //
-// An image's tiles (ceil(OH/2) x ceil(OW/2), raster order) go in blocks of up to TB tiles, for one block of
-// channels at a time (see winograd_items for the work items):
-//   1. input transform (winograd_input_transform): V_p for every tile of the block -> vbuf[p][tile][c];
+// F(4x4, 3x3) (WinogradF4, AVX2 builds, from kWinograd4MinTiles tiles on) computes a 4x4 block of outputs from a 6x6
+// block of inputs with 36 multiplies per channel pair instead of 144: 2.25 per output instead of F(2x2)'s 4, 4x
+// fewer than direct. Its matrices (kWinograd4BT, kWinograd4AT, and G in winograd_weight_rows) come from the points
+// 0, 1, -1, 1/2, -2 and infinity; its float32 error is a few times direct summation's (1-2e-6 of the output scale
+// at ResNeXt shapes, against 2-9e-7), within the tests' float64-reference bound of 1e-5.
+//
+// An image's tiles (ceil(OH/S) x ceil(OW/S) for S = 2 or 4, raster order) go in blocks of up to TB tiles, for one
+// block of channels at a time (see winograd_items for the work items):
+//   1. input transform (winograd_input_transform, winograd4_input_transform): V_p for every tile of the block ->
+//      vbuf[p][tile][c];
 //   2. GEMMs (winograd_gemm): per point p, group and NV vectors of output channels, a register-blocked TB x NV
 //      microkernel (each V value broadcast, each U vector shared by the TB tiles) -> mbuf[p][tile][c];
-//   3. output transform (winograd_output_transform) with the blocked path's epilogue: shift, ReLU, store of the
+//   3. output transform (winograd_output_transform, winograd4_output_transform) with the blocked path's epilogue: shift, ReLU, store of the
 //      outputs inside the image, and row statistics for the training form (a row's tiles come in order, so the
 //      first one sets the pivot). No residual: a call with one takes the other paths (the bottleneck adds it to
 //      its last, 1x1, convolution).
-// Per-phase timing at ResNeXt-50 stage 3 (one thread, N=8, phases skipped one at a time): the GEMMs take about 60%
-// of the time, the two transforms about 30%, the weight transform and setup about 10%.
+// Per-phase timing of F(2x2) at ResNeXt-50 stage 3 (one thread, N=8, phases skipped one at a time): the GEMMs take
+// about 60% of the time, the two transforms about 30%, the weight transform and setup about 10%.
 //
 // Included by conv_bn_relu.cpp only (always_inline, compiled once per ISA entry point there).
 #pragma once
@@ -41,23 +48,49 @@ struct Avx512YmmVec {
   static constexpr int kMaxBroadcastVectors = 4;  // of 32 registers, as Avx512Vec
 };
 
-// Points of the F(2x2, 3x3) transform domain (4x4 input tiles) and tiles per block at most.
-constexpr int kWinogradPoints = 16;
+// The two tile sizes: F(2x2, 3x3) (4x4 input tiles, 16 transform points) and F(4x4, 3x3) (6x6 input tiles, 36 points).
+struct WinogradF2 {
+  static constexpr int kTile = 2, kAlpha = 4, kPoints = 16;
+};
+struct WinogradF4 {
+  static constexpr int kTile = 4, kAlpha = 6, kPoints = 36;
+};
+constexpr int kMaxWinogradPoints = WinogradF4::kPoints;
+// F(4x4) tiles (N * ceil(OH / 4) * ceil(OW / 4)) from which F(4x4, 3x3) runs instead of F(2x2, 3x3). Its GEMMs do
+// 1.78x fewer multiply-adds (36 per 16 outputs against 16 per 4), its weight transform 2.25x more (36 points per
+// kernel against 16), which a few tiles do not pay back. Measured on ResNeXt-50's 7x7 stage 4 (Zen 3, AVX2, 2
+// threads, interleaved A/B): F(2x2)/F(4x4) time 0.91 at N = 1 (4 tiles), 1.05 at N = 2, 1.14 at N = 4, 1.35 at N = 8;
+// at 14x14 (16 tiles per image) 1.31 at N = 1; 1.17-1.67 at the other ResNeXt-50 and 101 stride-1 stages, N = 1
+// and 8.
+constexpr int64_t kWinograd4MinTiles = 8;
+// Tiles per block at most.
 constexpr int kMaxWinogradTiles = 24;
+
+// F(4x4, 3x3) from the interpolation points 0, 1, -1, 1/2, -2 and infinity. Against the common 0, +-1, +-2 this
+// measured 2-3x less float32 error (1-2e-6 of the output scale at 8-64 channels per group, direct summation
+// 3-9e-7; the +-2 set 3-5e-6), for a few more adds in the input transform (its rows are not pairwise symmetric).
+// B^T and A^T hold only values exact in binary; G (the weight transform, winograd_weight_rows in conv_bn_relu.cpp)
+// has thirds and fifteenths.
+inline constexpr float kWinograd4BT[6][6] = {
+    {1, -1.5f, -2, 1.5f, 1, 0}, {0, -1, 0.5f, 2.5f, 1, 0},    {0, 1, -2.5f, 0.5f, 1, 0},
+    {0, -2, -1, 2, 1, 0},       {0, 0.5f, -1, -0.5f, 1, 0},   {0, 1, -1.5f, -2, 1.5f, 1}};
+inline constexpr float kWinograd4AT[4][6] = {
+    {1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0}, {0, 1, -1, 0.125f, -8, 1}};
 
 // Work-item order (see winograd_items): image-major while the transformed weights of all groups, 16 C_in C_out / groups
 // floats, fit in this many bytes (about an L2), group-major beyond. Measured on ResNeXt-50 (2 threads): the orders
 // tie at stages 2-3 (128 and 512 KB of U); at stage 4 (2 MB) group-major took 1.04 ms against image-major's 1.16.
 constexpr int64_t kImageMajorWeightBytes = 1024 * 1024;
 
+template <class F>
 inline bool winograd_image_major(const ConvGeom& g) {
-  return kWinogradPoints * g.C_in * (g.C_out / g.groups) * int64_t(sizeof(float)) <= kImageMajorWeightBytes;
+  return F::kPoints * g.C_in * (g.C_out / g.groups) * int64_t(sizeof(float)) <= kImageMajorWeightBytes;
 }
 
-// The transformed weights U, [group][16][CPG][CPG]: packed for all groups before the work (image-major order, where
+// The transformed weights U, [group][points][CPG][CPG]: packed for all groups before the work (image-major order, where
 // every thread needs every group), or transformed group by group by the thread that works on the group
-// (group-major order), into its own buffer: no pass writing and re-reading all groups' U (2 MB at ResNeXt-50's
-// stage 4, where this measured 0.98-1.02 against 1.05-1.17 ms in an interleaved A/B).
+// (group-major order), into its own buffer: no pass writing and re-reading all groups' U (2 MB of F(2x2) U at
+// ResNeXt-50's stage 4, where this measured 0.98-1.02 against 1.05-1.17 ms in an interleaved A/B).
 struct WinogradWeights {
   const float* packed;                                     // all groups, or null
   void (*pack_group)(const void* ctx, int64_t group, float* dst);  // when packed is null
@@ -168,6 +201,22 @@ RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P
   }
 }
 
+// The output transform's epilogue for the `cols` pixels y of output row oy of image n from column ox0, channels ch..ch+L:
+// + shift, ReLU, store, and the training form's row statistics.
+template <class V, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, const typename V::vec* y, int cols,
+                                         typename V::vec shift, int64_t n, int64_t oy, int64_t ox0, int64_t ch) {
+  using vec = typename V::vec;
+  const ConvGeom& g = *P.g;
+  scalar_t* out = P.out + ((n * g.OH + oy) * g.OW + ox0) * g.C_out + ch;
+  for (int j = 0; j < cols; ++j) {
+    vec r = y[j] + shift;
+    if (P.relu) r = r < vec{} ? vec{} : r;  // NaN passes, as torch.relu
+    vstore<V>(out + j * g.C_out, r);
+  }
+  if (P.row_stats) accumulate_row_stats_at<V, 1>(P, out, n * g.OH + oy, ox0, ch, cols);
+}
+
 // Step 3 for the same tiles: y = A^T m A + shift (ReLU), stored where inside the output.
 template <class V, int TB, int CB, typename scalar_t>
 RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
@@ -175,7 +224,6 @@ RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& 
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   const ConvGeom& g = *P.g;
-  const int64_t offset0 = n * g.OH * g.OW * g.C_out + c0;
   for (int t = 0; t < nt; ++t) {
     const int64_t ty = (t0 + t) / tiles_w, tx = (t0 + t) % tiles_w;
     const int64_t oy0 = 2 * ty, ox0 = 2 * tx;
@@ -192,14 +240,125 @@ RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& 
       }
       const vec shift = vload<V>(P.shift + c0 + c);
       for (int i = 0; i < rows; ++i) {
-        const vec y[2] = {s[i][0] + s[i][1] + s[i][2] + shift, s[i][1] - s[i][2] - s[i][3] + shift};
-        const int64_t offset = offset0 + ((oy0 + i) * g.OW + ox0) * g.C_out + c;
-        for (int j = 0; j < cols; ++j) {
-          vec r = y[j];
-          if (P.relu) r = r < vec{} ? vec{} : r;  // NaN passes, as torch.relu
-          vstore<V>(P.out + offset + j * g.C_out, r);
+        const vec y[2] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2] - s[i][3]};
+        winograd_store_row<V>(P, y, cols, shift, n, oy0 + i, ox0, c0 + c);
+      }
+    }
+  }
+}
+
+// y = m x for a constant matrix m (B^T or A^T of F(4x4, 3x3)) on vectors: with the loops unrolled, its zero entries
+// drop out and its +-1 entries become plain adds.
+template <int R, int C, class vec>
+RK_ALWAYS_INLINE void winograd_apply(const float (&m)[R][C], const vec* x, vec* y) {
+#pragma GCC unroll 6
+  for (int i = 0; i < R; ++i) {
+    vec acc{};
+    bool first = true;
+#pragma GCC unroll 6
+    for (int j = 0; j < C; ++j) {
+      const float c = m[i][j];
+      if (c == 0.f) continue;
+      const vec term = c == 1.f ? x[j] : c == -1.f ? -x[j] : c * x[j];
+      if (first) {
+        acc = term;
+        first = false;
+      } else if (c == 1.f) {
+        acc += x[j];
+      } else if (c == -1.f) {
+        acc -= x[j];
+      } else {
+        acc += c * x[j];
+      }
+    }
+    y[i] = acc;
+  }
+}
+
+// F(4x4, 3x3) step 1 for tiles [t0, t0 + nt) of image n, the CB channels from c0: vbuf[(p * TB + t) * CB + c] =
+// (B^T d B)[p], p = 6 * row + column of the 6x6 transform domain. As in winograd_input_transform, B^T is applied
+// once per input column (neighbouring tiles of a tile row share two of their six columns); the columns' results
+// go to a ring of six slots in L1 (six columns of six vectors do not fit the registers with the rest), and each
+// of the tile's six rows is then transformed from the six slots it spans.
+template <class V, int TB, int CB, typename scalar_t>
+RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+                                                int64_t tiles_w, int64_t t0, int nt, float* vbuf) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes;
+  const ConvGeom& g = *P.g;
+  const scalar_t* image = P.in + n * g.H * g.W * g.C_in + c0;
+  alignas(64) float ring[6][6 * L];  // slot = column % 6: B^T of that input column, rows 0..5
+  for (int t = 0; t < nt;) {
+    const int64_t ty = (t0 + t) / tiles_w, tx0 = (t0 + t) % tiles_w;
+    const int count = int(std::min<int64_t>(nt - t, tiles_w - tx0));  // tiles of this row in the block
+    const int64_t iy0 = 4 * ty - g.pad_h, ix0 = 4 * tx0 - g.pad_w;
+    const scalar_t* row[6];
+    int64_t col_stride[6];
+    for (int i = 0; i < 6; ++i) {
+      const bool inside = iy0 + i >= 0 && iy0 + i < g.H;
+      row[i] = inside ? image + (iy0 + i) * g.W * g.C_in : P.zero_input;
+      col_stride[i] = inside ? g.C_in : 0;
+    }
+    // B^T applied to input column ix0 + col (rows iy0..iy0+5), channels c..c+L, into its ring slot.
+    const auto column = [&](int col, int c) {
+      const int64_t ix = ix0 + col;
+      vec d[6], r[6];
+      if (ix >= 0 && ix < g.W) {
+        for (int i = 0; i < 6; ++i) d[i] = vload<V>(row[i] + ix * col_stride[i] + c);
+      } else {
+        for (int i = 0; i < 6; ++i) d[i] = vec{};
+      }
+      winograd_apply(kWinograd4BT, d, r);
+      float* slot = ring[col % 6];
+      for (int i = 0; i < 6; ++i) vstore<V>(slot + i * L, r[i]);
+    };
+    for (int c = 0; c < CB; c += L) {
+      column(0, c);
+      column(1, c);
+      for (int k = 0; k < count; ++k) {
+        for (int j = 2; j < 6; ++j) column(4 * k + j, c);
+        const float* cols[6];
+        for (int j = 0; j < 6; ++j) cols[j] = ring[(4 * k + j) % 6];
+        float* dst = vbuf + int64_t(t + k) * CB + c;
+        for (int i = 0; i < 6; ++i) {
+          vec x[6], y[6];
+          for (int j = 0; j < 6; ++j) x[j] = vload<V>(cols[j] + i * L);
+          winograd_apply(kWinograd4BT, x, y);
+          for (int j = 0; j < 6; ++j) vstore<V>(dst + (i * 6 + j) * TB * CB, y[j]);
         }
-        if (P.row_stats) accumulate_row_stats_at<V, 1>(P, P.out + offset, n * g.OH + oy0 + i, ox0, c0 + c, cols);
+      }
+    }
+    t += count;
+  }
+}
+
+// F(4x4, 3x3) step 3: y = A^T m A + shift (ReLU), stored where inside the output, with row statistics as in
+// winograd_output_transform. A^T goes down the six columns of m first (into 4 x 6 vectors in L1), then along the
+// four resulting rows.
+template <class V, int TB, int CB, typename scalar_t>
+RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+                                                 int64_t tiles_w, int64_t t0, int nt, const float* mbuf) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes;
+  const ConvGeom& g = *P.g;
+  alignas(64) float z[4][6 * L];  // z[r][j]: row r of A^T m for column j
+  for (int t = 0; t < nt; ++t) {
+    const int64_t ty = (t0 + t) / tiles_w, tx = (t0 + t) % tiles_w;
+    const int64_t oy0 = 4 * ty, ox0 = 4 * tx;
+    const int rows = int(std::min<int64_t>(4, g.OH - oy0)), cols = int(std::min<int64_t>(4, g.OW - ox0));
+    for (int c = 0; c < CB; c += L) {
+      for (int j = 0; j < 6; ++j) {
+        vec m[6], r[4];
+        for (int i = 0; i < 6; ++i) m[i] = vload<V>(mbuf + ((i * 6 + j) * TB + t) * CB + c);
+        winograd_apply(kWinograd4AT, m, r);
+        for (int i = 0; i < 4; ++i) vstore<V>(z[i] + j * L, r[i]);
+      }
+      const vec shift = vload<V>(P.shift + c0 + c);
+      for (int i = 0; i < rows; ++i) {
+        vec x[6], y[4];
+        for (int j = 0; j < 6; ++j) x[j] = vload<V>(z[i] + j * L);
+        winograd_apply(kWinograd4AT, x, y);
+        winograd_store_row<V>(P, y, cols, shift, n, oy0 + i, ox0, c0 + c);
       }
     }
   }
@@ -210,8 +369,9 @@ RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& 
 // thread then keeps one image's input and output in cache across blocks, and the U of all blocks with them), and
 // item = block * N + image otherwise (a thread keeps one block's U across images). The transforms run on VT vectors
 // across the block's channels, the GEMMs on NV vectors of VG (as wide as CPG where it is narrower than VT) per group.
-// vbuf and mbuf hold 16 * TB * CB floats each, ubuf 16 * CB * CPG (the block's U when W.packed is null).
-template <class VT, class VG, int CPG, typename scalar_t>
+// vbuf and mbuf hold F::kPoints * TB * CB floats each, ubuf F::kPoints * CB * CPG (the block's U when W.packed is
+// null).
+template <class F, class VT, class VG, int CPG, typename scalar_t>
 RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const WinogradWeights& W, float* vbuf,
                                      float* mbuf, float* ubuf, int64_t begin, int64_t end) {
   constexpr int NV = std::min(VG::kMaxBroadcastVectors, CPG / VG::kLanes);
@@ -219,32 +379,41 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
   constexpr int CB = std::max(CPG, VT::kLanes);
   static_assert(CB % CPG == 0 && CB % VT::kLanes == 0 && CPG % (NV * VG::kLanes) == 0);
   const ConvGeom& g = *P.g;
-  const int64_t tiles_w = (g.OW + 1) / 2, tiles = ((g.OH + 1) / 2) * tiles_w, blocks = g.C_out / CB;
-  const bool image_major = winograd_image_major(g);
+  constexpr int S = F::kTile, NP = F::kPoints;
+  const int64_t tiles_w = (g.OW + S - 1) / S, tiles = ((g.OH + S - 1) / S) * tiles_w, blocks = g.C_out / CB;
+  const bool image_major = winograd_image_major<F>(g);
   // Equal blocks: 49 tiles at TB = 24 go as 17 + 16 + 16, not 24 + 24 + 1.
   const int64_t tile_blocks = (tiles + TB - 1) / TB, per_block = (tiles + tile_blocks - 1) / tile_blocks;
   int64_t ubuf_c0 = -1;  // the block whose U ubuf holds
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c0 = (image_major ? item % blocks : item / g.N) * CB;
     const int64_t n = image_major ? item / blocks : item % g.N;
-    const float* u_block = W.packed ? W.packed + c0 * kWinogradPoints * CPG : ubuf;
+    const float* u_block = W.packed ? W.packed + c0 * NP * CPG : ubuf;
     if (!W.packed && ubuf_c0 != c0) {
-      for (int j = 0; j < CB; j += CPG) W.pack_group(W.ctx, (c0 + j) / CPG, ubuf + j * kWinogradPoints * CPG);
+      for (int j = 0; j < CB; j += CPG) W.pack_group(W.ctx, (c0 + j) / CPG, ubuf + j * NP * CPG);
       ubuf_c0 = c0;
     }
     for (int64_t t0 = 0; t0 < tiles; t0 += per_block) {
       const int nt = int(std::min(per_block, tiles - t0));
-      winograd_input_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, vbuf);
+      if constexpr (S == 2) {
+        winograd_input_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, vbuf);
+      } else {
+        winograd4_input_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, vbuf);
+      }
       for (int j = 0; j < CB; j += CPG) {
-        const float* u = u_block + j * kWinogradPoints * CPG;  // the group's [16][CPG][CPG]
-        for (int p = 0; p < kWinogradPoints; ++p) {
+        const float* u = u_block + j * NP * CPG;  // the group's [points][CPG][CPG]
+        for (int p = 0; p < NP; ++p) {
           for (int co = 0; co < CPG; co += NV * VG::kLanes) {
             winograd_gemm_tail<VG, NV, TB, CPG, CB>(nt, vbuf + p * TB * CB + j, u + p * CPG * CPG + co,
                                                     mbuf + p * TB * CB + j + co);
           }
         }
       }
-      winograd_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf);
+      if constexpr (S == 2) {
+        winograd_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf);
+      } else {
+        winograd4_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf);
+      }
     }
   }
 }
