@@ -302,10 +302,15 @@ def _conv_grads_source(input: Tensor, weight: Tensor, stride: IntPair, padding: 
     else:
         weight_source = "ATen (oneDNN)"
     s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
-    if (s == (1, 1) and all(d[i] * (kernel[i] - 1) >= p[i] for i in (0, 1)) and cpg_in <= 4
+    transposable = s == (1, 1) and all(d[i] * (kernel[i] - 1) >= p[i] for i in (0, 1))
+    if (transposable and cpg_in <= 4
             and _cpu_channel_lanes(weight.shape[0], input.shape[1], groups, kernel, input.dtype)):
         data_source = ("the project's fused conv kernel run on grad_y (stride 1, groups of 2-4 channels, where it "
                        "measured faster than oneDNN)")
+    elif (transposable and _cpu_winograd(weight.shape[0], input.shape[1], groups, kernel, s, d, input.dtype)
+            and _cpu_winograd_tile(input.shape[0], input.shape[2], input.shape[3]) == 4):  # its output: dx
+        data_source = ("the project's Winograd F(4x4, 3x3) kernel run on grad_y (stride 1, where it measured "
+                       "faster than oneDNN)")
     else:
         data_source = "ATen (oneDNN)"
     return f"conv weight gradient from {weight_source}, data gradient from {data_source}"

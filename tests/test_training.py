@@ -371,23 +371,28 @@ def test_explain_names_the_weight_gradient_source(deterministic_algorithms):
         assert "project's CPU kernel" in resnext
 
 
-# (C, channels per group, kernel (KH, KW), padding, dilation, N, H, W): stride-1 shapes of the data-gradient kernel
-# (the fused forward kernel run on grad_y), and neighbours that must stay with ATen.
+# (C, channels per group, kernel (KH, KW), padding, dilation, N, H, W, source): stride-1 shapes of the data-gradient
+# kernels (the fused forward kernel run on grad_y: its channel-lane path, "lanes", or on AVX2 its F(4x4, 3x3) Winograd
+# path, "winograd"), and neighbours that must stay with ATen.
 DATA_GRAD_CASES = [
-    (64, 4, (3, 3), (1, 1), (1, 1), 2, 9, 10),
-    (32, 2, (3, 3), (0, 0), (1, 1), 2, 8, 7),
-    (32, 4, (3, 3), (2, 2), (2, 2), 1, 9, 11),
-    (32, 4, (3, 3), (2, 1), (1, 1), 2, 6, 7),
-    (32, 4, (1, 3), (0, 1), (1, 1), 2, 5, 6),
-    (32, 4, (3, 3), (3, 1), (1, 1), 1, 6, 6),  # padding beyond the kernel's reach: ATen
-    (64, 8, (3, 3), (1, 1), (1, 1), 2, 7, 8),  # 8 channels per group: ATen (measured faster)
+    (64, 4, (3, 3), (1, 1), (1, 1), 2, 9, 10, "lanes"),
+    (32, 2, (3, 3), (0, 0), (1, 1), 2, 8, 7, "lanes"),
+    (32, 4, (3, 3), (2, 2), (2, 2), 1, 9, 11, "lanes"),
+    (32, 4, (3, 3), (2, 1), (1, 1), 2, 6, 7, "lanes"),
+    (32, 4, (1, 3), (0, 1), (1, 1), 2, 5, 6, "lanes"),
+    (32, 4, (3, 3), (3, 1), (1, 1), 1, 6, 6, "aten"),  # padding beyond the kernel's reach
+    (64, 8, (3, 3), (1, 1), (1, 1), 1, 6, 6, "aten"),  # 8 per group, 4 tiles: F(2x2), which measured no faster
+    (64, 8, (3, 3), (1, 1), (1, 1), 2, 7, 8, "winograd"),  # 8 tiles of 4x4
+    (96, 32, (3, 3), (0, 0), (1, 1), 2, 9, 11, "winograd"),  # padding 2 in the transposed convolution
+    (64, 16, (3, 3), (2, 2), (1, 1), 2, 8, 9, "winograd"),  # padding 0 in the transposed convolution
+    (64, 16, (3, 3), (2, 2), (2, 2), 2, 8, 9, "aten"),  # dilation 2: no Winograd
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", DATA_GRAD_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
 def test_data_gradient_against_float64_reference(case, dtype):
-    ch, c, kernel, padding, dilation, n, h, w_ = case
+    ch, c, kernel, padding, dilation, n, h, w_, source = case
     x = torch.randn(n, ch, h, w_, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     w = torch.randn(ch, c, *kernel, dtype=torch.float64) / (c * kernel[0] * kernel[1]) ** 0.5
     args = ([1, 1], list(padding), list(dilation), ch // c, False)
@@ -403,9 +408,11 @@ def test_data_gradient_against_float64_reference(case, dtype):
     assert grad_x.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(grad_x, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
     reason = rk.ops.explain(xd, wd, stride=1, padding=padding, dilation=dilation, groups=ch // c, training=True).reason
-    own = c <= 4 and padding[0] <= dilation[0] * (kernel[0] - 1) and padding[1] <= dilation[1] * (kernel[1] - 1)
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert ("data gradient from the project's fused conv kernel" in reason) == own, reason
+    capability = rk.ops._CPU_CAPABILITY
+    if capability in ("AVX2", "AVX512"):
+        assert ("data gradient from the project's fused conv kernel" in reason) == (source == "lanes"), reason
+        winograd = source == "winograd" and capability == "AVX2"
+        assert ("data gradient from the project's Winograd F(4x4, 3x3) kernel" in reason) == winograd, reason
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -436,11 +443,12 @@ def test_dense_pointwise_through_aten_with_statistics(cin, cout, stride, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("channels,groups,size", [(64, 4, (9, 7)), (64, 8, (6, 11)), (96, 3, (5, 5))])
+@pytest.mark.parametrize("channels,groups,size", [(64, 4, (9, 7)), (64, 8, (6, 11)), (96, 3, (5, 5)), (32, 2, (4, 6))])
 def test_winograd_forward_with_statistics(channels, groups, size, dtype):
     """3x3 stride-1 convolutions with 8-32 channels per group run through the Winograd path, whose epilogue also
-    collects the per-row statistics of the training form (pivot from each row's first tile). An offset mean makes
-    a wrong pivot or a dropped partial tile visible. Output, gradients and running stats against float64."""
+    collects the per-row statistics of the training form (pivot from each row's first tile; on AVX2 the first three
+    shapes take F(4x4, 3x3), the last F(2x2, 3x3)). An offset mean makes a wrong pivot or a dropped partial tile
+    visible. Output, gradients and running stats against float64."""
     x = (torch.randn(2, channels, *size) + 3).to(dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(channels, channels // groups, 3, 3) / (channels // groups * 9) ** 0.5 + 0.05).to(dtype)
     gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels)

@@ -14,9 +14,8 @@
 //     (never on the thread count); each (chunk, channel block) task adds into its own partial sum, and the
 //     partial sums are merged in chunk order, in float64. Results are bitwise identical run to run and for any
 //     number of threads.
-// Where it runs: see weight_grad_kernel_preferred. (A data gradient through the forward kernel, as a stride-1
-// convolution with the group-transposed, flipped weight, was measured 1.1-2.3x slower than oneDNN's at every
-// ResNeXt-50 stage, so the data gradient stays with ATen.)
+// Where it runs: see weight_grad_kernel_preferred. The stride-1 data gradient is the forward kernel run on grad_y with
+// the group-transposed, flipped weight (conv_data_grad_cpu) where data_grad_kernel_preferred says so.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -544,10 +543,11 @@ ConvGeom data_grad_geometry(const ConvGeom& g) {
 
 bool data_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype) {
   const ConvGeom t = data_grad_geometry(g);
-  // Measured against oneDNN's data gradient at ResNeXt-50 shapes: faster with 4 channels per group (stage 1),
-  // even to slower with 8 and more.
-  return g.stride_h == 1 && g.stride_w == 1 && t.pad_h >= 0 && t.pad_w >= 0 && g.C_in / g.groups <= 4 &&
-         conv_uses_channel_lanes(t, dtype);
+  if (g.stride_h != 1 || g.stride_w != 1 || t.pad_h < 0 || t.pad_w < 0) return false;
+  // Measured against oneDNN's data gradient at ResNeXt-50 shapes, N = 8: the channel-lane kernel faster with 4
+  // channels per group (stage 1), even to slower with 8 and more; the F(4x4, 3x3) Winograd kernel 1.46x, 1.96x and
+  // 1.57x faster at stages 2, 3 and 4 (Zen 3, AVX2; F(2x2) was within noise of oneDNN on an AVX-512 machine).
+  return (g.C_in / g.groups <= 4 && conv_uses_channel_lanes(t, dtype)) || conv_winograd_tile(t, dtype) == 4;
 }
 
 at::Tensor conv_data_grad_cpu(const ConvGeom& g, const at::Tensor& grad_y, const at::Tensor& weight) {

@@ -598,6 +598,12 @@ void fill_row_stats(const ConvGeom& g, const at::Tensor& out, float* row_stats) 
 
 }  // namespace
 
+int conv_winograd_tile(const ConvGeom& g, at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return 0;
+  const WinogradPlan plan = winograd_plan<float>(g);  // the same for bfloat16
+  return plan.lanes > 0 ? plan.tile : 0;
+}
+
 bool conv_uses_channel_lanes(const ConvGeom& g, at::ScalarType dtype) {
   return (dtype == at::kFloat || dtype == at::kBFloat16) && winograd_lanes<float>(g) == 0 &&
          lane_group_width<float>(g) > 0;

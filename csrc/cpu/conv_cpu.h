@@ -30,13 +30,17 @@ bool weight_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype);
 // AVX2/AVX-512, 3-wide kernel, groups of 2, 4 or 8 channels in and out, and the Winograd path does not apply).
 bool conv_uses_channel_lanes(const ConvGeom& g, at::ScalarType dtype);
 
+// The output tile of the Winograd path conv_affine_nhwc_cpu runs for this problem on this machine: 2 (F(2x2, 3x3)),
+// 4 (F(4x4, 3x3)), or 0 where the path does not apply (conv_winograd.h, winograd_plan).
+int conv_winograd_tile(const ConvGeom& g, at::ScalarType dtype);
+
 // Data gradient of a stride-1 convolution, dX = conv2d(grad_y, W flipped and transposed within each group), through
 // conv_affine_nhwc_cpu: a channels_last tensor of grad_y's dtype. Deterministic like the forward.
 at::Tensor conv_data_grad_cpu(const ConvGeom& g, const at::Tensor& grad_y, const at::Tensor& weight);
 
 // Whether the backward uses conv_data_grad_cpu rather than ATen: stride 1 where the channel-lane path runs and
-// measured faster than oneDNN (groups of 2-4 channels: ResNeXt-50 32x4d stage 1). Mirrored by
-// resnext_kernels.ops.explain.
+// measured faster than oneDNN (groups of 2-4 channels: ResNeXt-50 32x4d stage 1), or where the transposed problem
+// runs the F(4x4, 3x3) Winograd path (ResNeXt-50 stages 2-4 on AVX2). Mirrored by resnext_kernels.ops.explain.
 bool data_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype);
 
 }  // namespace cpu
