@@ -368,11 +368,12 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
   const int64_t taps = int64_t(g.KH) * g.KW;
   bool row_ok[kMaxBlockedKernel];
   const float* rows[kMaxBlockedKernel];
-  const auto set_row_ok = [&](int64_t row) {
+  // row_ok[kh]: whether tap row kh of output row `row` is inside the image (or, merged, of any of several rows).
+  const auto set_row_ok = [&](int64_t row, bool merge = false) {
     const int64_t ih0 = (row % g.OH) * g.stride_h - g.pad_h;
     for (int32_t kh = 0; kh < g.KH; ++kh) {
       const int64_t ih = ih0 + int64_t(kh) * g.dil_h;
-      row_ok[kh] = ih >= 0 && ih < g.H;
+      row_ok[kh] = (merge && row_ok[kh]) || (ih >= 0 && ih < g.H);
     }
   };
   if constexpr (EXPAND) {
@@ -390,23 +391,31 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
   } else {
     const int64_t band = broadcast_band_rows<scalar_t>(g);
     const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
-    // Equal pixel blocks: a 7-pixel row at TP = 6 goes as 4 + 3, not 6 + 1 (a 1-pixel block loads its weights for
-    // one pixel's multiply-adds).
-    const int64_t row_blocks = (g.OW + TP - 1) / TP, per_block = (g.OW + row_blocks - 1) / row_blocks;
     for (int64_t b0 = row_begin; b0 < row_end; b0 += band) {
       const int64_t b1 = std::min(row_end, b0 + band);
       broadcast_source_table(P, S.src, b0, b1);
+      // The band's pixels (rows b0..b1 are consecutive in the output, and so are their table entries) go in equal
+      // blocks of up to TP that may span rows: 7-pixel rows in bands of two go as 5 + 5 + 4 rather than 4 + 3 + 4
+      // + 3, and no row ends in a 1-pixel block (which loads its weights for one pixel's multiply-adds). A block's
+      // taps are skipped only where they are outside the image for every row it spans; the table points the other
+      // out-of-image taps at zeros.
+      const int64_t npix = (b1 - b0) * g.OW, nblocks = (npix + TP - 1) / TP, per_block = (npix + nblocks - 1) / nblocks;
+      scalar_t* out_band = P.out + b0 * g.OW * g.C_out;
       for (int64_t co0 = 0; co0 < g.C_out; co0 += CB) {
         const int64_t in_ch0 = (co0 / cpg_out) * cpg_in;  // the block's group's first input channel
-        for (int64_t row = b0; row < b1; ++row) {
-          set_row_ok(row);
-          scalar_t* out_row = P.out + row * g.OW * g.C_out;
-          const void* const* tbl = S.src + (row - b0) * g.OW * taps;
-          for (int64_t t0 = 0; t0 < g.OW; t0 += per_block) {
-            const int np = int(std::min<int64_t>(per_block, g.OW - t0));
-            scalar_t* out = out_row + t0 * g.C_out + co0;
-            microkernel_tail<V, NV, TP, false>(np, P, row_ok, tbl + t0 * taps, in_ch0, P.wp + co0, P.shift + co0, out);
-            if (P.row_stats) accumulate_row_stats<V, NV>(P, out, np);
+        for (int64_t p0 = 0; p0 < npix; p0 += per_block) {
+          const int np = int(std::min<int64_t>(per_block, npix - p0));
+          const int64_t r0 = b0 + p0 / g.OW, r1 = b0 + (p0 + np - 1) / g.OW;
+          for (int64_t r = r0; r <= r1; ++r) set_row_ok(r, r > r0);
+          scalar_t* out = out_band + p0 * g.C_out + co0;
+          microkernel_tail<V, NV, TP, false>(np, P, row_ok, S.src + p0 * taps, in_ch0, P.wp + co0, P.shift + co0,
+                                             out);
+          if (P.row_stats) {  // per row: the statistics' pivot is each row's first pixel
+            for (int64_t q = p0; q < p0 + np;) {
+              const int seg = int(std::min<int64_t>(p0 + np - q, g.OW - q % g.OW));
+              accumulate_row_stats<V, NV>(P, out_band + q * g.C_out + co0, seg);
+              q += seg;
+            }
           }
         }
       }
