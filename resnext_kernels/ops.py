@@ -237,7 +237,7 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
 def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
                    groups: int) -> str:
     """How the CPU op computes the convolution itself, where it is not the direct fused kernel: mirrors
-    pointwise_runs_on_aten and winograd_lanes (csrc/cpu/conv_bn_relu.cpp)."""
+    conv_runs_on_aten and winograd_plan (csrc/cpu/conv_bn_relu.cpp)."""
     if input.device.type != "cpu":
         return ""
     kernel = tuple(weight.shape[2:])
@@ -245,8 +245,16 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
             and input.shape[1] * weight.shape[0] * 4 >= 64 * 1024):
         return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM with the BN "
                 "scale folded into the weight and the shift as bias (faster than the fused kernel there)")
-    if _cpu_winograd(input.shape[1], weight.shape[0], groups, kernel, _pair(stride, "stride", 1),
-                     _pair(dilation, "dilation", 1), input.dtype):
+    winograd = _cpu_winograd(input.shape[1], weight.shape[0], groups, kernel, _pair(stride, "stride", 1),
+                             _pair(dilation, "dilation", 1), input.dtype)
+    cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
+    # kBroadcastBlockWeightBytesForAten: the AVX2 broadcast block's weights, KH * KW * cpg_in * 16 floats, over 32 KB
+    if (input.dtype != torch.float64 and _CPU_CAPABILITY == "AVX2" and not winograd and cpg_out >= 16
+            and cpg_out % 8 == 0 and kernel[0] * kernel[1] * cpg_in * 16 * 4 > 32 * 1024):
+        return ("; the convolution itself has more weights per block of 16 output channels than an L1 cache holds "
+                f"({kernel[0] * kernel[1] * cpg_in * 64 // 1024} KB): run by oneDNN with the BN scale folded into the "
+                "weight and the shift as bias (faster than the fused kernel there)")
+    if winograd:
         p = _pair(padding, "padding", 0)
         if _cpu_winograd_tile(input.shape[0], input.shape[2] + 2 * p[0] - 2, input.shape[3] + 2 * p[1] - 2) == 4:
             return ("; the 3x3 convolution runs as Winograd F(4x4, 3x3): 4x fewer multiply-adds, with a float32 error "

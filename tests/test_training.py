@@ -415,6 +415,35 @@ def test_data_gradient_against_float64_reference(case, dtype):
         assert ("data gradient from the project's Winograd F(4x4, 3x3) kernel" in reason) == winograd, reason
 
 
+@pytest.mark.parametrize("channels,groups,stride,dilation", [(128, 1, 1, 1), (256, 4, 2, 1), (128, 2, 1, 2)])
+def test_wide_broadcast_blocks_through_aten_with_statistics(channels, groups, stride, dilation):
+    """On AVX2, convolutions whose broadcast-path weight blocks exceed an L1 (>= 64 input channels per group with a
+    3x3 kernel, outside the Winograd path) run through oneDNN with BN folded, with row statistics from a pass over
+    the output. Output, batch statistics, running stats and the inference form against float64."""
+    x = (torch.randn(2, channels, 9, 8) + 3).contiguous(memory_format=torch.channels_last)  # offset mean
+    w = torch.randn(channels, channels // groups, 3, 3) / (channels // groups * 9) ** 0.5
+    kwargs = dict(stride=stride, padding=dilation, dilation=dilation, groups=groups)
+    aten = rk.ops._CPU_CAPABILITY == "AVX2"
+    for training in (True, False):
+        reason = rk.ops.explain(x, w, training=training, **kwargs).reason
+        assert ("than an L1 cache holds" in reason) == aten, reason
+    narrow = rk.ops.explain(x, torch.randn(channels, 32, 3, 3), stride=2, padding=1, groups=channels // 32).reason
+    assert "L1 cache" not in narrow  # 32 per group: 18 KB blocks stay with the fused kernel
+    rm, rv = torch.zeros(channels), torch.ones(channels)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels)
+    out = rk.conv_bn_relu(x, w, rm, rv, gamma, beta, training=True, **kwargs)
+    y = F.conv2d(x.double(), w.double(), None, stride, dilation, dilation, groups)
+    expected = F.relu(F.batch_norm(y, rm_ref, rv_ref, gamma.double(), beta.double(), True, 0.1, 1e-5))
+    assert rel_err(out, expected) < 1e-4
+    assert rel_err(rm, rm_ref) < 1e-4 and rel_err(rv, rv_ref) < 1e-4
+    scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
+    args = ([stride] * 2, [dilation] * 2, [dilation] * 2, groups)
+    inf = torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, *args, True)
+    ref = F.relu(y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
+    assert inf.is_contiguous(memory_format=torch.channels_last) and rel_err(inf, ref) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cin,cout,stride", [(128, 128, 1), (256, 64, 2), (64, 512, 1)])
 def test_dense_pointwise_through_aten_with_statistics(cin, cout, stride, dtype):

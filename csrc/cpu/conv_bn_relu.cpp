@@ -11,7 +11,8 @@
 //     as F(2x2, 3x3) with 2.25x fewer multiply-adds; it takes precedence over the below.
 //   * Channel-lane path (conv_lanes.h): groups of 2, 4 or 8 channels in and out with a 3-wide kernel put input
 //     channels in the vector lanes and reorder the sums per output pixel; it takes precedence over the below.
-//   * Dense 1x1 convolutions with >= kPointwiseWeightBytesForAten of weights go to ATen (oneDNN).
+//   * Dense 1x1 convolutions with >= kPointwiseWeightBytesForAten of weights, and on AVX2 broadcast-path convolutions
+//     with > kBroadcastBlockWeightBytesForAten of weights per channel block, go to ATen (oneDNN), BN folded.
 //   * Otherwise vectorization runs across output channels (contiguous in NHWC and in wp), in one of two ways:
 //       broadcast: when a group has >= kBroadcastMinWidth output channels (dense and wide groups), each
 //                  input value is broadcast and multiplied into its group's slice of the accumulator;
@@ -551,18 +552,32 @@ at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& wei
 // no blocking of the reduction dimension): every 1x1 convolution of ResNeXt-50 (128-8192 KB of weights) measured
 // 0.69-0.96x of oneDNN's speed through the blocked kernel, so from 64 KB of weights they run through ATen.
 constexpr int64_t kPointwiseWeightBytesForAten = 64 * 1024;
+// For the same reason, convolutions that would take the broadcast path with more weights per channel block than an
+// L1 holds (KH * KW * C_in/groups * 16 floats, the AVX2 block of 2 vectors: 36 KB for a 3x3 kernel over 64 input
+// channels per group) run through ATen on AVX2. Measured on a Zen 3 (N=8, 2 threads) against oneDNN with BN folded:
+// dense 3x3 at 128 channels 28x28 0.84x, 256 at 14x14 0.78x, 512 at 7x7 0.50x, 128 at stride 2 0.91x; 32 groups of
+// 64 at stride 2 (ResNeXt-101 32x8d stage 4's first block) 0.50-0.66x; at 32 groups of 32 (18 KB) 1.01-1.09x, so
+// those stay. (Not measured on AVX-512, whose blocks are 4 vectors: it keeps the fused kernel.)
+constexpr int64_t kBroadcastBlockWeightBytesForAten = 32 * 1024;
 
-bool pointwise_runs_on_aten(const ConvGeom& g, at::ScalarType dtype) {
-  return dtype != at::kDouble && g.groups == 1 && g.KH == 1 && g.KW == 1 && g.pad_h == 0 &&
-         g.pad_w == 0 && g.C_in * g.C_out * int64_t(sizeof(float)) >= kPointwiseWeightBytesForAten;
+bool conv_runs_on_aten(const ConvGeom& g, at::ScalarType dtype) {
+  if (dtype == at::kDouble) return false;
+  if (g.groups == 1 && g.KH == 1 && g.KW == 1 && g.pad_h == 0 && g.pad_w == 0 &&
+      g.C_in * g.C_out * int64_t(sizeof(float)) >= kPointwiseWeightBytesForAten) {
+    return true;
+  }
+  const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
+  return detected_isa() == CpuIsa::kAvx2 && winograd_lanes<float>(g) == 0 && lane_group_width<float>(g) == 0 &&
+         cpg_out >= kBroadcastMinWidth && cpg_out % Avx2Vec::kLanes == 0 &&
+         int64_t(g.KH) * g.KW * cpg_in * 2 * Avx2Vec::kLanes * int64_t(sizeof(float)) > kBroadcastBlockWeightBytesForAten;
 }
 
 // relu?(conv(x, weight * scale) + shift + residual?) through ATen (oneDNN), the conv's own epilogue adding shift.
-at::Tensor pointwise_on_aten(const ConvGeom& g, const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* residual, bool relu) {
+at::Tensor conv_on_aten(const ConvGeom& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                        const at::Tensor& shift, const at::Tensor* residual, bool relu) {
   const at::Tensor w = weight.to(at::kFloat).mul(scale.reshape({-1, 1, 1, 1})).to(x.scalar_type());
-  at::Tensor out = at::convolution(x, w, shift.to(x.scalar_type()), {g.stride_h, g.stride_w}, {0, 0}, {1, 1},
-                                   /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1)
+  at::Tensor out = at::convolution(x, w, shift.to(x.scalar_type()), {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w},
+                                   {g.dil_h, g.dil_w}, /*transposed=*/false, /*output_padding=*/{0, 0}, g.groups)
                        .contiguous(at::MemoryFormat::ChannelsLast);
   if (residual) out.add_(*residual);
   if (relu) out.relu_();
@@ -618,14 +633,14 @@ at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, cons
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
               "resnext_kernels (CPU kernel): input dtype must be float32, float64 or bfloat16, got ", dtype,
               " (resnext_kernels.ops routes other dtypes to ATen)");
-  if (pointwise_runs_on_aten(g, dtype) && input.numel() > 0) {
+  if (conv_runs_on_aten(g, dtype) && input.numel() > 0) {
     const std::optional<at::Tensor> res = residual;
     if (res.has_value()) {
       TORCH_CHECK(res->sizes() == at::IntArrayRef({g.N, g.C_out, g.OH, g.OW}) && res->scalar_type() == dtype,
                   "resnext_kernels (CPU kernel): residual must have the output's shape and dtype ", dtype, ", got ",
                   res->sizes(), " ", res->scalar_type());
     }
-    at::Tensor out = pointwise_on_aten(g, input.contiguous(at::MemoryFormat::ChannelsLast), weight, scale, shift,
+    at::Tensor out = conv_on_aten(g, input.contiguous(at::MemoryFormat::ChannelsLast), weight, scale, shift,
                                        res.has_value() ? &*res : nullptr, relu);
     if (row_stats) {
       *row_stats = at::empty({g.N * g.OH, 3, g.C_out}, input.options().dtype(at::kFloat));
