@@ -27,10 +27,13 @@ def test_example_trains_checkpoints_resumes_and_plots(tmp_path):
               "--epochs", "2"]
     first = example.main(common + ["--max-steps", "48"])["fused"]  # stops after epoch 1, as if interrupted
     assert first[0]["steps"] == 48
-    assert first[0]["train_loss"] < 2.0 and first[0]["test_accuracy"] > 0.4  # chance: loss 2.30, accuracy 0.1
+    assert first[0]["train_loss"] < 2.0  # chance: loss 2.30, accuracy 0.1
     resumed = example.main(common + ["--resume"])["fused"]
     assert [h["epoch"] for h in resumed] == [1, 2] and resumed[0] == first[0]
     assert resumed[1]["train_loss"] < first[0]["train_loss"]
+    # Test accuracy after the second epoch: 0.61-0.68 for seeds 0-3, fused and torch.nn alike. (After the first, 48
+    # steps at lr 0.1, it swings between 0.14 and 0.49 with the seed and the rounding of either model: no bound.)
+    assert resumed[1]["test_accuracy"] > 0.5
     with open(tmp_path / "history_fused.json") as f:
         assert json.load(f) == resumed
     assert (tmp_path / "curves.png").stat().st_size > 10_000
