@@ -567,9 +567,10 @@ bool conv_runs_on_aten(const ConvGeom& g, at::ScalarType dtype) {
     return true;
   }
   const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
+  const int64_t block_weight_bytes = int64_t(g.KH) * g.KW * cpg_in * 2 * Avx2Vec::kLanes * int64_t(sizeof(float));
   return detected_isa() == CpuIsa::kAvx2 && winograd_lanes<float>(g) == 0 && lane_group_width<float>(g) == 0 &&
          cpg_out >= kBroadcastMinWidth && cpg_out % Avx2Vec::kLanes == 0 &&
-         int64_t(g.KH) * g.KW * cpg_in * 2 * Avx2Vec::kLanes * int64_t(sizeof(float)) > kBroadcastBlockWeightBytesForAten;
+         block_weight_bytes > kBroadcastBlockWeightBytesForAten;
 }
 
 // relu?(conv(x, weight * scale) + shift + residual?) through ATen (oneDNN), the conv's own epilogue adding shift.

@@ -24,10 +24,10 @@
 //      vbuf[p][tile][c];
 //   2. GEMMs (winograd_gemm): per point p, group and NV vectors of output channels, a register-blocked TB x NV
 //      microkernel (each V value broadcast, each U vector shared by the TB tiles) -> mbuf[p][tile][c];
-//   3. output transform (winograd_output_transform, winograd4_output_transform) with the blocked path's epilogue: shift, ReLU, store of the
-//      outputs inside the image, and row statistics for the training form (a row's tiles come in order, so the
-//      first one sets the pivot). No residual: a call with one takes the other paths (the bottleneck adds it to
-//      its last, 1x1, convolution).
+//   3. output transform (winograd_output_transform, winograd4_output_transform) with the blocked path's epilogue
+//      (winograd_store_row): shift, ReLU, store of the outputs inside the image, and row statistics for the
+//      training form (a row's tiles come in order, so the first one sets the pivot). No residual: a call with one
+//      takes the other paths (the bottleneck adds it to its last, 1x1, convolution).
 // Per-phase timing of F(2x2) at ResNeXt-50 stage 3 (one thread, N=8, phases skipped one at a time): the GEMMs take
 // about 60% of the time, the two transforms about 30%, the weight transform and setup about 10%.
 //
@@ -50,12 +50,11 @@ struct Avx512YmmVec {
 
 // The two tile sizes: F(2x2, 3x3) (4x4 input tiles, 16 transform points) and F(4x4, 3x3) (6x6 input tiles, 36 points).
 struct WinogradF2 {
-  static constexpr int kTile = 2, kAlpha = 4, kPoints = 16;
+  static constexpr int kTile = 2, kPoints = 16;
 };
 struct WinogradF4 {
-  static constexpr int kTile = 4, kAlpha = 6, kPoints = 36;
+  static constexpr int kTile = 4, kPoints = 36;
 };
-constexpr int kMaxWinogradPoints = WinogradF4::kPoints;
 // F(4x4) tiles (N * ceil(OH / 4) * ceil(OW / 4)) from which F(4x4, 3x3) runs instead of F(2x2, 3x3). Its GEMMs do
 // 1.78x fewer multiply-adds (36 per 16 outputs against 16 per 4), its weight transform 2.25x more (36 points per
 // kernel against 16), which a few tiles do not pay back. Measured on ResNeXt-50's 7x7 stage 4 (Zen 3, AVX2, 2
@@ -201,8 +200,8 @@ RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P
   }
 }
 
-// The output transform's epilogue for the `cols` pixels y of output row oy of image n from column ox0, channels ch..ch+L:
-// + shift, ReLU, store, and the training form's row statistics.
+// The output transforms' epilogue for the `cols` pixels y of output row oy of image n from column ox0, channels
+// ch..ch+L: + shift, ReLU, store, and the training form's row statistics.
 template <class V, typename scalar_t>
 RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, const typename V::vec* y, int cols,
                                          typename V::vec shift, int64_t n, int64_t oy, int64_t ox0, int64_t ch) {
@@ -259,9 +258,8 @@ RK_ALWAYS_INLINE void winograd_apply(const float (&m)[R][C], const vec* x, vec* 
     for (int j = 0; j < C; ++j) {
       const float c = m[i][j];
       if (c == 0.f) continue;
-      const vec term = c == 1.f ? x[j] : c == -1.f ? -x[j] : c * x[j];
       if (first) {
-        acc = term;
+        acc = c == 1.f ? x[j] : c == -1.f ? -x[j] : c * x[j];
         first = false;
       } else if (c == 1.f) {
         acc += x[j];
