@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -241,7 +242,8 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
     if input.device.type != "cpu":
         return ""
     kernel = tuple(weight.shape[2:])
-    if (input.dtype != torch.float64 and groups == 1 and kernel == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
+    aten_dtype = input.dtype == torch.float32 or (input.dtype == torch.bfloat16 and _cpu_native_bf16())
+    if (aten_dtype and groups == 1 and kernel == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
             and input.shape[1] * weight.shape[0] * 4 >= 64 * 1024):
         return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM with the BN "
                 "scale folded into the weight and the shift as bias (faster than the fused kernel there)")
@@ -249,7 +251,7 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
                              _pair(dilation, "dilation", 1), input.dtype)
     cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
     # kBroadcastBlockWeightBytesForAten: the AVX2 broadcast block's weights, KH * KW * cpg_in * 16 floats, over 32 KB
-    if (input.dtype != torch.float64 and _CPU_CAPABILITY == "AVX2" and not winograd and cpg_out >= 16
+    if (aten_dtype and _CPU_CAPABILITY == "AVX2" and not winograd and cpg_out >= 16
             and cpg_out % 8 == 0 and kernel[0] * kernel[1] * cpg_in * 16 * 4 > 32 * 1024):
         return ("; the convolution itself has more weights per block of 16 output channels than an L1 cache holds "
                 f"({kernel[0] * kernel[1] * cpg_in * 64 // 1024} KB): run by oneDNN with the BN scale folded into the "
@@ -262,6 +264,18 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
         return ("; the 3x3 convolution runs as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds, with results within a "
                 "few float32 rounding steps of direct summation")
     return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_native_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16; mirrors cpu_has_native_bf16,
+    csrc/cpu/conv_bn_relu.cpp): only then do the bfloat16 convolutions the CPU op could hand to oneDNN go there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _cpu_winograd_tile(batch: int, out_h: int, out_w: int) -> int:
