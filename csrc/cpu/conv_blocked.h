@@ -165,14 +165,6 @@ RK_ALWAYS_INLINE void accumulate_row_stats_at(const BlockedProblem<scalar_t>& P,
   }
 }
 
-// The same, locating `out` from its offset in the output.
-template <class V, int NV, typename scalar_t>
-RK_ALWAYS_INLINE void accumulate_row_stats(const BlockedProblem<scalar_t>& P, const scalar_t* out, int np) {
-  const ConvGeom& g = *P.g;
-  const int64_t offset = out - P.out, pix = offset / g.C_out;
-  accumulate_row_stats_at<V, NV>(P, out, pix / g.OW, pix % g.OW, offset % g.C_out, np);
-}
-
 // Per-thread scratch: the cache of expanded input rows (row_slots of span * cpg_in * C_out), their tags,
 // and the microkernel's source pointers, src[p * KH * KW + tap] (expand mode: one block's; broadcast mode: a band's,
 // see broadcast_source_table).
@@ -313,8 +305,8 @@ RK_ALWAYS_INLINE void expand_tile_channels(const BlockedProblem<scalar_t>& P, Bl
       }
     }
     microkernel_tail<V, NV, TP, true>(np, P, row_ok, S.src, 0, P.wp + co0, P.shift + co0, out_row + t0 * C_out + co0);
-    if (P.row_stats) accumulate_row_stats<V, NV>(P, out_row + t0 * C_out + co0, np);
   }
+  if (P.row_stats) accumulate_row_stats_at<V, NV>(P, out_row + co0, row, ow0, co0, int(nt));  // the tile at once
 }
 
 // Broadcast mode: the source pointers (input channel 0, or zeros outside the image) of every pixel and tap of
@@ -410,12 +402,10 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
           scalar_t* out = out_band + p0 * g.C_out + co0;
           microkernel_tail<V, NV, TP, false>(np, P, row_ok, S.src + p0 * taps, in_ch0, P.wp + co0, P.shift + co0,
                                              out);
-          if (P.row_stats) {  // per row: the statistics' pivot is each row's first pixel
-            for (int64_t q = p0; q < p0 + np;) {
-              const int seg = int(std::min<int64_t>(p0 + np - q, g.OW - q % g.OW));
-              accumulate_row_stats<V, NV>(P, out_band + q * g.C_out + co0, seg);
-              q += seg;
-            }
+        }
+        if (P.row_stats) {  // per row, over the band's rows for these channels at once (still in L1)
+          for (int64_t r = b0; r < b1; ++r) {
+            accumulate_row_stats_at<V, NV>(P, out_band + (r - b0) * g.OW * g.C_out + co0, r, 0, co0, int(g.OW));
           }
         }
       }
