@@ -123,7 +123,7 @@ struct BlockedProblem {
   int64_t tile_ow, span, n_tiles, row_slots;
   bool expand;
   const scalar_t* in;
-  const float* wp;      // [KH][KW][cpg_in][C_out], BN scale folded in
+  const float* wp;      // BN scale folded in: [C_out / B][KH][KW][cpg_in][B] for B = w_ci_stride (see block_weights)
   const float* shift;   // [C_out]
   const int64_t* src_channel;  // first input channel of output channel co's group
   scalar_t* out;
@@ -132,7 +132,19 @@ struct BlockedProblem {
   const float* zero_expanded;  // cpg_in * C_out zeros
   const scalar_t* zero_input;  // C_in zeros
   float* row_stats;            // when not null: per output row, [pivot | sum(y - pivot) | sum((y - pivot)^2)] x C_out
+  // Floats between the weight rows of consecutive input channels: C_out (expand mode: a row holds every output
+  // channel), or the broadcast path's block of NV vectors, whose weights are then contiguous. (With rows C_out floats
+  // apart, a block's KH * KW * cpg_in rows were 4 KB apart at 1024 channels: all in one L1 set, and in 16 of L2's.)
+  int64_t w_ci_stride;
 };
+
+// The packed weights of the block of output channels from co0 (a multiple of w_ci_stride, or inside its only block).
+template <typename scalar_t>
+RK_ALWAYS_INLINE const float* block_weights(const BlockedProblem<scalar_t>& P, int64_t co0) {
+  const ConvGeom& g = *P.g;
+  const int64_t B = P.w_ci_stride, rows = int64_t(g.KH) * g.KW * (g.C_in / g.groups);
+  return P.wp + (co0 / B) * B * rows + co0 % B;
+}
 
 // Per-row statistics of the stored output, for the training form's BatchNorm: the pivot is the row's first pixel
 // (ow = 0, written by the row's first call for these channels), and the sums are of deviations from it, so a
@@ -181,7 +193,7 @@ RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool*
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   const ConvGeom& g = *P.g;
-  const int64_t C_out = g.C_out, cpg_in = g.C_in / g.groups, tap_stride = cpg_in * C_out;
+  const int64_t C_out = g.C_out, cpg_in = g.C_in / g.groups, w_row = P.w_ci_stride, tap_stride = cpg_in * w_row;
   const int64_t taps = int64_t(g.KH) * g.KW;
   vec acc[TP][NV];
   for (int v = 0; v < NV; ++v) {
@@ -197,7 +209,7 @@ RK_ALWAYS_INLINE void microkernel(const BlockedProblem<scalar_t>& P, const bool*
       for (int p = 0; p < TP; ++p) s[p] = src[p * taps + tap];
       for (int64_t ci = 0; ci < cpg_in; ++ci) {
         vec wv[NV];
-        for (int v = 0; v < NV; ++v) wv[v] = vload<V>(wt + ci * C_out + v * L);
+        for (int v = 0; v < NV; ++v) wv[v] = vload<V>(wt + ci * w_row + v * L);
 #pragma GCC unroll 8
         for (int p = 0; p < TP; ++p) {
           if constexpr (EXPAND) {
@@ -304,7 +316,8 @@ RK_ALWAYS_INLINE void expand_tile_channels(const BlockedProblem<scalar_t>& P, Bl
         }
       }
     }
-    microkernel_tail<V, NV, TP, true>(np, P, row_ok, S.src, 0, P.wp + co0, P.shift + co0, out_row + t0 * C_out + co0);
+    microkernel_tail<V, NV, TP, true>(np, P, row_ok, S.src, 0, block_weights(P, co0), P.shift + co0,
+                                      out_row + t0 * C_out + co0);
   }
   if (P.row_stats) accumulate_row_stats_at<V, NV>(P, out_row + co0, row, ow0, co0, int(nt));  // the tile at once
 }
@@ -400,7 +413,7 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
           const int64_t r0 = b0 + p0 / g.OW, r1 = b0 + (p0 + np - 1) / g.OW;
           for (int64_t r = r0; r <= r1; ++r) set_row_ok(r, r > r0);
           scalar_t* out = out_band + p0 * g.C_out + co0;
-          microkernel_tail<V, NV, TP, false>(np, P, row_ok, S.src + p0 * taps, in_ch0, P.wp + co0, P.shift + co0,
+          microkernel_tail<V, NV, TP, false>(np, P, row_ok, S.src + p0 * taps, in_ch0, block_weights(P, co0), P.shift + co0,
                                              out);
         }
         if (P.row_stats) {  // per row, over the band's rows for these channels at once (still in L1)

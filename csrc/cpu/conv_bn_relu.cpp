@@ -425,23 +425,25 @@ std::vector<float> pack_lane_weight(const ConvGeom& g, const at::Tensor& weight,
   return wl;
 }
 
-// wp[kh][kw][ci][co] = weight[co][ci][kh][kw] * scale[co], in the accumulation type.
+// wp[co / B][kh][kw][ci][co % B] = weight[co][ci][kh][kw] * scale[co], in the accumulation type, for blocks of B
+// output channels (B = C_out: one row (kh, kw, ci) holds all output channels).
 template <typename scalar_t, typename acc_t>
-std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale) {
+std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale, int64_t B) {
+  TORCH_INTERNAL_ASSERT(B > 0 && g.C_out % B == 0);
   const at::Tensor w = weight.contiguous();
   const at::Tensor s = scale.contiguous();
   const scalar_t* wsrc = w.data_ptr<scalar_t>();
   const acc_t* sc = s.data_ptr<acc_t>();
-  const int64_t cpg_in = g.C_in / g.groups, khw = int64_t(g.KH) * g.KW;
-  std::vector<acc_t> wp(khw * cpg_in * g.C_out);
-  // One packed row (k, ci) holds all output channels: written contiguously, rows split across threads.
-  at::parallel_for(0, khw * cpg_in, std::max<int64_t>(1, 16384 / std::max<int64_t>(g.C_out, 1)),
-                   [&](int64_t begin, int64_t end) {
+  const int64_t cpg_in = g.C_in / g.groups, khw = int64_t(g.KH) * g.KW, rows = khw * cpg_in;
+  std::vector<acc_t> wp(rows * g.C_out);
+  // Packed rows (block, k, ci) of B output channels: written contiguously, rows split across threads.
+  at::parallel_for(0, rows * (g.C_out / B), std::max<int64_t>(1, 16384 / B), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t k = r / cpg_in, ci = r % cpg_in;
-      acc_t* dst = wp.data() + r * g.C_out;
-      for (int64_t co = 0; co < g.C_out; ++co) {
-        dst[co] = static_cast<acc_t>(wsrc[(co * cpg_in + ci) * khw + k]) * sc[co];
+      const int64_t block = r / rows, k = (r % rows) / cpg_in, ci = r % cpg_in;
+      acc_t* dst = wp.data() + r * B;
+      for (int64_t j = 0; j < B; ++j) {
+        const int64_t co = block * B + j;
+        dst[j] = static_cast<acc_t>(wsrc[(co * cpg_in + ci) * khw + k]) * sc[co];
       }
     }
   });
@@ -512,15 +514,19 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       return;
     }
   }
-  const std::vector<acc_t> wp = pack_weight<scalar_t, acc_t>(g, weight, scale);
   const int nv = blocked_vectors<scalar_t>(g, tl);
+  // The broadcast path's weights in blocks of its nv vectors (see BlockedProblem::w_ci_stride); else one row per tap
+  // and input channel.
+  const int64_t lanes = detected_isa() == CpuIsa::kAvx512 ? Avx512Vec::kLanes : Avx2Vec::kLanes;
+  const int64_t w_block = nv > 0 && !tl.expand ? nv * lanes : g.C_out;
+  const std::vector<acc_t> wp = pack_weight<scalar_t, acc_t>(g, weight, scale, w_block);
   if (nv > 0) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const std::vector<float> zero_expanded(tl.expand ? cpg_in * g.C_out : 0, 0.f);
       const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
       const BlockedProblem<scalar_t> P{&g, tl.tile_ow, tl.span, tl.n_tiles, tl.row_slots, tl.expand, in,
                                        wp.data(), sh, src_channel.data(), out, residual, relu, zero_expanded.data(),
-                                       zero_input.data(), row_stats};
+                                       zero_input.data(), row_stats, w_block};
       at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> expanded(tl.expand_size);
         std::vector<int64_t> slot_tag(tl.row_slots, -1);
@@ -554,10 +560,12 @@ at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& wei
 constexpr int64_t kPointwiseWeightBytesForAten = 64 * 1024;
 // For the same reason, convolutions that would take the broadcast path with more weights per channel block than an
 // L1 holds (KH * KW * C_in/groups * 16 floats, the AVX2 block of 2 vectors: 36 KB for a 3x3 kernel over 64 input
-// channels per group) run through ATen on AVX2. Measured on a Zen 3 (N=8, 2 threads) against oneDNN with BN folded:
-// dense 3x3 at 128 channels 28x28 0.84x, 256 at 14x14 0.78x, 512 at 7x7 0.50x, 128 at stride 2 0.91x; 32 groups of
-// 64 at stride 2 (ResNeXt-101 32x8d stage 4's first block) 0.50-0.66x; at 32 groups of 32 (18 KB) 1.01-1.09x, so
-// those stay. (Not measured on AVX-512, whose blocks are 4 vectors: it keeps the fused kernel.)
+// channels per group) run through ATen on AVX2. Measured on a Zen 3 (N=8, 2 threads, interleaved, two runs) against
+// oneDNN with BN folded, with the blocks' weights contiguous (pack_weight): dense 3x3 at 128 channels 28x28
+// 0.94-0.98x, 256 at 14x14 0.99-1.02x, 512 at 7x7 1.15-1.21x, 128 at stride 2 0.96-0.97x; 32 groups of 64 at
+// stride 2 (ResNeXt-101 32x8d stage 4's first block) 0.90-0.93x, stage 3's 0.98-1.01x; at 32 groups of 32 (18 KB,
+// ResNeXt-50's stage 4 first block) 1.03-1.07x, so those stay. (Not measured on AVX-512, whose blocks are 4 vectors:
+// it keeps the fused kernel.)
 constexpr int64_t kBroadcastBlockWeightBytesForAten = 32 * 1024;
 
 // Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16), which oneDNN's bfloat16 convolutions need
