@@ -469,7 +469,11 @@ void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor&
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     WgradScratch<acc_t> S(g, pl, kBandBudget);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t chunk = t % pl.n_chunks, co0 = (t / pl.n_chunks) * pl.cb;  // a thread's range spans chunks
+      // Chunk-major: a thread's consecutive tasks are the channel blocks of one chunk of rows, so the input and
+      // gradient lines one block reads half of (8 of 16 channels) are still in cache for the next block. (Block-
+      // major, they had been evicted by the block's other chunks: interleaved A/B, N=8, the order made the weight
+      // gradient 1.30x faster at ResNeXt-50 stage 1 and 1.31x at stage 2's stride-2 block.)
+      const int64_t chunk = t / pl.n_cblocks, co0 = (t % pl.n_cblocks) * pl.cb;
       const int64_t row0 = chunk * pl.rows_per_chunk, row1 = std::min(pl.rows, row0 + pl.rows_per_chunk);
 #if RK_X86_DISPATCH
       if constexpr (kFloatAcc) {
