@@ -28,9 +28,9 @@
 //      (winograd_store_row): shift, ReLU, store of the outputs inside the image, and row statistics for the
 //      training form (a row's tiles come in order, so the first one sets the pivot). No residual: a call with one
 //      takes the other paths (the bottleneck adds it to its last, 1x1, convolution).
-// While a block's GEMMs run, software prefetches bring in the next block's input windows and this block's output lines
-// (WinogradPrefetch): interleaved A/B, N=8, 2 threads, inference: 1.10-1.15x faster at ResNeXt-50 stage 2, 1.18-1.22x
-// at stage 3, 1.09-1.11x at stage 4.
+// While a block's GEMMs and output transform run, software prefetches bring in the next block's input windows and
+// this block's output lines (WinogradPrefetch): interleaved A/B, N=8, 2 threads, inference: 1.10-1.15x faster at
+// ResNeXt-50 stage 2, 1.18-1.22x at stage 3, 1.09-1.11x at stage 4.
 // Per-phase timing of F(2x2) at ResNeXt-50 stage 3 (one thread, N=8, phases skipped one at a time): the GEMMs take
 // about 60% of the time, the two transforms about 30%, the weight transform and setup about 10%.
 //
@@ -220,13 +220,15 @@ RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, cons
 }
 
 // Step 3 for the same tiles: y = A^T m A + shift (ReLU), stored where inside the output.
-template <class V, int TB, int CB, typename scalar_t>
+template <class V, int TB, int CB, typename scalar_t, class Prefetch>
 RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
-                                                int64_t tiles_w, int64_t t0, int nt, const float* mbuf) {
+                                                int64_t tiles_w, int64_t t0, int nt, const float* mbuf,
+                                                const Prefetch& pf, int step0) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   const ConvGeom& g = *P.g;
   for (int t = 0; t < nt; ++t) {
+    pf.step(step0 + t);
     const int64_t ty = (t0 + t) / tiles_w, tx = (t0 + t) % tiles_w;
     const int64_t oy0 = 2 * ty, ox0 = 2 * tx;
     const int rows = int(std::min<int64_t>(2, g.OH - oy0)), cols = int(std::min<int64_t>(2, g.OW - ox0));
@@ -336,14 +338,16 @@ RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& 
 // F(4x4, 3x3) step 3: y = A^T m A + shift (ReLU), stored where inside the output, with row statistics as in
 // winograd_output_transform. A^T goes down the six columns of m first (into 4 x 6 vectors in L1), then along the
 // four resulting rows.
-template <class V, int TB, int CB, typename scalar_t>
+template <class V, int TB, int CB, typename scalar_t, class Prefetch>
 RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
-                                                 int64_t tiles_w, int64_t t0, int nt, const float* mbuf) {
+                                                 int64_t tiles_w, int64_t t0, int nt, const float* mbuf,
+                                                 const Prefetch& pf, int step0) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   const ConvGeom& g = *P.g;
   alignas(64) float z[4][6 * L];  // z[r][j]: row r of A^T m for column j
   for (int t = 0; t < nt; ++t) {
+    pf.step(step0 + t);
     const int64_t ty = (t0 + t) / tiles_w, tx = (t0 + t) % tiles_w;
     const int64_t oy0 = 4 * ty, ox0 = 4 * tx;
     const int rows = int(std::min<int64_t>(4, g.OH - oy0)), cols = int(std::min<int64_t>(4, g.OW - ox0));
@@ -365,12 +369,14 @@ RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>&
   }
 }
 
-// Software prefetch while a tile block's GEMMs run: the input windows of the next block's tiles and the output pixels
+// Software prefetch while a tile block's GEMMs and output transform run: the input windows of the next block's tiles and the output pixels
 // of this block's, the channels [c0, c0 + CB) of each pixel. In channels_last a tile's pixels are C_in (C_out) floats
 // apart, and a 6-row window crosses a 4 KB page every few pixels, which the hardware prefetchers do not follow: in a
 // profile at ResNeXt-50 stage 2 the first touches of input and output lines took a fifth of the kernel's time.
-// The work is cut into units, one input row of a next-block tile or one output row of a this-block tile, spread
-// evenly over the points' GEMMs (prefetch_units(u0, u1) issues units [u0, u1)).
+// The work is cut into units, one output row of a this-block tile or one input row of a next-block tile, spread
+// evenly over the points' GEMMs and the output transform's tiles (step(k) issues the k-th share). Spreading the
+// next block's input over the output transform too measured 1.03-1.06x faster at stage 2 than over the GEMMs
+// alone (interleaved A/B), where the prefetch instructions had stalled on full miss buffers.
 template <int S, int CB, typename scalar_t>
 struct WinogradPrefetch {
   const BlockedProblem<scalar_t>* P;
@@ -379,8 +385,14 @@ struct WinogradPrefetch {
   int in_nt;                   // its tiles (0: none)
   int64_t out_n, out_c0, out_t0;
   int out_nt;
+  int steps;  // the calls of step() the units are spread over
 
   int units() const { return in_nt * (S + 2) + out_nt * S; }
+  // The k-th of `steps` equal shares of the units.
+  RK_ALWAYS_INLINE void step(int k) const {
+    const int n = units();
+    if (k < steps) prefetch_units(k * n / steps, (k + 1) * n / steps);
+  }
 
   static RK_ALWAYS_INLINE void lines(const scalar_t* px) {
     constexpr int kLine = 64 / int(sizeof(scalar_t));
@@ -390,18 +402,18 @@ struct WinogradPrefetch {
   RK_ALWAYS_INLINE void prefetch_units(int u0, int u1) const {
     const ConvGeom& g = *P->g;
     for (int u = u0; u < u1; ++u) {
-      if (u < in_nt * (S + 2)) {
-        const int64_t t = in_t0 + u / (S + 2), ty = t / tiles_w, tx = t % tiles_w;
-        const int64_t iy = S * ty - g.pad_h + u % (S + 2);
+      if (u >= out_nt * S) {  // an input row of a next-block tile
+        const int v = u - out_nt * S;
+        const int64_t t = in_t0 + v / (S + 2), ty = t / tiles_w, tx = t % tiles_w;
+        const int64_t iy = S * ty - g.pad_h + v % (S + 2);
         if (iy < 0 || iy >= g.H) continue;
         const int64_t ix0 = std::max<int64_t>(0, S * tx - g.pad_w);
         const int64_t ix1 = std::min<int64_t>(g.W, S * tx - g.pad_w + S + 2);
         const scalar_t* row = P->in + ((in_n * g.H + iy) * g.W) * g.C_in + in_c0;
         for (int64_t ix = ix0; ix < ix1; ++ix) lines(row + ix * g.C_in);
-      } else {
-        const int v = u - in_nt * (S + 2);
-        const int64_t t = out_t0 + v / S, ty = t / tiles_w, tx = t % tiles_w;
-        const int64_t oy = S * ty + v % S;
+      } else {  // an output row of a this-block tile
+        const int64_t t = out_t0 + u / S, ty = t / tiles_w, tx = t % tiles_w;
+        const int64_t oy = S * ty + u % S;
         if (oy >= g.OH) continue;
         const int64_t ox1 = std::min<int64_t>(g.OW, S * tx + S);
         const scalar_t* row = P->out + ((out_n * g.OH + oy) * g.OW) * g.C_out + out_c0;
@@ -448,19 +460,19 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
       } else {
         winograd4_input_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, vbuf);
       }
-      WinogradPrefetch<S, CB, scalar_t> pf{&P, tiles_w, n, c0, t0 + nt, 0, n, c0, t0, nt};
+      // Prefetch steps: one per GEMM, then one per tile of the output transform (this block's output lines come
+      // first, in the GEMMs' steps, the next block's input after).
+      WinogradPrefetch<S, CB, scalar_t> pf{&P, tiles_w, n, c0, t0 + nt, 0, n, c0, t0, nt, NP * (CB / CPG) + nt};
       if (t0 + nt < tiles) {
         pf.in_nt = int(std::min(per_block, tiles - t0 - nt));
       } else if (item + 1 < end) {  // the next item's first block
         pf.in_n = item_image(item + 1), pf.in_c0 = item_block(item + 1), pf.in_t0 = 0;
         pf.in_nt = int(std::min(per_block, tiles));
       }
-      const int units = pf.units(), gemms = NP * (CB / CPG);
       for (int j = 0; j < CB; j += CPG) {
         const float* u = u_block + j * NP * CPG;  // the group's [points][CPG][CPG]
         for (int p = 0; p < NP; ++p) {
-          const int k = (j / CPG) * NP + p;  // this GEMM's share of the prefetch units
-          pf.prefetch_units(k * units / gemms, (k + 1) * units / gemms);
+          pf.step((j / CPG) * NP + p);  // this GEMM's share of the prefetch units
           for (int co = 0; co < CPG; co += NV * VG::kLanes) {
             winograd_gemm_tail<VG, NV, TB, CPG, CB>(nt, vbuf + p * TB * CB + j, u + p * CPG * CPG + co,
                                                     mbuf + p * TB * CB + j + co);
@@ -468,9 +480,9 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
         }
       }
       if constexpr (S == 2) {
-        winograd_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf);
+        winograd_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf, pf, NP * (CB / CPG));
       } else {
-        winograd4_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf);
+        winograd4_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf, pf, NP * (CB / CPG));
       }
     }
   }
