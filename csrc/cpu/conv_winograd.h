@@ -369,10 +369,11 @@ RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>&
   }
 }
 
-// Software prefetch while a tile block's GEMMs and output transform run: the input windows of the next block's tiles and the output pixels
-// of this block's, the channels [c0, c0 + CB) of each pixel. In channels_last a tile's pixels are C_in (C_out) floats
-// apart, and a 6-row window crosses a 4 KB page every few pixels, which the hardware prefetchers do not follow: in a
-// profile at ResNeXt-50 stage 2 the first touches of input and output lines took a fifth of the kernel's time.
+// Software prefetch while a tile block's GEMMs and output transform run: the input windows of the next block's tiles
+// and the output pixels of this block's, the channels [c0, c0 + CB) of each pixel. In channels_last a tile's pixels
+// are C_in (C_out) floats apart, and a 6-row window crosses a 4 KB page every few pixels, which the hardware
+// prefetchers do not follow: in a profile at ResNeXt-50 stage 2 the first touches of input and output lines took a
+// fifth of the kernel's time.
 // The work is cut into units, one output row of a this-block tile or one input row of a next-block tile, spread
 // evenly over the points' GEMMs and the output transform's tiles (step(k) issues the k-th share). Spreading the
 // next block's input over the output transform too measured 1.03-1.06x faster at stage 2 than over the GEMMs
