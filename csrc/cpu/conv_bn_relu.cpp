@@ -532,7 +532,8 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
         std::vector<int64_t> slot_tag(tl.row_slots, -1);
         const int64_t table_pixels = tl.expand ? kMaxPixelsPerBlock : broadcast_band_rows<scalar_t>(g) * g.OW;
         std::vector<const void*> src(table_pixels * g.KH * g.KW);
-        BlockedScratch S{expanded.data(), slot_tag.data(), src.data()};
+        std::vector<scalar_t> packed(tl.expand ? 0 : broadcast_packed_elements<scalar_t>(g));
+        BlockedScratch S{expanded.data(), slot_tag.data(), src.data(), packed.empty() ? nullptr : packed.data()};
         RK_CALL_FOR_ISA(blocked_rows, P, S, nv, begin, end);
       });
       return;
