@@ -20,6 +20,7 @@ EDGE_CASES = [
     (1, 24, 24, 11, 10, 3, 3, 1, 2, 2),    # dilation 2
     (1, 64, 128, 6, 5, 1, 3, 2, 1, 1),     # dense, wide output (broadcast path, several blocks)
     (2, 128, 128, 5, 5, 2, 3, 1, 1, 1),    # 64 channels per group
+    (3, 64, 64, 9, 7, 2, 3, 2, 1, 1),      # 32 per group, stride 2: broadcast path, a band over three images
     (1, 12, 12, 5, 5, 6, 1, 1, 0, 1),      # 1x1 kernel
     (1, 8, 8, 1, 1, 2, 3, 1, 1, 1),        # 1x1 spatial
     (1, 10, 20, 6, 7, 5, 3, 2, 0, 1),      # stride 2, padding 0, odd channel counts

@@ -438,7 +438,7 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
     scalar_t* packed = static_cast<scalar_t*>(S.packed);
     for (int64_t b0 = row_begin; b0 < row_end; b0 += band) {
       const int64_t b1 = std::min(row_end, b0 + band);
-      const BandInputRows in_rows = band_input_rows(g, b0, b1);
+      const BandInputRows in_rows = packed ? band_input_rows(g, b0, b1) : BandInputRows{};
       if (packed) {
         broadcast_source_table(P, S.src, b0, b1, [&](int64_t n, int64_t ih, int64_t iw) {
           const int64_t i = n - in_rows.n0;
