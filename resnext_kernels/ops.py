@@ -281,10 +281,9 @@ def _cpu_native_bf16() -> bool:
 
 def _cpu_winograd_tile(batch: int, out_h: int, out_w: int) -> int:
     """The output tile of the CPU Winograd path for a 3x3 stride-1 convolution with this batch and output size
-    (mirrors winograd_plan, csrc/cpu/conv_bn_relu.cpp): 4 on AVX2 from 8 F(4x4) tiles on (kWinograd4MinTiles),
-    else 2."""
+    (mirrors winograd_plan, csrc/cpu/conv_bn_relu.cpp): 4 from 8 F(4x4) tiles on (kWinograd4MinTiles), else 2."""
     tiles = batch * ((out_h + 3) // 4) * ((out_w + 3) // 4)
-    return 4 if _CPU_CAPABILITY == "AVX2" and tiles >= 8 else 2
+    return 4 if tiles >= 8 else 2
 
 
 def _cpu_winograd(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int], stride: Sequence[int],

@@ -134,7 +134,7 @@ WINOGRAD_CASES = [
     (1, 320, 5, 4, 64, 1),  # 1.25 MB of transformed weights: group-major work order
     (1, 16, 30, 29, 16, 1), # 225 tiles: blocks of 23 and a shorter last one
     (3, 32, 1, 1, 16, 1),   # a single pixel
-    # F(4x4, 3x3) on AVX2 (>= 8 tiles of 4x4; the cases above with fewer stay on F(2x2)):
+    # F(4x4, 3x3) (>= 8 tiles of 4x4; the cases above with fewer stay on F(2x2)):
     (2, 96, 10, 13, 32, 0), # no padding, 8x11 outputs: a partial last tile column
     (3, 64, 9, 6, 64, 2),   # dense, padding 2: tiles of zeros at the edges, a partial last tile row
     (2, 256, 7, 7, 32, 1),  # 8 tiles (the threshold), 1.2 MB of F(4x4) weights: group-major order
@@ -169,11 +169,11 @@ def test_winograd_path_shapes(case, dtype, relu):
 
 
 def test_winograd_tile_follows_the_tile_count():
-    """F(4x4, 3x3) runs on AVX2 from 8 tiles of 4x4 on (the batch counts), F(2x2, 3x3) below and on AVX-512."""
+    """F(4x4, 3x3) runs from 8 tiles of 4x4 on (the batch counts), F(2x2, 3x3) below."""
     wt = torch.randn(64, 16, 3, 3)
     for n, size, f4 in ((1, 7, False), (2, 7, True), (1, 14, True), (7, 3, False), (8, 3, True)):
         x = torch.randn(n, 64, size, size)
-        expected = 4 if f4 and rk.ops._CPU_CAPABILITY == "AVX2" else 2
+        expected = 4 if f4 else 2
         assert rk.ops._cpu_winograd_tile(n, size, size) == expected
         if rk.ops._CPU_CAPABILITY in ("AVX2", "AVX512"):
             assert f"Winograd F({expected}x{expected}, 3x3)" in rk.explain(x, wt, padding=1, groups=4).reason

@@ -372,8 +372,8 @@ def test_explain_names_the_weight_gradient_source(deterministic_algorithms):
 
 
 # (C, channels per group, kernel (KH, KW), padding, dilation, N, H, W, source): stride-1 shapes of the data-gradient
-# kernels (the fused forward kernel run on grad_y: its channel-lane path, "lanes", or on AVX2 its F(4x4, 3x3) Winograd
-# path, "winograd"), and neighbours that must stay with ATen.
+# kernels (the fused forward kernel run on grad_y: its channel-lane path, "lanes", or its F(4x4, 3x3) Winograd path,
+# "winograd"), and neighbours that must stay with ATen.
 DATA_GRAD_CASES = [
     (64, 4, (3, 3), (1, 1), (1, 1), 2, 9, 10, "lanes"),
     (32, 2, (3, 3), (0, 0), (1, 1), 2, 8, 7, "lanes"),
@@ -411,7 +411,7 @@ def test_data_gradient_against_float64_reference(case, dtype):
     capability = rk.ops._CPU_CAPABILITY
     if capability in ("AVX2", "AVX512"):
         assert ("data gradient from the project's fused conv kernel" in reason) == (source == "lanes"), reason
-        winograd = source == "winograd" and capability == "AVX2"
+        winograd = source == "winograd"
         assert ("data gradient from the project's Winograd F(4x4, 3x3) kernel" in reason) == winograd, reason
 
 

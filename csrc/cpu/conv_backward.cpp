@@ -550,7 +550,8 @@ bool data_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype) {
   if (g.stride_h != 1 || g.stride_w != 1 || t.pad_h < 0 || t.pad_w < 0) return false;
   // Measured against oneDNN's data gradient at ResNeXt-50 shapes, N = 8: the channel-lane kernel faster with 4
   // channels per group (stage 1), even to slower with 8 and more; the F(4x4, 3x3) Winograd kernel 1.46x, 1.96x and
-  // 1.57x faster at stages 2, 3 and 4 (Zen 3, AVX2; F(2x2) was within noise of oneDNN on an AVX-512 machine).
+  // 1.57x faster at stages 2, 3 and 4 on Zen 3 (AVX2), 1.16x, 1.16x and 1.36x on a Sapphire Rapids class AVX-512
+  // machine (F(2x2) was within noise of oneDNN there).
   return (g.C_in / g.groups <= 4 && conv_uses_channel_lanes(t, dtype)) || conv_winograd_tile(t, dtype) == 4;
 }
 

@@ -12,7 +12,7 @@
 // output transforms (adds only). All transform coefficients are 0, +-1 and 1/2, so the results stay within a few
 // float32 rounding steps of the direct sum (the tests hold both to the same float64 reference tolerances).
 //
-// F(4x4, 3x3) (WinogradF4, AVX2 builds, from kWinograd4MinTiles tiles on) computes a 4x4 block of outputs from a 6x6
+// F(4x4, 3x3) (WinogradF4, from kWinograd4MinTiles tiles on) computes a 4x4 block of outputs from a 6x6
 // block of inputs with 36 multiplies per channel pair instead of 144: 2.25 per output instead of F(2x2)'s 4, 4x
 // fewer than direct. Its matrices (kWinograd4BT, kWinograd4AT, and G in winograd_weight_rows) come from the points
 // 0, 1, -1, 1/2, -2 and infinity; its float32 error is a few times direct summation's (1-2e-6 of the output scale
