@@ -199,6 +199,21 @@ def test_resnext50_stage_shapes(channels, size, stride):
     assert rel_err(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "affine"])
+def test_channel_lane_path_streams_large_outputs(relu):
+    """Outputs of 4 MB and more leave the channel-lane kernel through non-temporal stores on AVX-512
+    (kStreamOutputBytes); every element must still land, in both epilogues, and the input stay as it was."""
+    x = torch.randn(3, 128, 56, 56).contiguous(memory_format=torch.channels_last)  # 4.8 MB of output
+    x_before = x.clone()
+    wt = torch.randn(128, 4, 3, 3) / 6
+    scale, shift = torch.rand(128) + 0.5, torch.randn(128)
+    args = ((1, 1), (1, 1), (1, 1), 32)
+    out = torch.ops.resnext_kernels.conv_bn_relu_infer(x, wt, scale, shift, *args, relu)
+    ref = reference_conv_affine_relu(x, wt, scale, shift, *args, relu)
+    assert out.numel() * 4 >= 4 << 20 and torch.equal(x, x_before)
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_without_relu_and_without_affine():
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     wt = torch.randn(8, 4, 3, 3, dtype=torch.float64)

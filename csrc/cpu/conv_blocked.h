@@ -136,7 +136,38 @@ struct BlockedProblem {
   // channel), or the broadcast path's block of NV vectors, whose weights are then contiguous. (With rows C_out floats
   // apart, a block's KH * KW * cpg_in rows were 4 KB apart at 1024 channels: all in one L1 set, and in 16 of L2's.)
   int64_t w_ci_stride;
+  // Channel-lane path, AVX-512, float32 inference form (no statistics, no residual), output of at least
+  // kStreamOutputBytes at a 64-byte aligned address: each 16-float output vector, one whole cache line, is written
+  // with a non-temporal store (no read-for-ownership of the line; see lane_rows).
+  bool stream;
 };
+
+// Output size from which the channel-lane path streams its output (BlockedProblem::stream): a few times an L2. An
+// output that fits the caches is better left there for the next layer, which reads it.
+constexpr int64_t kStreamOutputBytes = 4 << 20;
+
+// A non-temporal store of one 64-byte vector (p 64-byte aligned); a plain store elsewhere.
+template <class V>
+RK_ALWAYS_INLINE void vstream(float* p, typename V::vec v) {
+#if defined(__x86_64__)
+  if constexpr (sizeof(v) == 64) {
+    asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<typename V::vec*>(p)) : "v"(v));
+    return;
+  }
+#endif
+  vstore<V>(p, v);
+}
+template <class V>
+RK_ALWAYS_INLINE void vstream(c10::BFloat16* p, typename V::vec v) {
+  vstore<V>(p, v);
+}
+
+// Orders this thread's non-temporal stores before what follows (the end of a parallel task).
+RK_ALWAYS_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  asm volatile("sfence" ::: "memory");
+#endif
+}
 
 // The packed weights of the block of output channels from co0 (a multiple of w_ci_stride, or inside its only block).
 template <typename scalar_t>

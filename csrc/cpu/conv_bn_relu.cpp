@@ -506,6 +506,12 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       BlockedProblem<scalar_t> P{};
       P.g = &g, P.in = in, P.wp = wl.data(), P.shift = sh, P.out = out, P.residual = residual, P.relu = relu;
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
+      // Streamed output (BlockedProblem::stream): interleaved A/B on a Sapphire Rapids class Xeon, N = 8, 2 threads:
+      // 1.04-1.25x faster at ResNeXt-50 stage 1, 1.02-1.04x at stage 2's stride-2 block; the whole ResNeXt-50 in
+      // eval 1.027-1.028x faster at N = 8, and 0.99x at N = 1, whose outputs the threshold keeps in cache.
+      P.stream = std::is_same_v<scalar_t, float> && L == Avx512Vec::kLanes && !row_stats && !residual &&
+                 reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
+                 out_nhwc.numel() * int64_t(sizeof(scalar_t)) >= kStreamOutputBytes;
       at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
         std::vector<const scalar_t*> tbl(int64_t(g.KH) * g.OW * kLaneKernelWidth);
         RK_CALL_FOR_ISA(lane_rows, P, tbl.data(), c, begin, end);
