@@ -2,6 +2,8 @@
 
 tests/test_cpu_isa.py runs it in a subprocess under RESNEXT_KERNELS_CPU_ISA=avx2 and =baseline, since the ISA is
 picked once per process: that is how the AVX2 and portable builds of the kernels get tested on an AVX-512 machine.
+On AVX-512 it also runs under RESNEXT_KERNELS_CPU_ATEN_ROUTES=off: on Intel CPUs the broadcast-path shapes otherwise
+go to oneDNN, and the AVX-512 broadcast kernel would go untested there.
 """
 
 import json
@@ -43,14 +45,24 @@ def conv_errors():
     return errors
 
 
+def reasons():
+    """rk.explain's reason for each conv case, float32 inference."""
+    out = {}
+    for name, cin, cout, groups, k, stride, padding, dilation, h, w in CONV_CASES:
+        x = torch.randn(2, cin, h, w).contiguous(memory_format=torch.channels_last)
+        out[name] = rk.explain(x, torch.randn(cout, cin // groups, k, k), stride=stride, padding=padding,
+                               dilation=dilation, groups=groups).reason
+    return out
+
+
 def training_errors():
     """Training forward (statistics from the conv epilogue) and backward (the weight-gradient kernel) of a
     ResNeXt-width layer against torch.nn in float64."""
     errors = {}
     torch.use_deterministic_algorithms(True)  # every weight gradient through the project's kernel
-    for groups in (16, 8, 1):
-        m = rk.nn.FusedGroupedConvBNReLU(64, 64, stride=1, groups=groups).train()
-        ref = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, 1, 1, groups=groups, bias=False),
+    for groups, stride in ((16, 1), (8, 1), (1, 1), (2, 2)):  # lanes, Winograd F(4x4), dense Winograd, broadcast
+        m = rk.nn.FusedGroupedConvBNReLU(64, 64, stride=stride, groups=groups).train()
+        ref = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, stride, 1, groups=groups, bias=False),
                                   torch.nn.BatchNorm2d(64), torch.nn.ReLU()).double().train()
         ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
         x = torch.randn(2, 64, 9, 10).contiguous(memory_format=torch.channels_last)
@@ -58,13 +70,14 @@ def training_errors():
         g = torch.randn_like(y_ref)
         (gw,) = torch.autograd.grad(y, m.conv.weight, g.float())
         (gw_ref,) = torch.autograd.grad(y_ref, ref[0].weight, g)
-        errors[f"train-forward/{groups}"] = rel_err(y, y_ref)
-        errors[f"train-weight-grad/{groups}"] = rel_err(gw, gw_ref)
-        errors[f"train-running-var/{groups}"] = rel_err(m.bn.running_var, ref[1].running_var)
+        errors[f"train-forward/{groups}/s{stride}"] = rel_err(y, y_ref)
+        errors[f"train-weight-grad/{groups}/s{stride}"] = rel_err(gw, gw_ref)
+        errors[f"train-running-var/{groups}/s{stride}"] = rel_err(m.bn.running_var, ref[1].running_var)
     return errors
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    result = {"capability": ops._CPU_CAPABILITY, **conv_errors(), **training_errors()}
+    result = {"capability": ops._CPU_CAPABILITY, "aten_routes": ops._CPU_ATEN_ROUTES, "reasons": reasons(),
+              **conv_errors(), **training_errors()}
     json.dump(result, sys.stdout)

@@ -11,8 +11,8 @@ import torch
 HERE = os.path.dirname(__file__)
 
 
-def _run_capped(isa):
-    env = dict(os.environ, RESNEXT_KERNELS_CPU_ISA=isa, OMP_NUM_THREADS="2")
+def _run_capped(isa, **extra_env):
+    env = dict(os.environ, RESNEXT_KERNELS_CPU_ISA=isa, OMP_NUM_THREADS="2", **extra_env)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "cpu_isa_cases.py")], env=env, cwd=HERE,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -25,10 +25,35 @@ def test_capped_isa_kernels_match_float64_reference(isa, capability):
         pytest.skip("this CPU has no AVX2: the cap would test the portable code twice")
     result = _run_capped(isa)
     assert result.pop("capability") in capability
-    assert len(result) == 2 * 10 + 3 * 3
+    assert result.pop("aten_routes") is True
+    result.pop("reasons")
+    _check_errors(result)
+
+
+def _check_errors(result):
+    assert len(result) == 2 * 10 + 3 * 4
     for name, err in result.items():
         bound = 1e-2 if "bfloat16" in name else 1e-5
         assert err <= bound, (name, err)
+
+
+def test_own_kernels_without_aten_routes_match_float64_reference():
+    """RESNEXT_KERNELS_CPU_ATEN_ROUTES=off keeps every convolution on the project's kernels: on an Intel AVX-512 CPU
+    that is the only run of the AVX-512 broadcast kernel (the routes give its shapes to oneDNN)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the AVX-512 kernels need an AVX-512 CPU")
+    result = _run_capped("avx512", RESNEXT_KERNELS_CPU_ATEN_ROUTES="off")
+    assert result.pop("capability") == "AVX512" and result.pop("aten_routes") is False
+    reasons = result.pop("reasons")
+    assert not any("oneDNN" in r for r in reasons.values()), reasons
+    _check_errors(result)
+
+
+def test_unknown_aten_routes_value_is_a_clear_error():
+    env = dict(os.environ, RESNEXT_KERNELS_CPU_ATEN_ROUTES="maybe")
+    proc = subprocess.run([sys.executable, "-c", "import resnext_kernels"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "RESNEXT_KERNELS_CPU_ATEN_ROUTES must be on or off" in proc.stderr
 
 
 def test_unknown_isa_cap_is_a_clear_error():

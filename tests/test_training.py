@@ -424,11 +424,14 @@ def test_wide_broadcast_blocks_through_aten_with_statistics(channels, groups, st
     w = torch.randn(channels, channels // groups, 3, 3) / (channels // groups * 9) ** 0.5
     kwargs = dict(stride=stride, padding=dilation, dilation=dilation, groups=groups)
     aten = rk.ops._CPU_CAPABILITY == "AVX2"
+    intel_avx512 = rk.ops._CPU_CAPABILITY == "AVX512" and rk.ops._CPU_IS_INTEL  # every broadcast shape: oneDNN
     for training in (True, False):
         reason = rk.ops.explain(x, w, training=training, **kwargs).reason
         assert ("than an L1 cache holds" in reason) == aten, reason
+        assert ("on Intel AVX-512 CPUs oneDNN measured" in reason) == intel_avx512, reason
     narrow = rk.ops.explain(x, torch.randn(channels, 32, 3, 3), stride=2, padding=1, groups=channels // 32).reason
     assert "L1 cache" not in narrow  # 32 per group: 18 KB blocks stay with the fused kernel
+    assert ("oneDNN" in narrow) == intel_avx512
     rm, rv = torch.zeros(channels), torch.ones(channels)
     rm_ref, rv_ref = rm.double(), rv.double()
     gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels)

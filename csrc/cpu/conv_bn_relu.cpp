@@ -8,11 +8,12 @@
 //   * Work items are output rows (n, oh), split across threads by at::parallel_for; a row is processed
 //     in column tiles sized so that a thread's scratch stays cache-sized.
 //   * Winograd path (conv_winograd.h): 3x3, stride 1, dilation 1, 8-64 channels per group in and out, no residual,
-//     as F(2x2, 3x3) with 2.25x fewer multiply-adds; it takes precedence over the below.
+//     as F(2x2, 3x3) or F(4x4, 3x3) with 2.25x or 4x fewer multiply-adds; it takes precedence over the below.
 //   * Channel-lane path (conv_lanes.h): groups of 2, 4 or 8 channels in and out with a 3-wide kernel put input
 //     channels in the vector lanes and reorder the sums per output pixel; it takes precedence over the below.
-//   * Dense 1x1 convolutions with >= kPointwiseWeightBytesForAten of weights, and on AVX2 broadcast-path convolutions
-//     with > kBroadcastBlockWeightBytesForAten of weights per channel block, go to ATen (oneDNN), BN folded.
+//   * Dense 1x1 convolutions with >= kPointwiseWeightBytesForAten of weights, on AVX2 broadcast-path convolutions
+//     with > kBroadcastBlockWeightBytesForAten of weights per channel block, and on Intel AVX-512 CPUs all
+//     broadcast-path convolutions go to ATen (oneDNN), BN folded (conv_runs_on_aten).
 //   * Otherwise vectorization runs across output channels (contiguous in NHWC and in wp), in one of two ways:
 //       broadcast: when a group has >= kBroadcastMinWidth output channels (dense and wide groups), each
 //                  input value is broadcast and multiplied into its group's slice of the accumulator;
@@ -570,9 +571,32 @@ constexpr int64_t kPointwiseWeightBytesForAten = 64 * 1024;
 // oneDNN with BN folded, with the blocks' weights contiguous (pack_weight): dense 3x3 at 128 channels 28x28
 // 0.94-0.98x, 256 at 14x14 0.99-1.02x, 512 at 7x7 1.15-1.21x, 128 at stride 2 0.96-0.97x; 32 groups of 64 at
 // stride 2 (ResNeXt-101 32x8d stage 4's first block) 0.90-0.93x, stage 3's 0.98-1.01x; at 32 groups of 32 (18 KB,
-// ResNeXt-50's stage 4 first block) 1.03-1.07x, so those stay. (Not measured on AVX-512, whose blocks are 4 vectors:
-// it keeps the fused kernel.)
+// ResNeXt-50's stage 4 first block) 1.03-1.07x, so those stay.
 constexpr int64_t kBroadcastBlockWeightBytesForAten = 32 * 1024;
+// On Intel CPUs with AVX-512 every convolution but a 1x1 that the broadcast path would take runs through ATen (the
+// smaller 1x1 convolutions, under kPointwiseWeightBytesForAten, were not measured there): on a Sapphire Rapids
+// class Xeon (N = 8, 2 threads, interleaved A/B) oneDNN with BN folded measured 1.07x and 1.09x faster at ResNeXt-50's
+// stride-2 blocks of stages 3 and 4 (training steps 1.10x, 1.01x), 1.47x and 1.93x at ResNeXt-101's, and 1.10-1.41x
+// on the dense 3x3 convolutions of ResNet-50. (On a Zen 4 the fused kernel had been 2x faster than eager at the
+// stride-2 stage-3 block, where oneDNN's grouped convolution was slow, so AMD CPUs keep it.)
+bool cpu_is_intel() {
+#if RK_X86_DISPATCH
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
+// RESNEXT_KERNELS_CPU_ATEN_ROUTES=off keeps every convolution on the project's kernels (to test or time them where
+// the routes above would hand them to oneDNN); the Python package rejects other values at import.
+bool aten_routes_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("RESNEXT_KERNELS_CPU_ATEN_ROUTES");
+    return v == nullptr || std::strcmp(v, "off") != 0;
+  }();
+  return enabled;
+}
 
 // Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16), which oneDNN's bfloat16 convolutions need
 // to be fast: without, they measured 4-7x slower than float32 on a Zen 3 (a 1x1 of 256 -> 1024 channels at 14x14:
@@ -588,6 +612,7 @@ bool cpu_has_native_bf16() {
 }
 
 bool conv_runs_on_aten(const ConvGeom& g, at::ScalarType dtype) {
+  if (!aten_routes_enabled()) return false;
   if (dtype != at::kFloat && !(dtype == at::kBFloat16 && cpu_has_native_bf16())) return false;
   if (g.groups == 1 && g.KH == 1 && g.KW == 1 && g.pad_h == 0 && g.pad_w == 0 &&
       g.C_in * g.C_out * int64_t(sizeof(float)) >= kPointwiseWeightBytesForAten) {
@@ -595,9 +620,11 @@ bool conv_runs_on_aten(const ConvGeom& g, at::ScalarType dtype) {
   }
   const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
   const int64_t block_weight_bytes = int64_t(g.KH) * g.KW * cpg_in * 2 * Avx2Vec::kLanes * int64_t(sizeof(float));
-  return detected_isa() == CpuIsa::kAvx2 && winograd_lanes<float>(g) == 0 && lane_group_width<float>(g) == 0 &&
-         cpg_out >= kBroadcastMinWidth && cpg_out % Avx2Vec::kLanes == 0 &&
-         block_weight_bytes > kBroadcastBlockWeightBytesForAten;
+  const bool broadcast = winograd_lanes<float>(g) == 0 && lane_group_width<float>(g) == 0 &&
+                         cpg_out >= kBroadcastMinWidth && cpg_out % Avx2Vec::kLanes == 0;
+  const CpuIsa isa = detected_isa();
+  return broadcast && ((isa == CpuIsa::kAvx2 && block_weight_bytes > kBroadcastBlockWeightBytesForAten) ||
+                       (isa == CpuIsa::kAvx512 && cpu_is_intel() && g.KH * g.KW > 1));
 }
 
 // relu?(conv(x, weight * scale) + shift + residual?) through ATen (oneDNN), the conv's own epilogue adding shift.
