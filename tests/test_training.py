@@ -1,5 +1,7 @@
 """Training form of the fused op on CPU: batch statistics, running stats, backward, autograd, compile."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,6 +162,26 @@ def test_statistics_outputs_are_not_differentiable():
     w = torch.randn(4, 2, 3, 3, requires_grad=True)
     out, conv_out, mean, var = train_op(x, w, None, None, 1e-5, [1, 1], [1, 1], [1, 1], 2, True)
     assert out.requires_grad and not mean.requires_grad and not var.requires_grad and not conv_out.requires_grad
+
+
+def test_backward_fills_no_zero_gradients_for_the_statistics_outputs():
+    """The backward gets no zero-filled gradients for conv_out, mean and var (an activation-sized fill per layer
+    and step when autograd materialized them), and its input gradient is still right."""
+    m = rk.nn.FusedGroupedConvBNReLU(32, 32, groups=8).train()
+    x = torch.randn(2, 32, 9, 9, requires_grad=True)
+    g = torch.randn(2, 32, 9, 9)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        m(x).backward(g)
+    events = prof.events()
+    assert any(e.name == "resnext_kernels::conv_bn_relu_train_backward" for e in events)
+    fills = [e.input_shapes[0] for e in events if e.name in ("aten::fill_", "aten::zero_")]
+    assert all(math.prod(shape) <= 32 for shape in fills), fills  # per-channel vectors only
+    ref = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, 1, 1, groups=8, bias=False), torch.nn.BatchNorm2d(32),
+                              torch.nn.ReLU()).double()
+    ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    xr = x.detach().double().requires_grad_()
+    ref(xr).backward(g.double())
+    assert rel_err(x.grad, xr.grad) < 1e-5
 
 
 def _default_again_and_single_thread(fn):
