@@ -111,6 +111,14 @@ def _reference_forced() -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
+    # Fast path for plain ints and pairs of them (this runs several times per call of the op; the general checks
+    # below, with their abstract Sequence test, took about 40 us of a module call's Python time).
+    if type(value) is int:
+        if value >= minimum:
+            return value, value
+    elif type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        if value[0] >= minimum and value[1] >= minimum:
+            return value[0], value[1]
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
@@ -209,7 +217,15 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
     ``requires_grad`` defaults to whether autograd would record the call (grad mode on and input or
     weight requiring grad).
     """
-    _check_conv_args(input, weight, stride, padding, dilation, groups)
+    stride, padding, dilation = _check_conv_args(input, weight, stride, padding, dilation, groups)
+    return _decide(input, weight, stride, padding, dilation, groups, training, requires_grad, detail=True)
+
+
+def _decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+            dilation: tuple[int, int], groups: int, training: bool, requires_grad: bool | None,
+            detail: bool) -> Decision:
+    """:func:`explain` for checked arguments; without ``detail`` the reason leaves out how the convolution and its
+    gradients run on CPU (text only: the path is the same), which the op itself does not need."""
     forced = _reference_forced()
     if forced:
         return Decision("aten", forced)
@@ -235,17 +251,19 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
             return Decision("aten", f"batch statistics need more than 1 value per channel, got {pixels}; "
                                     "PyTorch's batch_norm handles (and reports) it")
         reason = "fused kernels, training form (batch statistics, fused BN+ReLU backward)"
-        if not torch.compiler.is_compiling():  # the path is the same; the text only matters to a person asking
+        if not detail:
+            return Decision(device, reason)
+        if not torch.compiler.is_compiling():
             reason += "; " + _conv_grads_source(input, weight, stride, padding, dilation, groups)
         return Decision(device, reason + _cpu_conv_note(input, weight, stride, padding, dilation, groups))
+    note = _cpu_conv_note(input, weight, stride, padding, dilation, groups) if detail else ""
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
     if requires_grad:
         return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue) with autograd: "
                                 "backward through the ReLU mask and the folded BN scale, conv gradients from "
-                                "ATen" + _cpu_conv_note(input, weight, stride, padding, dilation, groups))
-    return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)"
-                    + _cpu_conv_note(input, weight, stride, padding, dilation, groups))
+                                "ATen" + note)
+    return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)" + note)
 
 
 def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
@@ -430,8 +448,7 @@ def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, run
     x, w = _autocast(input, weight)
     stride_p, padding_p, dilation_p = _check_conv_args(x, w, stride, padding, dilation, groups)
     _check_bn_args(x, w.shape[0], running_mean, running_var, bn_weight, bn_bias, training, eps)
-    decision = explain(x, w, stride=stride_p, padding=padding_p, dilation=dilation_p, groups=groups,
-                       training=training)
+    decision = _decide(x, w, stride_p, padding_p, dilation_p, groups, training, None, detail=False)
     if not decision.fused:
         y = F.conv2d(x, w, None, stride_p, padding_p, dilation_p, groups)
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)

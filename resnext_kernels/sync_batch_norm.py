@@ -44,8 +44,8 @@ def sync_group(bn: nn.Module):
 def _conv(input: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     """The bias-free convolution: the fused kernel with scale 1 / shift 0 where it covers the call."""
     if input.shape[0] > 0:
-        decision = ops.explain(input, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                               training=False, requires_grad=False)
+        decision = ops._decide(input, weight, stride, padding, dilation, groups, training=False, requires_grad=False,
+                               detail=False)
         if decision.fused:
             acc = ops._accumulation_dtype(input.dtype)
             c_out = weight.shape[0]
