@@ -96,7 +96,13 @@ RK_ALWAYS_INLINE void lane_microkernel(const BlockedProblem<scalar_t>& P, const 
   }
   const vec shift = vload<V>(P.shift + c0);
   for (int p = 0; p < TP; ++p) {
-    vec r = transpose_add<V, C>(acc[p]) + shift;
+    // A copy, so that acc's address is never taken: with acc[p] passed to transpose_add, GCC kept all TP * C
+    // accumulators in memory and stored each one back after every multiply-add of the tap loop (AVX-512, 5 pixels x
+    // 4 channels: a store per FMA). Copied: 1.24x faster at ResNeXt-50 stage 1 on a Sapphire Rapids class Xeon; the
+    // AVX2 build (2 pixels) was unchanged.
+    vec a[C];
+    for (int j = 0; j < C; ++j) a[j] = acc[p][j];
+    vec r = transpose_add<V, C>(a) + shift;
     if (P.residual) r += vload<V>(P.residual + (out - P.out) + p * g.C_out);
     if (P.relu) r = r < vec{} ? vec{} : r;  // NaN passes, as torch.relu
     if (P.stream) {
