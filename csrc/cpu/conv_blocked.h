@@ -140,6 +140,8 @@ struct BlockedProblem {
   // kStreamOutputBytes at a 64-byte aligned address: each 16-float output vector, one whole cache line, is written
   // with a non-temporal store (no read-for-ownership of the line; see lane_rows).
   bool stream;
+  // Winograd path: software prefetches of the next tile block's input and this block's output (WinogradPrefetch).
+  bool prefetch;
 };
 
 // Output size from which the channel-lane path streams its output (BlockedProblem::stream): a few times an L2. An

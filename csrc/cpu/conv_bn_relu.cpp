@@ -53,6 +53,17 @@ namespace rk {
 namespace cpu {
 namespace {
 
+// Whether this is an Intel CPU: its tuning differs from AMD's in two places (the ATen routes of conv_runs_on_aten,
+// the Winograd path's software prefetch), measured on both.
+bool cpu_is_intel() {
+#if RK_X86_DISPATCH
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // Narrowest group (in output channels) for which broadcasting inputs beats expanding them.
 constexpr int64_t kBroadcastMinWidth = 16;
 // Per-thread scratch budget (elements of the accumulation type) that sizes the column tiles.
@@ -488,6 +499,7 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       BlockedProblem<scalar_t> P{};
       P.g = &g, P.in = in, P.shift = sh, P.out = out, P.relu = relu;
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
+      P.prefetch = !cpu_is_intel();  // see WinogradPrefetch
       const int64_t block = std::max<int64_t>(cpg_in, plan.lanes);
       at::parallel_for(0, g.C_in / block * g.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> vbuf(points * kMaxWinogradTiles * block);
@@ -578,15 +590,7 @@ constexpr int64_t kBroadcastBlockWeightBytesForAten = 32 * 1024;
 // class Xeon (N = 8, 2 threads, interleaved A/B) oneDNN with BN folded measured 1.07x and 1.09x faster at ResNeXt-50's
 // stride-2 blocks of stages 3 and 4 (training steps 1.10x, 1.01x), 1.47x and 1.93x at ResNeXt-101's, and 1.10-1.41x
 // on the dense 3x3 convolutions of ResNet-50. (On a Zen 4 the fused kernel had been 2x faster than eager at the
-// stride-2 stage-3 block, where oneDNN's grouped convolution was slow, so AMD CPUs keep it.)
-bool cpu_is_intel() {
-#if RK_X86_DISPATCH
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
-#else
-  return false;
-#endif
-}
+// stride-2 stage-3 block, where oneDNN's grouped convolution was slow, so AMD CPUs keep it.) See cpu_is_intel.
 
 // RESNEXT_KERNELS_CPU_ATEN_ROUTES=off keeps every convolution on the project's kernels (to test or time them where
 // the routes above would hand them to oneDNN); the Python package rejects other values at import.

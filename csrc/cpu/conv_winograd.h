@@ -377,7 +377,10 @@ RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>&
 // The work is cut into units, one output row of a this-block tile or one input row of a next-block tile, spread
 // evenly over the points' GEMMs and the output transform's tiles (step(k) issues the k-th share). Spreading the
 // next block's input over the output transform too measured 1.03-1.06x faster at stage 2 than over the GEMMs
-// alone (interleaved A/B), where the prefetch instructions had stalled on full miss buffers.
+// alone (interleaved A/B), where the prefetch instructions had stalled on full miss buffers. On a Sapphire Rapids
+// class Xeon, whose L2 streamer follows these accesses, the same prefetches cost time instead (without them:
+// 1.03-1.11x faster at stage 2, 1.03-1.04x at stage 3 in inference, even at stage 4 and in training steps), so Intel
+// CPUs run without (BlockedProblem::prefetch).
 template <int S, int CB, typename scalar_t>
 struct WinogradPrefetch {
   const BlockedProblem<scalar_t>* P;
@@ -386,7 +389,7 @@ struct WinogradPrefetch {
   int in_nt;                   // its tiles (0: none)
   int64_t out_n, out_c0, out_t0;
   int out_nt;
-  int steps;  // the calls of step() the units are spread over
+  int steps;  // the calls of step() the units are spread over (0: no prefetching)
 
   int units() const { return in_nt * (S + 2) + out_nt * S; }
   // The k-th of `steps` equal shares of the units.
@@ -463,7 +466,8 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
       }
       // Prefetch steps: one per GEMM, then one per tile of the output transform (this block's output lines come
       // first, in the GEMMs' steps, the next block's input after).
-      WinogradPrefetch<S, CB, scalar_t> pf{&P, tiles_w, n, c0, t0 + nt, 0, n, c0, t0, nt, NP * (CB / CPG) + nt};
+      WinogradPrefetch<S, CB, scalar_t> pf{&P, tiles_w, n, c0, t0 + nt, 0, n, c0, t0, nt,
+                                           P.prefetch ? NP * (CB / CPG) + nt : 0};
       if (t0 + nt < tiles) {
         pf.in_nt = int(std::min(per_block, tiles - t0 - nt));
       } else if (item + 1 < end) {  // the next item's first block
