@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -274,7 +273,7 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
         return ""
     kernel = tuple(weight.shape[2:])
     aten_dtype = _CPU_ATEN_ROUTES and (input.dtype == torch.float32
-                                       or (input.dtype == torch.bfloat16 and _cpu_native_bf16()))
+                                       or (input.dtype == torch.bfloat16 and _CPU_NATIVE_BF16))
     if (aten_dtype and groups == 1 and kernel == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
             and input.shape[1] * weight.shape[0] * 4 >= 64 * 1024):
         return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM with the BN "
@@ -304,29 +303,28 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
     return ""
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_native_bf16() -> bool:
-    """Whether the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16; mirrors cpu_has_native_bf16,
-    csrc/cpu/conv_bn_relu.cpp): only then do the bfloat16 convolutions the CPU op could hand to oneDNN go there."""
+def _read_cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none): read once, at import, not while
+    torch.compile traces."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return fields
 
 
-def _cpu_is_intel() -> bool:
-    """Whether the CPU is an Intel one (mirrors cpu_is_intel, csrc/cpu/conv_bn_relu.cpp); read once, at import
-    (``_CPU_IS_INTEL``), not while torch.compile traces."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
-    except OSError:
-        return False
-
-
-_CPU_IS_INTEL = _cpu_is_intel()
+_CPUINFO = _read_cpuinfo()
+# Whether the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16; mirrors cpu_has_native_bf16,
+# csrc/cpu/conv_bn_relu.cpp): only then do the bfloat16 convolutions the CPU op could hand to oneDNN go there.
+_CPU_NATIVE_BF16 = bool({"avx512_bf16", "amx_bf16"} & set(_CPUINFO.get("flags", "").split()))
+# Whether the CPU is an Intel one (mirrors cpu_is_intel, csrc/cpu/conv_bn_relu.cpp).
+_CPU_IS_INTEL = _CPUINFO.get("vendor_id") == "GenuineIntel"
 
 
 def _cpu_winograd_tile(batch: int, out_h: int, out_w: int) -> int:

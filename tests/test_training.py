@@ -488,7 +488,7 @@ def test_dense_pointwise_through_aten_with_statistics(cin, cout, stride, dtype):
     # inference form of the same layer, through the same ATen route
     scale, shift = torch.rand(cout) + 0.5, torch.randn(cout)
     # bfloat16 goes to oneDNN only where the CPU multiplies it natively (elsewhere oneDNN's is 4-7x slower)
-    aten = dtype == torch.float32 or rk.ops._cpu_native_bf16()
+    aten = dtype == torch.float32 or rk.ops._CPU_NATIVE_BF16
     for training in (True, False):
         reason = rk.ops.explain(x, w, stride=stride, padding=0, training=training).reason
         assert ("dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM" in reason) == aten, reason
