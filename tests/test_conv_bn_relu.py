@@ -168,6 +168,25 @@ def test_winograd_path_shapes(case, dtype, relu):
         assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("weight_layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("case", [WINOGRAD_CASES[i] for i in (0, 5, 8, 9, 10, 11)], ids=lambda c: "x".join(map(str, c)))
+def test_winograd_reads_the_weight_through_its_strides(case, weight_layout):
+    """The weight transform gathers the kernels through the weight's strides (no copy): a channels_last weight and a
+    strided view (every other output channel of a larger tensor, kernel rows and columns swapped) give the contiguous weight's result."""
+    n, ch, h, w_, c, padding = case
+    x = torch.randn(n, ch, h, w_).contiguous(memory_format=torch.channels_last)
+    if weight_layout == "channels_last":
+        wt = (torch.randn(ch, c, 3, 3) / (c * 9) ** 0.5).contiguous(memory_format=torch.channels_last)
+    else:
+        wt = (torch.randn(2 * ch, c, 3, 3) / (c * 9) ** 0.5)[::2].transpose(2, 3)
+    assert not wt.is_contiguous()
+    scale, shift = torch.rand(ch) + 0.5, torch.randn(ch)
+    args = ((1, 1), (padding, padding), (1, 1), ch // c)
+    out = torch.ops.resnext_kernels.conv_bn_relu_infer(x, wt, scale, shift, *args, True)
+    ref = reference_conv_affine_relu(x, wt.contiguous(), scale, shift, *args, True)
+    assert rel_err(out, ref) <= 1e-5
+
+
 def test_winograd_tile_follows_the_tile_count():
     """F(4x4, 3x3) runs from 8 tiles of 4x4 on (the batch counts), F(2x2, 3x3) below."""
     wt = torch.randn(64, 16, 3, 3)

@@ -246,7 +246,7 @@ RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
   }
 template <typename scalar_t>
 __attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const BlockedProblem<scalar_t>& P,
-                                                                     const WinogradWeights& W, float* vbuf, float* mbuf,
+                                                                     const WinogradWeights<scalar_t>& W, float* vbuf, float* mbuf,
                                                                      float* ubuf, int lanes, int tile, int cpg,
                                                                      int64_t begin, int64_t end) {
   if (tile == 4) {
@@ -258,11 +258,28 @@ __attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const Block
 }
 template <typename scalar_t>
 __attribute__((target("arch=x86-64-v3"))) void winograd_items_avx2(const BlockedProblem<scalar_t>& P,
-                                                                   const WinogradWeights& W, float* vbuf, float* mbuf,
+                                                                   const WinogradWeights<scalar_t>& W, float* vbuf, float* mbuf,
                                                                    float* ubuf, int /*lanes*/, int tile, int cpg,
                                                                    int64_t begin, int64_t end) {
   if (tile == 4) RK_WINOGRAD_SWITCH("winograd_items_avx2", WinogradF4, Avx2Vec, Avx2Vec, Avx2Vec)
   RK_WINOGRAD_SWITCH("winograd_items_avx2", WinogradF2, Avx2Vec, Avx2Vec, Avx2Vec)
+}
+#undef RK_WINOGRAD_CASE
+// The weight transform of all groups in [g0, g1) (image-major order; see WinogradWeights), with the vectors that
+// winograd_items's GEMMs use.
+#define RK_WINOGRAD_CASE(F, VT, VG, CPG) \
+  case CPG: return winograd_pack_groups<F, VG, CPG>(a, g0, g1, u);
+template <typename scalar_t>
+__attribute__((target("arch=x86-64-v4"))) void winograd_pack_avx512(const WinogradPackArgs<scalar_t>& a, int tile,
+                                                                    int cpg, int64_t g0, int64_t g1, float* u) {
+  if (tile == 4) RK_WINOGRAD_SWITCH("winograd_pack_avx512", WinogradF4, void, Avx512YmmVec, Avx512Vec)
+  RK_WINOGRAD_SWITCH("winograd_pack_avx512", WinogradF2, void, Avx512YmmVec, Avx512Vec)
+}
+template <typename scalar_t>
+__attribute__((target("arch=x86-64-v3"))) void winograd_pack_avx2(const WinogradPackArgs<scalar_t>& a, int tile,
+                                                                  int cpg, int64_t g0, int64_t g1, float* u) {
+  if (tile == 4) RK_WINOGRAD_SWITCH("winograd_pack_avx2", WinogradF4, void, Avx2Vec, Avx2Vec)
+  RK_WINOGRAD_SWITCH("winograd_pack_avx2", WinogradF2, void, Avx2Vec, Avx2Vec)
 }
 #undef RK_WINOGRAD_SWITCH
 #undef RK_WINOGRAD_CASE
@@ -343,75 +360,6 @@ int winograd_lanes(const ConvGeom& g) {
   return winograd_plan<scalar_t>(g).lanes;
 }
 
-// The weights of the Winograd path's weight transform: read through the weight's strides (a channels_last module's
-// weight would otherwise be copied on every call), scaled by the folded BN scale.
-template <typename scalar_t>
-struct WinogradPackArgs {
-  const scalar_t* w;
-  int64_t s_co, s_ci, s_kh, s_kw;
-  const float* scale;
-  int64_t cpg;
-};
-
-// y[r * stride + co] = (G x)[r] for co < n, G the weight transform matrix of F(tile x tile, 3x3) (4 rows for tile 2,
-// 6 for tile 4) and x = (x0, x1, x2): one step of the weight transform, vectorized across output channels.
-// F(2x2): w0, (w0 + w1 + w2) / 2, (w0 - w1 + w2) / 2, w2. F(4x4) (points 0, 1, -1, 1/2, -2, infinity; see
-// kWinograd4BT in conv_winograd.h): w0, (w0 + w1 + w2) / 3, (w1 - w0 - w2) / 3, -(16 w0 + 8 w1 + 4 w2) / 15,
-// (w0 - 2 w1 + 4 w2) / 15, w2.
-RK_CPU_ISA_CLONES void winograd_weight_rows(int tile, const float* __restrict x0, const float* __restrict x1,
-                                            const float* __restrict x2, int64_t stride, float* __restrict y,
-                                            int64_t n) {
-  if (tile == 2) {
-#pragma omp simd
-    for (int64_t co = 0; co < n; ++co) {
-      y[co] = x0[co];
-      y[stride + co] = 0.5f * (x0[co] + x1[co] + x2[co]);
-      y[2 * stride + co] = 0.5f * (x0[co] - x1[co] + x2[co]);
-      y[3 * stride + co] = x2[co];
-    }
-  } else {
-    constexpr float third = 1.0f / 3, fifteenth = 1.0f / 15;
-#pragma omp simd
-    for (int64_t co = 0; co < n; ++co) {
-      const float a = x0[co] + x2[co], b = x1[co];
-      y[co] = x0[co];
-      y[stride + co] = third * (a + b);
-      y[2 * stride + co] = third * (b - a);
-      y[3 * stride + co] = -fifteenth * (16 * x0[co] + 8 * b + 4 * x2[co]);
-      y[4 * stride + co] = fifteenth * (x0[co] - 2 * b + 4 * x2[co]);
-      y[5 * stride + co] = x2[co];
-    }
-  }
-}
-
-// u[p][ci][co] = (G w G^T)[p] for w = weight[group * cpg + co][ci] * scale[co] (the 3x3 kernel, co local to the group):
-// the weight transform of F(TILE x TILE, 3x3) (conv_winograd.h) for one group, p = row * alpha + column of the
-// alpha x alpha transform domain (alpha = TILE + 2). G goes down the kernel's columns, then along its rows.
-template <int TILE, typename scalar_t>
-void pack_winograd_group(const void* ctx, int64_t grp, float* u) {
-  constexpr int alpha = TILE + 2;
-  const auto& a = *static_cast<const WinogradPackArgs<scalar_t>*>(ctx);
-  const int64_t cpg = a.cpg;
-  std::vector<float> k(cpg * 9 * cpg), gk(alpha * 3 * cpg);  // k[ci][tap][co], gk[a][c][co]
-  for (int64_t co = 0; co < cpg; ++co) {  // one output channel's weights at a time
-    const int64_t oc = grp * cpg + co;
-    for (int tap = 0; tap < 9; ++tap) {
-      const scalar_t* t = a.w + oc * a.s_co + (tap / 3) * a.s_kh + (tap % 3) * a.s_kw;
-      for (int64_t ci = 0; ci < cpg; ++ci) k[(ci * 9 + tap) * cpg + co] = static_cast<float>(t[ci * a.s_ci]) * a.scale[oc];
-    }
-  }
-  for (int64_t ci = 0; ci < cpg; ++ci) {
-    const float* kc = k.data() + ci * 9 * cpg;
-    for (int c = 0; c < 3; ++c) {  // G w: gk[a][c] from the column (w[0][c], w[1][c], w[2][c])
-      winograd_weight_rows(TILE, kc + c * cpg, kc + (3 + c) * cpg, kc + (6 + c) * cpg, 3 * cpg, &gk[c * cpg], cpg);
-    }
-    for (int r = 0; r < alpha; ++r) {  // (G w) G^T: row r of gk -> points (r, 0..alpha), u[p][ci][.], p stride cpg^2
-      winograd_weight_rows(TILE, &gk[(r * 3) * cpg], &gk[(r * 3 + 1) * cpg], &gk[(r * 3 + 2) * cpg], cpg * cpg,
-                           u + (r * alpha * cpg + ci) * cpg, cpg);
-    }
-  }
-}
-
 // wl[cb][kh][kw][j][lane] = weight[co][ci][kh][kw] * scale[co] for channel cb * L + lane = group * c + ci and
 // co = group * c + j.
 template <typename scalar_t>
@@ -481,20 +429,18 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const at::Tensor scale_c = scale.contiguous();
       const WinogradPackArgs<scalar_t> pack{weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
-                                            weight.stride(2),          weight.stride(3), scale_c.data_ptr<float>(),
-                                            cpg_in};
+                                            weight.stride(2),          weight.stride(3), scale_c.data_ptr<float>()};
       const bool f4 = plan.tile == 4;
       const int points = f4 ? WinogradF4::kPoints : WinogradF2::kPoints;
-      const auto pack_group = f4 ? &pack_winograd_group<4, scalar_t> : &pack_winograd_group<2, scalar_t>;
-      const int64_t group_floats = points * cpg_in * cpg_in;
+      const int64_t group_floats = points * winograd_point_stride(cpg_in);
       std::vector<float> u;  // all groups' U, image-major order only (see WinogradWeights)
       if (f4 ? winograd_image_major<WinogradF4>(g) : winograd_image_major<WinogradF2>(g)) {
         u.resize(g.groups * group_floats);
         at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t grp = begin; grp < end; ++grp) pack_group(&pack, grp, u.data() + grp * group_floats);
+          RK_CALL_FOR_ISA(winograd_pack, pack, plan.tile, int(cpg_in), begin, end, u.data());
         });
       }
-      const WinogradWeights W{u.empty() ? nullptr : u.data(), pack_group, &pack};
+      const WinogradWeights<scalar_t> W{u.empty() ? nullptr : u.data(), &pack};
       const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
       BlockedProblem<scalar_t> P{};
       P.g = &g, P.in = in, P.shift = sh, P.out = out, P.relu = relu;

@@ -6,7 +6,7 @@
 //   Y = A^T [ (G w G^T) .* (B^T d B) ] A
 // with B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1] and
 // A^T = [1 1 1 0; 0 1 -1 -1]. The weight transform U = G w G^T (BN scale folded in) is done once per call
-// (pack_winograd_group, conv_bn_relu.cpp). Per point p of the 4x4 transform domain, the products summed over a
+// (winograd_pack_group). Per point p of the 4x4 transform domain, the products summed over a
 // group's input channels are a small GEMM, M_p[tile][co] = sum_ci V_p[tile][ci] U_p[ci][co]: the direct
 // convolution's 9 multiply-adds per (output pixel, ci, co) become 4 (2.25x fewer), for the price of the input and
 // output transforms (adds only). All transform coefficients are 0, +-1 and 1/2, so the results stay within a few
@@ -14,7 +14,7 @@
 //
 // F(4x4, 3x3) (WinogradF4, from kWinograd4MinTiles tiles on) computes a 4x4 block of outputs from a 6x6
 // block of inputs with 36 multiplies per channel pair instead of 144: 2.25 per output instead of F(2x2)'s 4, 4x
-// fewer than direct. Its matrices (kWinograd4BT, kWinograd4AT, and G in winograd_weight_rows) come from the points
+// fewer than direct. Its matrices (kWinograd4BT, kWinograd4AT, and G in winograd_weight_apply) come from the points
 // 0, 1, -1, 1/2, -2 and infinity; its float32 error is a few times direct summation's (1-2e-6 of the output scale
 // at ResNeXt shapes, against 2-9e-7), within the tests' float64-reference bound of 1e-5.
 //
@@ -71,7 +71,7 @@ constexpr int kMaxWinogradTiles = 24;
 // F(4x4, 3x3) from the interpolation points 0, 1, -1, 1/2, -2 and infinity. Against the common 0, +-1, +-2 this
 // measured 2-3x less float32 error (1-2e-6 of the output scale at 8-64 channels per group, direct summation
 // 3-9e-7; the +-2 set 3-5e-6), for a few more adds in the input transform (its rows are not pairwise symmetric).
-// B^T and A^T hold only values exact in binary; G (the weight transform, winograd_weight_rows in conv_bn_relu.cpp)
+// B^T and A^T hold only values exact in binary; G (the weight transform, winograd_weight_apply)
 // has thirds and fifteenths.
 inline constexpr float kWinograd4BT[6][6] = {
     {1, -1.5f, -2, 1.5f, 1, 0}, {0, -1, 0.5f, 2.5f, 1, 0},    {0, 1, -2.5f, 0.5f, 1, 0},
@@ -89,15 +89,102 @@ inline bool winograd_image_major(const ConvGeom& g) {
   return F::kPoints * g.C_in * (g.C_out / g.groups) * int64_t(sizeof(float)) <= kImageMajorWeightBytes;
 }
 
+// The weight transform's source: the conv weight read through its strides (a channels_last module's weight would
+// otherwise be copied on every call), and the folded BN scale per output channel.
+template <typename scalar_t>
+struct WinogradPackArgs {
+  const scalar_t* w;
+  int64_t s_co, s_ci, s_kh, s_kw;
+  const float* scale;
+};
+
 // The transformed weights U, [group][points][CPG][CPG]: packed for all groups before the work (image-major order, where
 // every thread needs every group), or transformed group by group by the thread that works on the group
 // (group-major order), into its own buffer: no pass writing and re-reading all groups' U (2 MB of F(2x2) U at
 // ResNeXt-50's stage 4, where this measured 0.98-1.02 against 1.05-1.17 ms in an interleaved A/B).
+template <typename scalar_t>
 struct WinogradWeights {
-  const float* packed;                                     // all groups, or null
-  void (*pack_group)(const void* ctx, int64_t group, float* dst);  // when packed is null
-  const void* ctx;
+  const float* packed;                   // all groups, or null
+  const WinogradPackArgs<scalar_t>* src;  // what winograd_pack_group transforms when packed is null
 };
+
+// Floats from one point's [CPG][CPG] block of U to the next's: one cache line more than the block, so that the
+// alpha^2 stores of one vector of (ci, co) pairs in winograd_pack_group go to different L1 sets (with 32 channels
+// per group a 4 KB stride had put all 36 of them in one set). A group's U is kPoints such blocks.
+constexpr int64_t winograd_point_stride(int64_t cpg) { return cpg * cpg + 16; }
+
+// y = G x for the three taps x0, x1, x2 of one kernel column or row (vectors across output channels), G the weight
+// transform matrix of F(2x2, 3x3) (4 rows) or F(4x4, 3x3) (6 rows). F(2x2): x0, (x0 + x1 + x2) / 2,
+// (x0 - x1 + x2) / 2, x2. F(4x4) (points 0, 1, -1, 1/2, -2, infinity; see kWinograd4BT): x0, (x0 + x1 + x2) / 3,
+// (x1 - x0 - x2) / 3, -(16 x0 + 8 x1 + 4 x2) / 15, (x0 - 2 x1 + 4 x2) / 15, x2.
+template <class F, class vec>
+RK_ALWAYS_INLINE void winograd_weight_apply(vec x0, vec x1, vec x2, vec* y) {
+  if constexpr (F::kTile == 2) {
+    y[0] = x0;
+    y[1] = 0.5f * (x0 + x1 + x2);
+    y[2] = 0.5f * (x0 - x1 + x2);
+    y[3] = x2;
+  } else {
+    constexpr float third = 1.0f / 3, fifteenth = 1.0f / 15;
+    const vec a = x0 + x2;
+    y[0] = x0;
+    y[1] = third * (a + x1);
+    y[2] = third * (x1 - a);
+    y[3] = -fifteenth * (16 * x0 + 8 * x1 + 4 * x2);
+    y[4] = fifteenth * (x0 - 2 * x1 + 4 * x2);
+    y[5] = x2;
+  }
+}
+
+// u[p][ci][co] = (G w G^T)[p] for w = weight[group * CPG + co][ci] * scale[co] (the 3x3 kernel, co local to the group):
+// the weight transform of F for one group, p = row * alpha + column of the alpha x alpha transform domain (alpha =
+// tile + 2). The kernels of a chunk of input channels are first gathered into k[ci][tap][co] through the weight's
+// strides (consecutive ci innermost: contiguous reads of a channels_last weight), then transformed in registers on
+// vectors of L output channels: G down the kernel's three columns, then along the alpha resulting rows, each point
+// stored once. (It had been a loop of out-of-line calls on one row of CPG values each: 29% of the samples at
+// ResNeXt-50's stage 4 on a Zen 5, where F(4x4) transforms 1024 x 32 kernels per call.)
+template <class F, class V, int CPG, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_pack_group(const WinogradPackArgs<scalar_t>& a, int64_t grp, float* __restrict u) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes, alpha = F::kTile + 2, CK = std::min(CPG, 8);
+  constexpr int64_t PS = winograd_point_stride(CPG);
+  static_assert(CPG % L == 0 && CPG % CK == 0);
+  alignas(64) float k[CK][9][CPG];
+  const float* scale = a.scale + grp * CPG;
+  for (int ci0 = 0; ci0 < CPG; ci0 += CK) {
+    for (int co = 0; co < CPG; ++co) {
+      const scalar_t* w = a.w + (grp * CPG + co) * a.s_co + ci0 * a.s_ci;
+      for (int tap = 0; tap < 9; ++tap) {
+        const scalar_t* t = w + (tap / 3) * a.s_kh + (tap % 3) * a.s_kw;
+        for (int i = 0; i < CK; ++i) k[i][tap][co] = static_cast<float>(t[i * a.s_ci]);
+      }
+    }
+    for (int i = 0; i < CK; ++i) {
+      for (int co = 0; co < CPG; co += L) {
+        const vec s = vload<V>(scale + co);
+        vec gw[alpha][3];  // (G w)[r][c]
+        for (int c = 0; c < 3; ++c) {
+          vec col[alpha];
+          winograd_weight_apply<F>(vload<V>(k[i][c] + co) * s, vload<V>(k[i][3 + c] + co) * s,
+                                   vload<V>(k[i][6 + c] + co) * s, col);
+          for (int r = 0; r < alpha; ++r) gw[r][c] = col[r];
+        }
+        float* dst = u + (ci0 + i) * CPG + co;
+        for (int r = 0; r < alpha; ++r) {
+          vec y[alpha];
+          winograd_weight_apply<F>(gw[r][0], gw[r][1], gw[r][2], y);
+          for (int j = 0; j < alpha; ++j) vstore<V>(dst + (r * alpha + j) * PS, y[j]);
+        }
+      }
+    }
+  }
+}
+
+// winograd_pack_group for groups [g0, g1) into u (group g at u + g * points * CPG^2).
+template <class F, class V, int CPG, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_pack_groups(const WinogradPackArgs<scalar_t>& a, int64_t g0, int64_t g1, float* u) {
+  for (int64_t grp = g0; grp < g1; ++grp) winograd_pack_group<F, V, CPG>(a, grp, u + grp * F::kPoints * winograd_point_stride(CPG));
+}
 
 template <class V, int NV>
 constexpr int winograd_tiles_per_block() {
@@ -432,10 +519,10 @@ struct WinogradPrefetch {
 // thread then keeps one image's input and output in cache across blocks, and the U of all blocks with them), and
 // item = block * N + image otherwise (a thread keeps one block's U across images). The transforms run on VT vectors
 // across the block's channels, the GEMMs on NV vectors of VG (as wide as CPG where it is narrower than VT) per group.
-// vbuf and mbuf hold F::kPoints * TB * CB floats each, ubuf F::kPoints * CB * CPG (the block's U when W.packed is
+// vbuf and mbuf hold F::kPoints * TB * CB floats each, ubuf CB / CPG * F::kPoints * winograd_point_stride(CPG) (the block's U when W.packed is
 // null).
 template <class F, class VT, class VG, int CPG, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const WinogradWeights& W, float* vbuf,
+RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const WinogradWeights<scalar_t>& W, float* vbuf,
                                      float* mbuf, float* ubuf, int64_t begin, int64_t end) {
   constexpr int NV = std::min(VG::kMaxBroadcastVectors, CPG / VG::kLanes);
   constexpr int TB = winograd_tiles_per_block<VG, NV>();
@@ -443,6 +530,7 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
   static_assert(CB % CPG == 0 && CB % VT::kLanes == 0 && CPG % (NV * VG::kLanes) == 0);
   const ConvGeom& g = *P.g;
   constexpr int S = F::kTile, NP = F::kPoints;
+  constexpr int64_t PS = winograd_point_stride(CPG);
   const int64_t tiles_w = (g.OW + S - 1) / S, tiles = ((g.OH + S - 1) / S) * tiles_w, blocks = g.C_out / CB;
   const bool image_major = winograd_image_major<F>(g);
   // Equal blocks: 49 tiles at TB = 24 go as 17 + 16 + 16, not 24 + 24 + 1.
@@ -452,9 +540,9 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
   const auto item_image = [&](int64_t item) { return image_major ? item / blocks : item % g.N; };
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c0 = item_block(item), n = item_image(item);
-    const float* u_block = W.packed ? W.packed + c0 * NP * CPG : ubuf;
+    const float* u_block = W.packed ? W.packed + c0 / CPG * NP * PS : ubuf;
     if (!W.packed && ubuf_c0 != c0) {
-      for (int j = 0; j < CB; j += CPG) W.pack_group(W.ctx, (c0 + j) / CPG, ubuf + j * NP * CPG);
+      for (int j = 0; j < CB; j += CPG) winograd_pack_group<F, VG, CPG>(*W.src, (c0 + j) / CPG, ubuf + j / CPG * NP * PS);
       ubuf_c0 = c0;
     }
     for (int64_t t0 = 0; t0 < tiles; t0 += per_block) {
@@ -475,11 +563,11 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
         pf.in_nt = int(std::min(per_block, tiles));
       }
       for (int j = 0; j < CB; j += CPG) {
-        const float* u = u_block + j * NP * CPG;  // the group's [points][CPG][CPG]
+        const float* u = u_block + j / CPG * NP * PS;  // the group's [points][CPG][CPG]
         for (int p = 0; p < NP; ++p) {
           pf.step((j / CPG) * NP + p);  // this GEMM's share of the prefetch units
           for (int co = 0; co < CPG; co += NV * VG::kLanes) {
-            winograd_gemm_tail<VG, NV, TB, CPG, CB>(nt, vbuf + p * TB * CB + j, u + p * CPG * CPG + co,
+            winograd_gemm_tail<VG, NV, TB, CPG, CB>(nt, vbuf + p * TB * CB + j, u + p * PS + co,
                                                     mbuf + p * TB * CB + j + co);
           }
         }
