@@ -106,13 +106,27 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
-def cuda_header_dirs():
-    """Where cuda_fp16.h & co. live, for the g++-compiled emulator and for the toolkit's gaps."""
+def cuda_header_dirs(cuda_home=None):
+    """Where the toolkit's headers (cuda_fp16.h & co.) live: of cuda_home, by default the CUDA_HOME being built with."""
+    cuda_home = cuda_home or CUDA_HOME
     dirs = []
-    if CUDA_HOME:
-        dirs += [d for d in (os.path.join(CUDA_HOME, "include"),
-                             os.path.join(CUDA_HOME, "targets", "x86_64-linux", "include")) if os.path.isdir(d)]
+    if cuda_home:
+        dirs += [d for d in (os.path.join(cuda_home, "include"),
+                             os.path.join(cuda_home, "targets", "x86_64-linux", "include")) if os.path.isdir(d)]
     return dirs
+
+
+def emulator_header_dirs():
+    """Headers for the g++-compiled emulator: cuda_fp16.h, cuda_bf16.h and the crt/ headers they include. The
+    toolkit's when there is one (also with RESNEXT_KERNELS_NO_CUDA=1, which skips only the nvcc build), else the pip
+    packages' when they hold the whole set (some ship cuda_fp16.h without crt/host_defines.h), else none."""
+    def complete(dirs):
+        return all(any(os.path.isfile(os.path.join(d, h)) for d in dirs)
+                   for h in ("cuda_fp16.h", "cuda_bf16.h", os.path.join("crt", "host_defines.h")))
+    for dirs in (cuda_header_dirs(CUDA_HOME or find_cuda_home()), pip_cuda_include_dirs()):
+        if dirs and complete(dirs):
+            return dirs
+    return []
 
 
 def extra_cuda_include_dirs():
@@ -173,9 +187,10 @@ def build_extensions():
     if _env_flag("RESNEXT_KERNELS_NO_EMULATOR"):
         _say("skipping the emulated CUDA build (RESNEXT_KERNELS_NO_EMULATOR=1)")
     else:
-        emu_includes = cuda_header_dirs() or pip_cuda_include_dirs()
+        emu_includes = emulator_header_dirs()
         if not emu_includes:
-            _say("skipping the emulated CUDA build: no CUDA headers (cuda_fp16.h) found")
+            _say("skipping the emulated CUDA build: no complete set of CUDA headers (cuda_fp16.h, cuda_bf16.h, "
+                 "crt/host_defines.h) found")
         else:
             extensions.append(CppExtension(
                 "resnext_kernels._emu",
