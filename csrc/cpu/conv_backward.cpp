@@ -503,18 +503,26 @@ void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor&
       wgrad_task_generic(P, S, row0, row1, co0);
     }
   });
-  // Merge the chunks in order (float64) and transpose the partial's layout to weight [co][ci][kh][kw].
+  // Merge the chunks in order (float64), in the partials' layout (contiguous, vectorized; gathering each weight
+  // element's chunks had been a strided scalar loop, 7% of a stage-2 weight gradient's samples), then transpose to
+  // weight [co][ci][kh][kw].
+  std::vector<double> total(pl.weight_size);
+  at::parallel_for(0, pl.weight_size, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) total[i] = static_cast<double>(partial[i]);
+    for (int64_t c = 1; c < pl.n_chunks; ++c) {
+      const acc_t* p = partial.data() + c * pl.weight_size;
+      for (int64_t i = i0; i < i1; ++i) total[i] += static_cast<double>(p[i]);
+    }
+  });
   const int64_t taps = int64_t(g.KH) * g.KW;
   scalar_t* out = grad_weight.data_ptr<scalar_t>();
-  at::parallel_for(0, g.C_out, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, g.C_out, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co) {
       for (int64_t ci = 0; ci < cpg_in; ++ci) {
         for (int64_t tap = 0; tap < taps; ++tap) {
           const int64_t idx = pl.jt > 0 ? (tap * cpg_in + co % cpg_in) * g.C_in + (co / cpg_in) * cpg_in + ci
                                         : (tap * cpg_in + ci) * g.C_out + co;
-          double sum = 0.0;
-          for (int64_t c = 0; c < pl.n_chunks; ++c) sum += static_cast<double>(partial[c * pl.weight_size + idx]);
-          out[(co * cpg_in + ci) * taps + tap] = static_cast<scalar_t>(sum);
+          out[(co * cpg_in + ci) * taps + tap] = static_cast<scalar_t>(total[idx]);
         }
       }
     }
