@@ -140,6 +140,10 @@ WINOGRAD_CASES = [
     (2, 256, 7, 7, 32, 1),  # 8 tiles (the threshold), 1.2 MB of F(4x4) weights: group-major order
     (1, 40, 21, 26, 8, 1),  # an odd number of groups of 8; 7 tiles per tile row through the column ring
     (2, 48, 13, 9, 16, 1),  # 16 channels per group, 2 blocks of 6 tiles and a shorter last one per image
+    # groups of 8 paired in 16-lane GEMMs (AVX-512, an even group count), both work orders and tile sizes:
+    (1, 32, 6, 6, 8, 1),    # F(2x2), image-major
+    (1, 2064, 3, 3, 8, 1),  # F(2x2), 1.06 MB of transformed weights: group-major
+    (1, 928, 9, 9, 8, 1),   # F(4x4), 1.07 MB: group-major
 ]
 
 

@@ -265,21 +265,27 @@ __attribute__((target("arch=x86-64-v3"))) void winograd_items_avx2(const Blocked
   RK_WINOGRAD_SWITCH("winograd_items_avx2", WinogradF2, Avx2Vec, Avx2Vec, Avx2Vec)
 }
 #undef RK_WINOGRAD_CASE
-// The weight transform of all groups in [g0, g1) (image-major order; see WinogradWeights), with the vectors that
-// winograd_items's GEMMs use.
+// The weight transform of all blocks in [b0, b1) (image-major order; see WinogradWeights), with the vectors that
+// winograd_items's transforms and GEMMs use.
 #define RK_WINOGRAD_CASE(F, VT, VG, CPG) \
-  case CPG: return winograd_pack_groups<F, VG, CPG>(a, g0, g1, u);
+  case CPG: return winograd_pack_ublocks<F, VT, VG, CPG>(a, b0, b1, u);
 template <typename scalar_t>
-__attribute__((target("arch=x86-64-v4"))) void winograd_pack_avx512(const WinogradPackArgs<scalar_t>& a, int tile,
-                                                                    int cpg, int64_t g0, int64_t g1, float* u) {
-  if (tile == 4) RK_WINOGRAD_SWITCH("winograd_pack_avx512", WinogradF4, void, Avx512YmmVec, Avx512Vec)
-  RK_WINOGRAD_SWITCH("winograd_pack_avx512", WinogradF2, void, Avx512YmmVec, Avx512Vec)
+__attribute__((target("arch=x86-64-v4"))) void winograd_pack_avx512(const WinogradPackArgs<scalar_t>& a, int lanes,
+                                                                    int tile, int cpg, int64_t b0, int64_t b1,
+                                                                    float* u) {
+  if (tile == 4) {
+    if (lanes == 8) return winograd_pack_ublocks<WinogradF4, Avx512YmmVec, Avx512YmmVec, 8>(a, b0, b1, u);
+    RK_WINOGRAD_SWITCH("winograd_pack_avx512", WinogradF4, Avx512Vec, Avx512YmmVec, Avx512Vec)
+  }
+  if (lanes == 8) return winograd_pack_ublocks<WinogradF2, Avx512YmmVec, Avx512YmmVec, 8>(a, b0, b1, u);
+  RK_WINOGRAD_SWITCH("winograd_pack_avx512", WinogradF2, Avx512Vec, Avx512YmmVec, Avx512Vec)
 }
 template <typename scalar_t>
-__attribute__((target("arch=x86-64-v3"))) void winograd_pack_avx2(const WinogradPackArgs<scalar_t>& a, int tile,
-                                                                  int cpg, int64_t g0, int64_t g1, float* u) {
-  if (tile == 4) RK_WINOGRAD_SWITCH("winograd_pack_avx2", WinogradF4, void, Avx2Vec, Avx2Vec)
-  RK_WINOGRAD_SWITCH("winograd_pack_avx2", WinogradF2, void, Avx2Vec, Avx2Vec)
+__attribute__((target("arch=x86-64-v3"))) void winograd_pack_avx2(const WinogradPackArgs<scalar_t>& a, int /*lanes*/,
+                                                                  int tile, int cpg, int64_t b0, int64_t b1,
+                                                                  float* u) {
+  if (tile == 4) RK_WINOGRAD_SWITCH("winograd_pack_avx2", WinogradF4, Avx2Vec, Avx2Vec, Avx2Vec)
+  RK_WINOGRAD_SWITCH("winograd_pack_avx2", WinogradF2, Avx2Vec, Avx2Vec, Avx2Vec)
 }
 #undef RK_WINOGRAD_SWITCH
 #undef RK_WINOGRAD_CASE
@@ -432,12 +438,13 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
                                             weight.stride(2),          weight.stride(3), scale_c.data_ptr<float>()};
       const bool f4 = plan.tile == 4;
       const int points = f4 ? WinogradF4::kPoints : WinogradF2::kPoints;
-      const int64_t group_floats = points * winograd_point_stride(cpg_in);
-      std::vector<float> u;  // all groups' U, image-major order only (see WinogradWeights)
+      const int64_t block = std::max<int64_t>(cpg_in, plan.lanes), blocks = g.C_in / block;
+      const int64_t ublock_floats = winograd_ublock_floats(points, cpg_in, plan.lanes);
+      std::vector<float> u;  // all blocks' U, image-major order only (see WinogradWeights)
       if (f4 ? winograd_image_major<WinogradF4>(g) : winograd_image_major<WinogradF2>(g)) {
-        u.resize(g.groups * group_floats);
-        at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
-          RK_CALL_FOR_ISA(winograd_pack, pack, plan.tile, int(cpg_in), begin, end, u.data());
+        u.resize(blocks * ublock_floats);
+        at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+          RK_CALL_FOR_ISA(winograd_pack, pack, plan.lanes, plan.tile, int(cpg_in), begin, end, u.data());
         });
       }
       const WinogradWeights<scalar_t> W{u.empty() ? nullptr : u.data(), &pack};
@@ -446,11 +453,10 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       P.g = &g, P.in = in, P.shift = sh, P.out = out, P.relu = relu;
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
       P.prefetch = !cpu_is_intel();  // see WinogradPrefetch
-      const int64_t block = std::max<int64_t>(cpg_in, plan.lanes);
-      at::parallel_for(0, g.C_in / block * g.N, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, blocks * g.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> vbuf(points * kMaxWinogradTiles * block);
         std::vector<float> mbuf(points * kMaxWinogradTiles * block);
-        std::vector<float> ubuf(u.empty() ? block / cpg_in * group_floats : 0);
+        std::vector<float> ubuf(u.empty() ? ublock_floats : 0);
         RK_CALL_FOR_ISA(winograd_items, P, W, vbuf.data(), mbuf.data(), ubuf.data(), plan.lanes, plan.tile,
                         int(cpg_in), begin, end);
       });

@@ -23,7 +23,8 @@
 //   1. input transform (winograd_input_transform, winograd4_input_transform): V_p for every tile of the block ->
 //      vbuf[p][tile][c];
 //   2. GEMMs (winograd_gemm): per point p, group and NV vectors of output channels, a register-blocked TB x NV
-//      microkernel (each V value broadcast, each U vector shared by the TB tiles) -> mbuf[p][tile][c];
+//      microkernel (each V value broadcast, each U vector shared by the TB tiles) -> mbuf[p][tile][c]; on AVX-512,
+//      two groups of 8 share 16-lane GEMMs (winograd_gemm_paired, channels interleaved; see winograd_paired);
 //   3. output transform (winograd_output_transform, winograd4_output_transform) with the blocked path's epilogue
 //      (winograd_store_row): shift, ReLU, store of the outputs inside the image, and row statistics for the
 //      training form (a row's tiles come in order, so the first one sets the pivot). No residual: a call with one
@@ -42,8 +43,8 @@
 namespace rk {
 namespace cpu {
 
-// 8-lane (ymm) vectors in AVX-512 code, which has 32 of them: for groups of 8 channels. On Zen 4 a 512-bit FMA is
-// two 256-bit halves, so the narrower vector loses no multiply-add throughput.
+// 8-lane (ymm) vectors in AVX-512 code, which has 32 of them: for groups of 8 channels where their count is odd (two
+// groups of 8 otherwise share 16-lane vectors: winograd_paired).
 struct Avx512YmmVec {
   typedef float vec __attribute__((vector_size(32)));
   static constexpr int kLanes = 8;
@@ -98,20 +99,62 @@ struct WinogradPackArgs {
   const float* scale;
 };
 
-// The transformed weights U, [group][points][CPG][CPG]: packed for all groups before the work (image-major order, where
-// every thread needs every group), or transformed group by group by the thread that works on the group
-// (group-major order), into its own buffer: no pass writing and re-reading all groups' U (2 MB of F(2x2) U at
-// ResNeXt-50's stage 4, where this measured 0.98-1.02 against 1.05-1.17 ms in an interleaved A/B).
+// The transformed weights U, block by block (a block: the CB channels winograd_items works on at a time; see
+// winograd_ublock_floats): packed for all blocks before the work (image-major order, where every thread needs every
+// block), or transformed block by block by the thread that works on the block (group-major order), into its own
+// buffer: no pass writing and re-reading all groups' U (2 MB of F(2x2) U at ResNeXt-50's stage 4, where this
+// measured 0.98-1.02 against 1.05-1.17 ms in an interleaved A/B).
 template <typename scalar_t>
 struct WinogradWeights {
-  const float* packed;                   // all groups, or null
-  const WinogradPackArgs<scalar_t>* src;  // what winograd_pack_group transforms when packed is null
+  const float* packed;                   // all blocks, or null
+  const WinogradPackArgs<scalar_t>* src;  // what winograd_pack_ublock transforms when packed is null
 };
 
-// Floats from one point's [CPG][CPG] block of U to the next's: one cache line more than the block, so that the
-// alpha^2 stores of one vector of (ci, co) pairs in winograd_pack_group go to different L1 sets (with 32 channels
-// per group a 4 KB stride had put all 36 of them in one set). A group's U is kPoints such blocks.
-constexpr int64_t winograd_point_stride(int64_t cpg) { return cpg * cpg + 16; }
+// Floats from one point's [CIN][COUT] block of U to the next's: one cache line more than the block, so that the
+// alpha^2 stores of one vector of (ci, co) pairs in winograd_pack_block go to different L1 sets (with 32 channels
+// per group a 4 KB stride had put all 36 of them in one set).
+constexpr int64_t winograd_point_stride(int64_t cin, int64_t cout) { return cin * cout + 16; }
+
+// Paired groups: with 8 channels per group and 16-lane vectors (AVX-512), the two groups of a block share 16-lane
+// GEMMs instead of running 8-lane ones each (half the FMAs where a 512-bit FMA is as fast as a 256-bit one, as on
+// Zen 5: stage 2 of ResNeXt-50, N=8, float32, inference 1.17x faster, data gradient 1.09x, training forward 1.05x). Channels are then interleaved in the transform domain, lane 2 i + s =
+// channel i of the block's group s: the input transform stores V that way, so the two groups' values of one input
+// channel are adjacent and one 64-bit broadcast gives the GEMM its multiplier (a, b, a, b, ...); U holds [ci][2 co +
+// s]; the output transform de-interleaves its results before the epilogue.
+template <class VT, int CPG>
+constexpr bool winograd_paired() {
+  return CPG == 8 && VT::kLanes == 16;
+}
+// Lane q of the interleaved order holds channel (q % 2) * 8 + q / 2 of the natural one.
+template <class V>
+RK_ALWAYS_INLINE typename V::vec winograd_interleave(typename V::vec v) {
+  const typename V::ivec idx = {0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15};
+  return __builtin_shuffle(v, idx);
+}
+template <class V>
+RK_ALWAYS_INLINE typename V::vec winograd_deinterleave(typename V::vec v) {
+  const typename V::ivec idx = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15};
+  return __builtin_shuffle(v, idx);
+}
+template <bool ILV, class V>
+RK_ALWAYS_INLINE typename V::vec winograd_interleave_if(typename V::vec v) {
+  if constexpr (ILV) return winograd_interleave<V>(v);
+  else return v;
+}
+// (p[0], p[1]) in every pair of lanes: an integer broadcast of the 64 bits (a float64 one could quiet a NaN pattern).
+template <class V>
+RK_ALWAYS_INLINE typename V::vec winograd_pair_broadcast(const float* p) {
+  typedef long long qvec __attribute__((vector_size(sizeof(typename V::vec))));
+  long long q;
+  __builtin_memcpy(&q, p, sizeof q);
+  return (typename V::vec)(qvec{} + q);
+}
+
+// Floats of one block's U: kPoints point blocks per group, or for paired groups kPoints [8][16] point blocks.
+constexpr int64_t winograd_ublock_floats(int points, int64_t cpg, int64_t lanes) {
+  return cpg == 8 && lanes == 16 ? points * winograd_point_stride(8, 16)
+                                 : std::max<int64_t>(1, lanes / cpg) * points * winograd_point_stride(cpg, cpg);
+}
 
 // y = G x for the three taps x0, x1, x2 of one kernel column or row (vectors across output channels), G the weight
 // transform matrix of F(2x2, 3x3) (4 rows) or F(4x4, 3x3) (6 rows). F(2x2): x0, (x0 + x1 + x2) / 2,
@@ -136,31 +179,32 @@ RK_ALWAYS_INLINE void winograd_weight_apply(vec x0, vec x1, vec x2, vec* y) {
   }
 }
 
-// u[p][ci][co] = (G w G^T)[p] for w = weight[group * CPG + co][ci] * scale[co] (the 3x3 kernel, co local to the group):
-// the weight transform of F for one group, p = row * alpha + column of the alpha x alpha transform domain (alpha =
-// tile + 2). The kernels of a chunk of input channels are first gathered into k[ci][tap][co] through the weight's
-// strides (consecutive ci innermost: contiguous reads of a channels_last weight), then transformed in registers on
-// vectors of L output channels: G down the kernel's three columns, then along the alpha resulting rows, each point
-// stored once. (It had been a loop of out-of-line calls on one row of CPG values each: 29% of the samples at
-// ResNeXt-50's stage 4 on a Zen 5, where F(4x4) transforms 1024 x 32 kernels per call.)
-template <class F, class V, int CPG, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_pack_group(const WinogradPackArgs<scalar_t>& a, int64_t grp, float* __restrict u) {
+// u[p][ci][co] = (G w G^T)[p] for w = weight[co0 + co][ci] * scale[co0 + co] (the 3x3 kernels of COUT output channels
+// from co0, CIN input channels each): the weight transform of F, p = row * alpha + column of the alpha x alpha
+// transform domain (alpha = tile + 2); with ILV the COUT = 16 output channels (two groups of 8) go to the
+// interleaved lane order (winograd_paired). The kernels of a chunk of input channels are first gathered into
+// k[ci][tap][co] through the weight's strides (consecutive ci innermost: contiguous reads of a channels_last weight),
+// then transformed in registers on vectors of L output channels: G down the kernel's three columns, then along the
+// alpha resulting rows, each point stored once. (It had been a loop of out-of-line calls on one row of CPG values
+// each: 29% of the samples at ResNeXt-50's stage 4 on a Zen 5, where F(4x4) transforms 1024 x 32 kernels per call.)
+template <class F, class V, int CIN, int COUT, bool ILV, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_pack_block(const WinogradPackArgs<scalar_t>& a, int64_t co0, float* __restrict u) {
   using vec = typename V::vec;
-  constexpr int L = V::kLanes, alpha = F::kTile + 2, CK = std::min(CPG, 8);
-  constexpr int64_t PS = winograd_point_stride(CPG);
-  static_assert(CPG % L == 0 && CPG % CK == 0);
-  alignas(64) float k[CK][9][CPG];
-  const float* scale = a.scale + grp * CPG;
-  for (int ci0 = 0; ci0 < CPG; ci0 += CK) {
-    for (int co = 0; co < CPG; ++co) {
-      const scalar_t* w = a.w + (grp * CPG + co) * a.s_co + ci0 * a.s_ci;
+  constexpr int L = V::kLanes, alpha = F::kTile + 2, CK = std::min(CIN, 8);
+  constexpr int64_t PS = winograd_point_stride(CIN, COUT);
+  static_assert(COUT % L == 0 && CIN % CK == 0 && (!ILV || COUT == L));
+  alignas(64) float k[CK][9][COUT];
+  const float* scale = a.scale + co0;
+  for (int ci0 = 0; ci0 < CIN; ci0 += CK) {
+    for (int co = 0; co < COUT; ++co) {
+      const scalar_t* w = a.w + (co0 + co) * a.s_co + ci0 * a.s_ci;
       for (int tap = 0; tap < 9; ++tap) {
         const scalar_t* t = w + (tap / 3) * a.s_kh + (tap % 3) * a.s_kw;
         for (int i = 0; i < CK; ++i) k[i][tap][co] = static_cast<float>(t[i * a.s_ci]);
       }
     }
     for (int i = 0; i < CK; ++i) {
-      for (int co = 0; co < CPG; co += L) {
+      for (int co = 0; co < COUT; co += L) {
         const vec s = vload<V>(scale + co);
         vec gw[alpha][3];  // (G w)[r][c]
         for (int c = 0; c < 3; ++c) {
@@ -169,21 +213,39 @@ RK_ALWAYS_INLINE void winograd_pack_group(const WinogradPackArgs<scalar_t>& a, i
                                    vload<V>(k[i][6 + c] + co) * s, col);
           for (int r = 0; r < alpha; ++r) gw[r][c] = col[r];
         }
-        float* dst = u + (ci0 + i) * CPG + co;
+        float* dst = u + (ci0 + i) * COUT + co;
         for (int r = 0; r < alpha; ++r) {
           vec y[alpha];
           winograd_weight_apply<F>(gw[r][0], gw[r][1], gw[r][2], y);
-          for (int j = 0; j < alpha; ++j) vstore<V>(dst + (r * alpha + j) * PS, y[j]);
+          for (int j = 0; j < alpha; ++j) {
+            vstore<V>(dst + (r * alpha + j) * PS, winograd_interleave_if<ILV, V>(y[j]));
+          }
         }
       }
     }
   }
 }
 
-// winograd_pack_group for groups [g0, g1) into u (group g at u + g * points * CPG^2).
-template <class F, class V, int CPG, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_pack_groups(const WinogradPackArgs<scalar_t>& a, int64_t g0, int64_t g1, float* u) {
-  for (int64_t grp = g0; grp < g1; ++grp) winograd_pack_group<F, V, CPG>(a, grp, u + grp * F::kPoints * winograd_point_stride(CPG));
+// The U of the block of CB = max(CPG, VT lanes) channels from c0 (winograd_items's vectors), winograd_ublock_floats
+// floats at u: one pair of groups interleaved, or CB / CPG groups one after the other.
+template <class F, class VT, class VG, int CPG, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_pack_ublock(const WinogradPackArgs<scalar_t>& a, int64_t c0, float* u) {
+  if constexpr (winograd_paired<VT, CPG>()) {
+    winograd_pack_block<F, VT, 8, 16, true>(a, c0, u);
+  } else {
+    constexpr int CB = std::max(CPG, VT::kLanes);
+    for (int j = 0; j < CB; j += CPG) {
+      winograd_pack_block<F, VG, CPG, CPG, false>(a, c0 + j, u + j / CPG * F::kPoints * winograd_point_stride(CPG, CPG));
+    }
+  }
+}
+
+// winograd_pack_ublock for blocks [b0, b1) into u.
+template <class F, class VT, class VG, int CPG, typename scalar_t>
+RK_ALWAYS_INLINE void winograd_pack_ublocks(const WinogradPackArgs<scalar_t>& a, int64_t b0, int64_t b1, float* u) {
+  constexpr int CB = std::max(CPG, VT::kLanes);
+  constexpr int64_t n = winograd_ublock_floats(F::kPoints, CPG, VT::kLanes);
+  for (int64_t b = b0; b < b1; ++b) winograd_pack_ublock<F, VT, VG, CPG>(a, b * CB, u + b * n);
 }
 
 template <class V, int NV>
@@ -234,12 +296,41 @@ RK_ALWAYS_INLINE void winograd_gemm_tail(int nt, const float* v, const float* u,
   }
 }
 
+// The paired groups' GEMM (winograd_paired): m[t * CB + q] = sum_ci v[t * CB + 2 ci + s(q)] u[ci * 16 + q] for TB
+// tiles, 16-lane vectors in the interleaved order, one 64-bit broadcast of the two groups' ci values per tile and ci.
+template <class V, int TB, int CB>
+RK_ALWAYS_INLINE void winograd_gemm_paired(const float* __restrict v, const float* __restrict u, float* __restrict m) {
+  using vec = typename V::vec;
+  static_assert(V::kLanes == 16);
+  vec acc[TB];
+#pragma GCC unroll 24
+  for (int t = 0; t < TB; ++t) acc[t] = vec{};
+#pragma GCC unroll 2
+  for (int ci = 0; ci < 8; ++ci) {
+    const vec w = vload<V>(u + ci * 16);
+#pragma GCC unroll 24
+    for (int t = 0; t < TB; ++t) acc[t] += winograd_pair_broadcast<V>(v + t * CB + 2 * ci) * w;
+  }
+#pragma GCC unroll 24
+  for (int t = 0; t < TB; ++t) vstore<V>(m + t * CB, acc[t]);
+}
+
+template <class V, int TB, int CB>
+RK_ALWAYS_INLINE void winograd_gemm_paired_tail(int nt, const float* v, const float* u, float* m) {
+  if constexpr (TB > 1) {
+    if (nt == TB) return winograd_gemm_paired<V, TB, CB>(v, u, m);
+    winograd_gemm_paired_tail<V, TB - 1, CB>(nt, v, u, m);
+  } else {
+    winograd_gemm_paired<V, 1, CB>(v, u, m);
+  }
+}
+
 // Step 1 for tiles [t0, t0 + nt) of image n, the CB channels from c0: vbuf[(p * TB + t) * CB + c] = (B^T d B)[p].
 // Tiles go by tile row. Along a row, neighbouring tiles share two input columns, so B^T is applied once per input
 // column (4 loads, 4 adds) and the tile's 4x4 result only combines its 4 columns (16 adds): a sliding window of two
 // columns carries over to the next tile. Input rows outside the image read as zeros (a zero stride into zero_input),
 // and so do columns outside it.
-template <class V, int TB, int CB, typename scalar_t>
+template <class V, int TB, int CB, bool ILV, typename scalar_t>
 RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                int64_t tiles_w, int64_t t0, int nt, float* vbuf) {
   using vec = typename V::vec;
@@ -277,11 +368,14 @@ RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P
         column(ix + 2, c, e);
         column(ix + 3, c, f);
         float* dst = vbuf + int64_t(t + k) * CB + c;
+        const auto put = [&](int point, vec x) {
+          vstore<V>(dst + point * TB * CB, winograd_interleave_if<ILV, V>(x));
+        };
         for (int i = 0; i < 4; ++i) {
-          vstore<V>(dst + (i * 4 + 0) * TB * CB, a[i] - e[i]);
-          vstore<V>(dst + (i * 4 + 1) * TB * CB, b[i] + e[i]);
-          vstore<V>(dst + (i * 4 + 2) * TB * CB, e[i] - b[i]);
-          vstore<V>(dst + (i * 4 + 3) * TB * CB, b[i] - f[i]);
+          put(i * 4 + 0, a[i] - e[i]);
+          put(i * 4 + 1, b[i] + e[i]);
+          put(i * 4 + 2, e[i] - b[i]);
+          put(i * 4 + 3, b[i] - f[i]);
           a[i] = e[i], b[i] = f[i];
         }
       }
@@ -307,7 +401,7 @@ RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, cons
 }
 
 // Step 3 for the same tiles: y = A^T m A + shift (ReLU), stored where inside the output.
-template <class V, int TB, int CB, typename scalar_t, class Prefetch>
+template <class V, int TB, int CB, bool ILV, typename scalar_t, class Prefetch>
 RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                 int64_t tiles_w, int64_t t0, int nt, const float* mbuf,
                                                 const Prefetch& pf, int step0) {
@@ -331,7 +425,10 @@ RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& 
       }
       const vec shift = vload<V>(P.shift + c0 + c);
       for (int i = 0; i < rows; ++i) {
-        const vec y[2] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2] - s[i][3]};
+        vec y[2] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2] - s[i][3]};
+        if constexpr (ILV) {
+          for (int j = 0; j < 2; ++j) y[j] = winograd_deinterleave<V>(y[j]);
+        }
         winograd_store_row<V>(P, y, cols, shift, n, oy0 + i, ox0, c0 + c);
       }
     }
@@ -370,7 +467,7 @@ RK_ALWAYS_INLINE void winograd_apply(const float (&m)[R][C], const vec* x, vec* 
 // once per input column (neighbouring tiles of a tile row share two of their six columns); the columns' results
 // go to a ring of six slots in L1 (six columns of six vectors do not fit the registers with the rest), and each
 // of the tile's six rows is then transformed from the six slots it spans.
-template <class V, int TB, int CB, typename scalar_t>
+template <class V, int TB, int CB, bool ILV, typename scalar_t>
 RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                 int64_t tiles_w, int64_t t0, int nt, float* vbuf) {
   using vec = typename V::vec;
@@ -414,7 +511,7 @@ RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& 
           vec x[6], y[6];
           for (int j = 0; j < 6; ++j) x[j] = vload<V>(cols[j] + i * L);
           winograd_apply(kWinograd4BT, x, y);
-          for (int j = 0; j < 6; ++j) vstore<V>(dst + (i * 6 + j) * TB * CB, y[j]);
+          for (int j = 0; j < 6; ++j) vstore<V>(dst + (i * 6 + j) * TB * CB, winograd_interleave_if<ILV, V>(y[j]));
         }
       }
     }
@@ -425,7 +522,7 @@ RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& 
 // F(4x4, 3x3) step 3: y = A^T m A + shift (ReLU), stored where inside the output, with row statistics as in
 // winograd_output_transform. A^T goes down the six columns of m first (into 4 x 6 vectors in L1), then along the
 // four resulting rows.
-template <class V, int TB, int CB, typename scalar_t, class Prefetch>
+template <class V, int TB, int CB, bool ILV, typename scalar_t, class Prefetch>
 RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                  int64_t tiles_w, int64_t t0, int nt, const float* mbuf,
                                                  const Prefetch& pf, int step0) {
@@ -450,6 +547,9 @@ RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>&
         vec x[6], y[4];
         for (int j = 0; j < 6; ++j) x[j] = vload<V>(z[i] + j * L);
         winograd_apply(kWinograd4AT, x, y);
+        if constexpr (ILV) {
+          for (int j = 0; j < 4; ++j) y[j] = winograd_deinterleave<V>(y[j]);
+        }
         winograd_store_row<V>(P, y, cols, shift, n, oy0 + i, ox0, c0 + c);
       }
     }
@@ -519,7 +619,7 @@ struct WinogradPrefetch {
 // thread then keeps one image's input and output in cache across blocks, and the U of all blocks with them), and
 // item = block * N + image otherwise (a thread keeps one block's U across images). The transforms run on VT vectors
 // across the block's channels, the GEMMs on NV vectors of VG (as wide as CPG where it is narrower than VT) per group.
-// vbuf and mbuf hold F::kPoints * TB * CB floats each, ubuf CB / CPG * F::kPoints * winograd_point_stride(CPG) (the block's U when W.packed is
+// vbuf and mbuf hold F::kPoints * TB * CB floats each, ubuf winograd_ublock_floats (the block's U when W.packed is
 // null).
 template <class F, class VT, class VG, int CPG, typename scalar_t>
 RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const WinogradWeights<scalar_t>& W, float* vbuf,
@@ -527,10 +627,14 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
   constexpr int NV = std::min(VG::kMaxBroadcastVectors, CPG / VG::kLanes);
   constexpr int TB = winograd_tiles_per_block<VG, NV>();
   constexpr int CB = std::max(CPG, VT::kLanes);
+  constexpr bool PAIRED = winograd_paired<VT, CPG>();
   static_assert(CB % CPG == 0 && CB % VT::kLanes == 0 && CPG % (NV * VG::kLanes) == 0);
+  static_assert(!PAIRED || TB <= winograd_tiles_per_block<VT, 1>());
   const ConvGeom& g = *P.g;
   constexpr int S = F::kTile, NP = F::kPoints;
-  constexpr int64_t PS = winograd_point_stride(CPG);
+  constexpr int64_t PS = winograd_point_stride(CPG, CPG);
+  constexpr int64_t UBLOCK = winograd_ublock_floats(NP, CPG, VT::kLanes);
+  constexpr int GEMMS = PAIRED ? NP : NP * (CB / CPG);  // GEMM calls per tile block
   const int64_t tiles_w = (g.OW + S - 1) / S, tiles = ((g.OH + S - 1) / S) * tiles_w, blocks = g.C_out / CB;
   const bool image_major = winograd_image_major<F>(g);
   // Equal blocks: 49 tiles at TB = 24 go as 17 + 16 + 16, not 24 + 24 + 1.
@@ -540,42 +644,49 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
   const auto item_image = [&](int64_t item) { return image_major ? item / blocks : item % g.N; };
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c0 = item_block(item), n = item_image(item);
-    const float* u_block = W.packed ? W.packed + c0 / CPG * NP * PS : ubuf;
+    const float* u_block = W.packed ? W.packed + c0 / CB * UBLOCK : ubuf;
     if (!W.packed && ubuf_c0 != c0) {
-      for (int j = 0; j < CB; j += CPG) winograd_pack_group<F, VG, CPG>(*W.src, (c0 + j) / CPG, ubuf + j / CPG * NP * PS);
+      winograd_pack_ublock<F, VT, VG, CPG>(*W.src, c0, ubuf);
       ubuf_c0 = c0;
     }
     for (int64_t t0 = 0; t0 < tiles; t0 += per_block) {
       const int nt = int(std::min(per_block, tiles - t0));
       if constexpr (S == 2) {
-        winograd_input_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, vbuf);
+        winograd_input_transform<VT, TB, CB, PAIRED>(P, n, c0, tiles_w, t0, nt, vbuf);
       } else {
-        winograd4_input_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, vbuf);
+        winograd4_input_transform<VT, TB, CB, PAIRED>(P, n, c0, tiles_w, t0, nt, vbuf);
       }
       // Prefetch steps: one per GEMM, then one per tile of the output transform (this block's output lines come
       // first, in the GEMMs' steps, the next block's input after).
-      WinogradPrefetch<S, CB, scalar_t> pf{&P, tiles_w, n, c0, t0 + nt, 0, n, c0, t0, nt,
-                                           P.prefetch ? NP * (CB / CPG) + nt : 0};
+      WinogradPrefetch<S, CB, scalar_t> pf{&P, tiles_w, n, c0, t0 + nt, 0, n, c0, t0, nt, P.prefetch ? GEMMS + nt : 0};
       if (t0 + nt < tiles) {
         pf.in_nt = int(std::min(per_block, tiles - t0 - nt));
       } else if (item + 1 < end) {  // the next item's first block
         pf.in_n = item_image(item + 1), pf.in_c0 = item_block(item + 1), pf.in_t0 = 0;
         pf.in_nt = int(std::min(per_block, tiles));
       }
-      for (int j = 0; j < CB; j += CPG) {
-        const float* u = u_block + j / CPG * NP * PS;  // the group's [points][CPG][CPG]
+      if constexpr (PAIRED) {
+        constexpr int64_t PS2 = winograd_point_stride(8, 16);
         for (int p = 0; p < NP; ++p) {
-          pf.step((j / CPG) * NP + p);  // this GEMM's share of the prefetch units
-          for (int co = 0; co < CPG; co += NV * VG::kLanes) {
-            winograd_gemm_tail<VG, NV, TB, CPG, CB>(nt, vbuf + p * TB * CB + j, u + p * PS + co,
-                                                    mbuf + p * TB * CB + j + co);
+          pf.step(p);
+          winograd_gemm_paired_tail<VT, TB, CB>(nt, vbuf + p * TB * CB, u_block + p * PS2, mbuf + p * TB * CB);
+        }
+      } else {
+        for (int j = 0; j < CB; j += CPG) {
+          const float* u = u_block + j / CPG * NP * PS;  // the group's [points][CPG][CPG]
+          for (int p = 0; p < NP; ++p) {
+            pf.step((j / CPG) * NP + p);  // this GEMM's share of the prefetch units
+            for (int co = 0; co < CPG; co += NV * VG::kLanes) {
+              winograd_gemm_tail<VG, NV, TB, CPG, CB>(nt, vbuf + p * TB * CB + j, u + p * PS + co,
+                                                      mbuf + p * TB * CB + j + co);
+            }
           }
         }
       }
       if constexpr (S == 2) {
-        winograd_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf, pf, NP * (CB / CPG));
+        winograd_output_transform<VT, TB, CB, PAIRED>(P, n, c0, tiles_w, t0, nt, mbuf, pf, GEMMS);
       } else {
-        winograd4_output_transform<VT, TB, CB>(P, n, c0, tiles_w, t0, nt, mbuf, pf, NP * (CB / CPG));
+        winograd4_output_transform<VT, TB, CB, PAIRED>(P, n, c0, tiles_w, t0, nt, mbuf, pf, GEMMS);
       }
     }
   }
