@@ -172,12 +172,21 @@ def test_winograd_path_shapes(case, dtype, relu):
         assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+# (N, C, H, W, channels per group, padding, stride): Winograd cases (both tiles, paired groups, both work orders)
+# and the broadcast path's (stride 2, 16 and 32 channels per group), whose weight packing also reads strides.
+STRIDED_WEIGHT_CASES = [WINOGRAD_CASES[i] + (1,) for i in (0, 5, 8, 9, 10, 11, 13, 14)] + [
+    (2, 64, 9, 11, 16, 1, 2),
+    (1, 96, 10, 7, 32, 1, 2),
+]
+
+
 @pytest.mark.parametrize("weight_layout", ["channels_last", "strided"])
-@pytest.mark.parametrize("case", [WINOGRAD_CASES[i] for i in (0, 5, 8, 9, 10, 11)], ids=lambda c: "x".join(map(str, c)))
-def test_winograd_reads_the_weight_through_its_strides(case, weight_layout):
-    """The weight transform gathers the kernels through the weight's strides (no copy): a channels_last weight and a
-    strided view (every other output channel of a larger tensor, kernel rows and columns swapped) give the contiguous weight's result."""
-    n, ch, h, w_, c, padding = case
+@pytest.mark.parametrize("case", STRIDED_WEIGHT_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_kernels_read_the_weight_through_its_strides(case, weight_layout):
+    """The weight packing gathers the kernels through the weight's strides (no copy): a channels_last weight and a
+    strided view (every other output channel of a larger tensor, kernel rows and columns swapped) give the contiguous
+    weight's result."""
+    n, ch, h, w_, c, padding, stride = case
     x = torch.randn(n, ch, h, w_).contiguous(memory_format=torch.channels_last)
     if weight_layout == "channels_last":
         wt = (torch.randn(ch, c, 3, 3) / (c * 9) ** 0.5).contiguous(memory_format=torch.channels_last)
@@ -185,7 +194,7 @@ def test_winograd_reads_the_weight_through_its_strides(case, weight_layout):
         wt = (torch.randn(2 * ch, c, 3, 3) / (c * 9) ** 0.5)[::2].transpose(2, 3)
     assert not wt.is_contiguous()
     scale, shift = torch.rand(ch) + 0.5, torch.randn(ch)
-    args = ((1, 1), (padding, padding), (1, 1), ch // c)
+    args = ((stride, stride), (padding, padding), (1, 1), ch // c)
     out = torch.ops.resnext_kernels.conv_bn_relu_infer(x, wt, scale, shift, *args, True)
     ref = reference_conv_affine_relu(x, wt.contiguous(), scale, shift, *args, True)
     assert rel_err(out, ref) <= 1e-5

@@ -395,9 +395,11 @@ std::vector<float> pack_lane_weight(const ConvGeom& g, const at::Tensor& weight,
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, const at::Tensor& scale, int64_t B) {
   TORCH_INTERNAL_ASSERT(B > 0 && g.C_out % B == 0);
-  const at::Tensor w = weight.contiguous();
+  // The weight is read through its strides: a channels_last module's weight had been copied on every call (with the
+  // packing, 7% of the samples at ResNeXt-50's stride-2 stage-4 block on a Zen 5).
+  const scalar_t* wsrc = weight.data_ptr<scalar_t>();
+  const int64_t s_co = weight.stride(0), s_ci = weight.stride(1), s_kh = weight.stride(2), s_kw = weight.stride(3);
   const at::Tensor s = scale.contiguous();
-  const scalar_t* wsrc = w.data_ptr<scalar_t>();
   const acc_t* sc = s.data_ptr<acc_t>();
   const int64_t cpg_in = g.C_in / g.groups, khw = int64_t(g.KH) * g.KW, rows = khw * cpg_in;
   std::vector<acc_t> wp(rows * g.C_out);
@@ -405,10 +407,11 @@ std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, cons
   at::parallel_for(0, rows * (g.C_out / B), std::max<int64_t>(1, 16384 / B), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t block = r / rows, k = (r % rows) / cpg_in, ci = r % cpg_in;
+      const scalar_t* src = wsrc + ci * s_ci + (k / g.KW) * s_kh + (k % g.KW) * s_kw;
       acc_t* dst = wp.data() + r * B;
       for (int64_t j = 0; j < B; ++j) {
         const int64_t co = block * B + j;
-        dst[j] = static_cast<acc_t>(wsrc[(co * cpg_in + ci) * khw + k]) * sc[co];
+        dst[j] = static_cast<acc_t>(src[co * s_co]) * sc[co];
       }
     }
   });
