@@ -246,9 +246,9 @@ RK_DEFINE_LANES(lane_rows_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
   }
 template <typename scalar_t>
 __attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const BlockedProblem<scalar_t>& P,
-                                                                     const WinogradWeights<scalar_t>& W, float* vbuf, float* mbuf,
-                                                                     float* ubuf, int lanes, int tile, int cpg,
-                                                                     int64_t begin, int64_t end) {
+                                                                     const WinogradWeights<scalar_t>& W, float* vbuf,
+                                                                     float* mbuf, float* ubuf, int lanes, int tile,
+                                                                     int cpg, int64_t begin, int64_t end) {
   if (tile == 4) {
     if (lanes == 8) return winograd_items<WinogradF4, Avx512YmmVec, Avx512YmmVec, 8>(P, W, vbuf, mbuf, ubuf, begin, end);
     RK_WINOGRAD_SWITCH("winograd_items_avx512", WinogradF4, Avx512Vec, Avx512YmmVec, Avx512Vec)
@@ -258,9 +258,9 @@ __attribute__((target("arch=x86-64-v4"))) void winograd_items_avx512(const Block
 }
 template <typename scalar_t>
 __attribute__((target("arch=x86-64-v3"))) void winograd_items_avx2(const BlockedProblem<scalar_t>& P,
-                                                                   const WinogradWeights<scalar_t>& W, float* vbuf, float* mbuf,
-                                                                   float* ubuf, int /*lanes*/, int tile, int cpg,
-                                                                   int64_t begin, int64_t end) {
+                                                                   const WinogradWeights<scalar_t>& W, float* vbuf,
+                                                                   float* mbuf, float* ubuf, int /*lanes*/, int tile,
+                                                                   int cpg, int64_t begin, int64_t end) {
   if (tile == 4) RK_WINOGRAD_SWITCH("winograd_items_avx2", WinogradF4, Avx2Vec, Avx2Vec, Avx2Vec)
   RK_WINOGRAD_SWITCH("winograd_items_avx2", WinogradF2, Avx2Vec, Avx2Vec, Avx2Vec)
 }

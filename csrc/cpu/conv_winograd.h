@@ -117,10 +117,11 @@ constexpr int64_t winograd_point_stride(int64_t cin, int64_t cout) { return cin 
 
 // Paired groups: with 8 channels per group and 16-lane vectors (AVX-512), the two groups of a block share 16-lane
 // GEMMs instead of running 8-lane ones each (half the FMAs where a 512-bit FMA is as fast as a 256-bit one, as on
-// Zen 5: stage 2 of ResNeXt-50, N=8, float32, inference 1.17x faster, data gradient 1.09x, training forward 1.05x). Channels are then interleaved in the transform domain, lane 2 i + s =
-// channel i of the block's group s: the input transform stores V that way, so the two groups' values of one input
-// channel are adjacent and one 64-bit broadcast gives the GEMM its multiplier (a, b, a, b, ...); U holds [ci][2 co +
-// s]; the output transform de-interleaves its results before the epilogue.
+// Zen 5: stage 2 of ResNeXt-50, N=8, float32, inference 1.17x faster, data gradient 1.09x, training forward 1.05x).
+// Channels are then interleaved in the transform domain, lane 2 i + s = channel i of the block's group s: the input
+// transform stores V that way, so the two groups' values of one input channel are adjacent and one 64-bit broadcast
+// gives the GEMM its multiplier (a, b, a, b, ...); U holds [ci][2 co + s]; the output transform de-interleaves its
+// results before the epilogue.
 template <class VT, int CPG>
 constexpr bool winograd_paired() {
   return CPG == 8 && VT::kLanes == 16;
@@ -235,7 +236,8 @@ RK_ALWAYS_INLINE void winograd_pack_ublock(const WinogradPackArgs<scalar_t>& a, 
   } else {
     constexpr int CB = std::max(CPG, VT::kLanes);
     for (int j = 0; j < CB; j += CPG) {
-      winograd_pack_block<F, VG, CPG, CPG, false>(a, c0 + j, u + j / CPG * F::kPoints * winograd_point_stride(CPG, CPG));
+      float* group_u = u + j / CPG * F::kPoints * winograd_point_stride(CPG, CPG);
+      winograd_pack_block<F, VG, CPG, CPG, false>(a, c0 + j, group_u);
     }
   }
 }
