@@ -64,6 +64,16 @@ bool cpu_is_intel() {
 #endif
 }
 
+// Whether the Winograd path issues its software prefetches (WinogradPrefetch). Not on Intel CPUs, whose L2 streamer
+// follows the accesses, except where one channels_last input pixel spans a whole 4 KB page (1024 float32 channels),
+// since no hardware prefetcher crosses a page: on a Sapphire Rapids class Xeon (N = 8, 2 threads, interleaved
+// processes) they made ResNeXt-50's stage 4 1.04x faster in inference and 1.05x in training steps, ResNeXt-101's
+// stage 3 1.08x, its stage 4 even; at 512 channels (stage 3) they were even in inference and 0.98x in training.
+bool winograd_prefetches(const ConvGeom& g, size_t element_bytes) {
+  constexpr int64_t kPageBytes = 4096;
+  return !cpu_is_intel() || g.C_in * int64_t(element_bytes) >= kPageBytes;
+}
+
 // Narrowest group (in output channels) for which broadcasting inputs beats expanding them.
 constexpr int64_t kBroadcastMinWidth = 16;
 // Per-thread scratch budget (elements of the accumulation type) that sizes the column tiles.
@@ -455,7 +465,7 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       BlockedProblem<scalar_t> P{};
       P.g = &g, P.in = in, P.shift = sh, P.out = out, P.relu = relu;
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
-      P.prefetch = !cpu_is_intel();  // see WinogradPrefetch
+      P.prefetch = winograd_prefetches(g, sizeof(scalar_t));
       at::parallel_for(0, blocks * g.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> vbuf(points * kMaxWinogradTiles * block);
         std::vector<float> mbuf(points * kMaxWinogradTiles * block);

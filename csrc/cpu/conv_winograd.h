@@ -568,8 +568,8 @@ RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>&
 // next block's input over the output transform too measured 1.03-1.06x faster at stage 2 than over the GEMMs
 // alone (interleaved A/B), where the prefetch instructions had stalled on full miss buffers. On a Sapphire Rapids
 // class Xeon, whose L2 streamer follows these accesses, the same prefetches cost time instead (without them:
-// 1.03-1.11x faster at stage 2, 1.03-1.04x at stage 3 in inference, even at stage 4 and in training steps), so Intel
-// CPUs run without (BlockedProblem::prefetch).
+// 1.03-1.11x faster at stage 2, 1.03-1.04x at stage 3 in inference), so Intel CPUs run without them, except where
+// an input pixel spans a whole page (BlockedProblem::prefetch, winograd_prefetches in conv_bn_relu.cpp).
 template <int S, int CB, typename scalar_t>
 struct WinogradPrefetch {
   const BlockedProblem<scalar_t>* P;
