@@ -109,6 +109,14 @@ void bn_backward_input_row(const scalar_t* __restrict y, const scalar_t* __restr
       if (relu) bn_backward_input_row<true>(y + r * C, g + r * C, a, b, mean, k1, k2, k3, out + r * C, C);         \
       else bn_backward_input_row<false>(y + r * C, g + r * C, a, b, mean, k1, k2, k3, out + r * C, C);             \
     }                                                                                                              \
+  }                                                                                                                \
+  RK_CPU_ISA_CLONES void bn_backward_sums_rows(const scalar_t* y, const scalar_t* g, const acc_t* a, const acc_t* b, \
+                                               const acc_t* mean, acc_t* sum_g, acc_t* sum_gy, int64_t C, bool relu, \
+                                               int64_t r0, int64_t r1) {                                           \
+    for (int64_t r = r0; r < r1; ++r) {                                                                            \
+      if (relu) bn_backward_sums_row<true>(y + r * C, g + r * C, a, b, mean, sum_g, sum_gy, C);                    \
+      else bn_backward_sums_row<false>(y + r * C, g + r * C, a, b, mean, sum_g, sum_gy, C);                        \
+    }                                                                                                              \
   }
 RK_DEFINE_ROW_PASSES(float, float)
 RK_DEFINE_ROW_PASSES(double, double)
@@ -128,7 +136,7 @@ std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t C
   return v;
 }
 
-// Reduces per-channel sums over fixed pixel blocks: f(r, p) adds pixel row r's contribution to the
+// Reduces per-channel sums over fixed pixel blocks: f(r0, r1, p) adds pixel rows [r0, r1)'s contribution to the
 // block partial p (width * C values of acc_t, contiguous over channels so f vectorizes). A block has at most
 // kStatBlock pixels, so acc_t (float) partials lose nothing measurable; the block partials are merged in
 // float64, in block order, which makes the result independent of the number of threads.
@@ -139,7 +147,7 @@ std::vector<double> reduce_channels(int64_t M, int64_t C, int64_t width, const F
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* p = partial.data() + b * C * width;
-      for (int64_t r = b * kStatBlock, r1 = std::min(M, r + kStatBlock); r < r1; ++r) f(r, p);
+      f(b * kStatBlock, std::min(M, (b + 1) * kStatBlock), p);
     }
   });
   std::vector<double> total(C * width, 0.0);
@@ -302,9 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     const acc_t* __restrict na = n.a.data();
     const acc_t* __restrict nb = n.b.data();
     // sums[c] = sum(g), sums[C + c] = sum(g * (y - mean)) (times invstd below: sum(g * xhat))
-    sums = reduce_channels<acc_t>(M, C, 2, [&](int64_t r, acc_t* __restrict p) {
-      if (relu) bn_backward_sums_row<true>(y + r * C, gop + r * C, na, nb, mu, p, p + C, C);
-      else bn_backward_sums_row<false>(y + r * C, gop + r * C, na, nb, mu, p, p + C, C);
+    sums = reduce_channels<acc_t>(M, C, 2, [&](int64_t r0, int64_t r1, acc_t* p) {
+      bn_backward_sums_rows(y, gop, na, nb, mu, p, p + C, C, relu, r0, r1);
     });
     for (int64_t c = 0; c < C; ++c) sums[C + c] *= n.invstd[c];
     std::vector<acc_t> k1(C), k2(C), k3(C);  // grad_y = k1 * g - k2 - k3 * (y - mean)
