@@ -470,7 +470,7 @@ def test_wide_broadcast_blocks_through_aten_with_statistics(channels, groups, st
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("cin,cout,stride", [(128, 128, 1), (256, 64, 2), (64, 512, 1)])
+@pytest.mark.parametrize("cin,cout,stride", [(128, 128, 1), (256, 64, 2), (64, 512, 1), (128, 200, 1)])
 def test_dense_pointwise_through_aten_with_statistics(cin, cout, stride, dtype):
     """Dense 1x1 convolutions with >= 64 KB of weights run through ATen (oneDNN), in bfloat16 only on CPUs with native
     bfloat16; the training form then takes its row statistics from a pass over the output. Output, batch statistics

@@ -610,28 +610,62 @@ at::Tensor conv_on_aten(const ConvGeom& g, const at::Tensor& x, const at::Tensor
 
 // The row statistics the blocked kernel's epilogue computes (accumulate_row_stats, conv_blocked.h), in one pass
 // over a finished channels_last output: per output row and channel, the pivot (the row's first value), and the
-// sums of the row's deviations from it and of their squares.
+// sums of the row's deviations from it and of their squares. Channels in blocks of kRowStatChannels, whose sums
+// stay in registers over the row's pixels (each channel's summation order is the row's pixel order).
+constexpr int64_t kRowStatChannels = 64;
+
+// sum[c] += px[c] - p[c], sq[c] += (px[c] - p[c])^2 over a row's OW pixels, for nc (kFixed when > 0) channels.
+template <int64_t kFixed, typename scalar_t>
+RK_ALWAYS_INLINE void row_deviation_sums(const scalar_t* r, int64_t OW, int64_t C, int64_t nc_runtime,
+                                         const float* __restrict p, float* __restrict sum, float* __restrict sq) {
+  const int64_t nc = kFixed > 0 ? kFixed : nc_runtime;
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const scalar_t* __restrict px = r + ow * C;
+#pragma omp simd
+    for (int64_t c = 0; c < nc; ++c) {
+      const float d = static_cast<float>(px[c]) - p[c];
+      sum[c] += d;
+      sq[c] += d * d;
+    }
+  }
+}
+
+template <typename scalar_t>
+RK_ALWAYS_INLINE void fill_row_stats_rows_body(const scalar_t* y, int64_t OW, int64_t C, float* row_stats,
+                                               int64_t r0, int64_t r1) {
+  for (int64_t row = r0; row < r1; ++row) {
+    const scalar_t* r = y + row * OW * C;
+    float* pivot = row_stats + row * 3 * C;
+    for (int64_t c0 = 0; c0 < C; c0 += kRowStatChannels) {
+      const int64_t nc = std::min(kRowStatChannels, C - c0);
+      float p[kRowStatChannels] = {}, sum[kRowStatChannels] = {}, sq[kRowStatChannels] = {};
+      for (int64_t c = 0; c < nc; ++c) p[c] = static_cast<float>(r[c0 + c]);
+      // a full block with a compile-time trip count: its sums live in vector registers
+      if (nc == kRowStatChannels) row_deviation_sums<kRowStatChannels>(r + c0, OW, C, nc, p, sum, sq);
+      else row_deviation_sums<0>(r + c0, OW, C, nc, p, sum, sq);
+      std::copy(p, p + nc, pivot + c0);
+      std::copy(sum, sum + nc, pivot + C + c0);
+      std::copy(sq, sq + nc, pivot + 2 * C + c0);
+    }
+  }
+}
+
+// One entry point per dtype for AVX-512, AVX2 and baseline x86-64 (target_clones needs plain functions).
+#define RK_DEFINE_FILL_ROW_STATS(scalar_t)                                                                      \
+  RK_CPU_ISA_CLONES void fill_row_stats_rows(const scalar_t* y, int64_t OW, int64_t C, float* row_stats,        \
+                                             int64_t r0, int64_t r1) {                                          \
+    fill_row_stats_rows_body(y, OW, C, row_stats, r0, r1);                                                      \
+  }
+RK_DEFINE_FILL_ROW_STATS(float)
+RK_DEFINE_FILL_ROW_STATS(double)
+RK_DEFINE_FILL_ROW_STATS(c10::BFloat16)
+#undef RK_DEFINE_FILL_ROW_STATS
+
 template <typename scalar_t>
 void fill_row_stats(const ConvGeom& g, const at::Tensor& out, float* row_stats) {
   const scalar_t* y = out.data_ptr<scalar_t>();
-  const int64_t C = g.C_out;
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* r = y + row * g.OW * C;
-      float* __restrict pivot = row_stats + row * 3 * C;
-      float* __restrict sum = pivot + C;
-      float* __restrict sq = sum + C;
-      for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<float>(r[c]), sum[c] = 0.f, sq[c] = 0.f;
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const scalar_t* px = r + ow * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float d = static_cast<float>(px[c]) - pivot[c];
-          sum[c] += d;
-          sq[c] += d * d;
-        }
-      }
-    }
+    fill_row_stats_rows(y, g.OW, g.C_out, row_stats, begin, end);
   });
 }
 
