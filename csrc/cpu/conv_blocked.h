@@ -193,20 +193,21 @@ RK_ALWAYS_INLINE const float* block_weights(const BlockedProblem<scalar_t>& P, i
 // Per-row statistics of the stored output, for the training form's BatchNorm: the pivot is the row's first pixel
 // (ow = 0, written by the row's first call for these channels), and the sums are of deviations from it, so a
 // large common offset does not cancel (the rows are merged with Chan's formula in float64 by the caller).
-// Reads back the stored (dtype-rounded) values: the statistics are those of the tensor that gets normalized.
-// For the np pixels from `out`, which is output row `row`, column ow, channel co0 (the caller knows where it is).
-template <class V, int NV, typename scalar_t>
-RK_ALWAYS_INLINE void accumulate_row_stats_at(const BlockedProblem<scalar_t>& P, const scalar_t* out, int64_t row,
+// The statistics are those of the tensor that gets normalized: of the stored (dtype-rounded) values.
+// For np pixels of output row `row` from column ow, channels co0.. (NV vectors): pixel(p, v) returns pixel p's
+// vector v, as stored.
+template <class V, int NV, typename scalar_t, class Pixel>
+RK_ALWAYS_INLINE void accumulate_row_stats_of(const BlockedProblem<scalar_t>& P, const Pixel& pixel, int64_t row,
                                               int64_t ow, int64_t co0, int np) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   const int64_t C_out = P.g->C_out;
   float* st = P.row_stats + row * 3 * C_out + co0;
   for (int v = 0; v < NV; ++v) {
-    const vec pivot = ow == 0 ? vload<V>(out + v * L) : vload<V>(st + v * L);
+    const vec pivot = ow == 0 ? pixel(0, v) : vload<V>(st + v * L);
     vec s{}, q{};
     for (int p = 0; p < np; ++p) {
-      const vec d = vload<V>(out + p * C_out + v * L) - pivot;
+      const vec d = pixel(p, v) - pivot;
       s += d;
       q += d * d;
     }
@@ -219,6 +220,15 @@ RK_ALWAYS_INLINE void accumulate_row_stats_at(const BlockedProblem<scalar_t>& P,
       vstore<V>(st + 2 * C_out + v * L, vload<V>(st + 2 * C_out + v * L) + q);
     }
   }
+}
+
+// The same, reading the pixels back from `out` (pixel p at out + p * C_out; the caller knows where it is).
+template <class V, int NV, typename scalar_t>
+RK_ALWAYS_INLINE void accumulate_row_stats_at(const BlockedProblem<scalar_t>& P, const scalar_t* out, int64_t row,
+                                              int64_t ow, int64_t co0, int np) {
+  const int64_t C_out = P.g->C_out;
+  const auto pixel = [&](int p, int v) { return vload<V>(out + p * C_out + v * V::kLanes); };
+  accumulate_row_stats_of<V, NV>(P, pixel, row, ow, co0, np);
 }
 
 // Per-thread scratch: the cache of expanded input rows (row_slots of span * cpg_in * C_out), their tags,

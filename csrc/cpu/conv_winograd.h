@@ -394,12 +394,18 @@ RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, cons
   using vec = typename V::vec;
   const ConvGeom& g = *P.g;
   scalar_t* out = P.out + ((n * g.OH + oy) * g.OW + ox0) * g.C_out + ch;
+  vec r[WinogradF4::kTile];  // cols <= the widest tile
   for (int j = 0; j < cols; ++j) {
-    vec r = y[j] + shift;
-    if (P.relu) r = r < vec{} ? vec{} : r;  // NaN passes, as torch.relu
-    vstore<V>(out + j * g.C_out, r);
+    r[j] = y[j] + shift;
+    if (P.relu) r[j] = r[j] < vec{} ? vec{} : r[j];  // NaN passes, as torch.relu
+    vstore<V>(out + j * g.C_out, r[j]);
   }
-  if (P.row_stats) accumulate_row_stats_at<V, 1>(P, out, n * g.OH + oy, ox0, ch, cols);
+  if (!P.row_stats) return;
+  if constexpr (std::is_same_v<scalar_t, float>) {  // the stored values are r itself: no read-back
+    accumulate_row_stats_of<V, 1>(P, [&](int p, int) { return r[p]; }, n * g.OH + oy, ox0, ch, cols);
+  } else {
+    accumulate_row_stats_at<V, 1>(P, out, n * g.OH + oy, ox0, ch, cols);
+  }
 }
 
 // Step 3 for the same tiles: y = A^T m A + shift (ReLU), stored where inside the output.
