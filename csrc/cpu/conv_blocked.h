@@ -377,12 +377,12 @@ RK_ALWAYS_INLINE void expand_tile_channels(const BlockedProblem<scalar_t>& P, Bl
   if (P.row_stats) accumulate_row_stats_at<V, NV>(P, out_row + co0, row, ow0, co0, int(nt));  // the tile at once
 }
 
-// Broadcast mode: the source pointers (input channel 0, or zeros outside the image) of every pixel and tap of
-// output rows [b0, b1), tbl[((row - b0) * OW + ow) * KH * KW + tap]; each channel block then adds its group's
-// first input channel. pixel(n, ih, iw) gives the source of an input pixel inside the image.
+// Broadcast mode: the source pointers (group 0's first input channel, or `zeros` outside the image) of every pixel
+// and tap of output rows [b0, b1), tbl[((row - b0) * OW + ow) * KH * KW + tap]; each channel block then adds its
+// group's offset. pixel(n, ih, iw) gives the source of an input pixel inside the image.
 template <typename scalar_t, class Pixel>
 RK_ALWAYS_INLINE void broadcast_source_table(const BlockedProblem<scalar_t>& P, const void** tbl, int64_t b0,
-                                             int64_t b1, const Pixel& pixel) {
+                                             int64_t b1, const scalar_t* zeros, const Pixel& pixel) {
   const ConvGeom& g = *P.g;
   const int64_t taps = int64_t(g.KH) * g.KW;
   for (int64_t row = b0; row < b1; ++row) {
@@ -394,7 +394,7 @@ RK_ALWAYS_INLINE void broadcast_source_table(const BlockedProblem<scalar_t>& P, 
         for (int32_t kw = 0; kw < g.KW; ++kw) {
           const int64_t iw = ow * g.stride_w - g.pad_w + int64_t(kw) * g.dil_w;
           const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-          t[int64_t(kh) * g.KW + kw] = inside ? static_cast<const void*>(pixel(n, ih, iw)) : P.zero_input;
+          t[int64_t(kh) * g.KW + kw] = static_cast<const void*>(inside ? pixel(n, ih, iw) : zeros);
         }
       }
     }
@@ -437,14 +437,20 @@ inline int64_t broadcast_band_rows(const ConvGeom& g) {
                              kMaxBandImages - 1);
 }
 
-// Elements of the packed copy of one group's band input (broadcast mode with groups > 1; 0: no copy): each output row
-// reads at most stride_h new input rows, and each image of the band adds its kernel's halo.
+// Elements of one group's part of the packed copy of a band's input (broadcast mode with groups > 1): each output
+// row reads at most stride_h new input rows, each image of the band adds its kernel's halo, and one pixel of zeros
+// at the end is where the group's out-of-image taps point.
 template <typename scalar_t>
-inline int64_t broadcast_packed_elements(const ConvGeom& g) {
-  if (g.groups == 1) return 0;
+inline int64_t broadcast_packed_group_elements(const ConvGeom& g) {
   const int64_t band = broadcast_band_rows<scalar_t>(g);
   const int64_t rows = band * g.stride_h + (band + 1) * (int64_t(g.KH - 1) * g.dil_h + 1);
-  return rows * g.W * (g.C_in / g.groups);
+  return (rows * g.W + 1) * (g.C_in / g.groups);
+}
+
+// Elements of the whole packed copy, every group's part (0 without groups: no copy).
+template <typename scalar_t>
+inline int64_t broadcast_packed_elements(const ConvGeom& g) {
+  return g.groups == 1 ? 0 : g.groups * broadcast_packed_group_elements<scalar_t>(g);
 }
 
 // Computes output rows [row_begin, row_end) (row = n * OH + oh) with blocks of NV vectors. Expand mode goes row
@@ -484,26 +490,47 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
   } else {
     const int64_t band = broadcast_band_rows<scalar_t>(g);
     const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
-    // With groups, a group's input channels are first copied, band by band, into S.packed ([row][iw][cpg_in]),
-    // and the table points there. In place, a band's pixels are C_in elements apart (4 KB at 1024 channels), so
-    // the 30-odd pixels one block of a stride-2 row reads fell into one or two L1 sets and were refetched from L2
-    // for every input channel. Interleaved A/B (N=8, 2 threads): 1.10-1.12x faster at ResNeXt-50 stage 4's stride-2
-    // block, 1.02-1.16x at stage 3's.
+    // With groups, the band's input is first copied into S.packed, one part per group ([group][row][iw][cpg_in], see
+    // broadcast_packed_group_elements), and the table points into group 0's part; a channel block adds its group's
+    // offset (the microkernel's src_offset). In place, a band's pixels are C_in elements apart (4 KB at 1024
+    // channels), so the 30-odd pixels one block of a stride-2 row reads fell into one or two L1 sets and were
+    // refetched from L2 for every input channel. Interleaved A/B (N=8, 2 threads): 1.10-1.12x faster at ResNeXt-50
+    // stage 4's stride-2 block, 1.02-1.16x at stage 3's. The copy reads the band pixel by pixel, in memory order:
+    // copied one group at a time, each of its pixels was a line 2-4 KB from the last, which no prefetcher follows
+    // across pages, and the copy took 41% of the kernel's samples at ResNeXt-50 stage 3's stride-2 block (Zen 3).
     scalar_t* packed = static_cast<scalar_t*>(S.packed);
+    const int64_t group_elems = packed ? broadcast_packed_group_elements<scalar_t>(g) : 0;
+    const scalar_t* zeros = packed ? packed + group_elems - cpg_in : P.zero_input;
+    if (packed) {
+      for (int64_t grp = 1; grp <= g.groups; ++grp) {
+        std::fill_n(packed + grp * group_elems - cpg_in, cpg_in, scalar_t(0));  // the parts' zero pixels
+      }
+    }
     for (int64_t b0 = row_begin; b0 < row_end; b0 += band) {
       const int64_t b1 = std::min(row_end, b0 + band);
-      const BandInputRows in_rows = packed ? band_input_rows(g, b0, b1) : BandInputRows{};
       if (packed) {
-        broadcast_source_table(P, S.src, b0, b1, [&](int64_t n, int64_t ih, int64_t iw) {
+        const BandInputRows in_rows = band_input_rows(g, b0, b1);
+        for (int64_t n = in_rows.n0; n <= in_rows.n1; ++n) {
+          const int64_t i = n - in_rows.n0;
+          for (int64_t r = 0; r < in_rows.base[i + 1] - in_rows.base[i]; ++r) {
+            const scalar_t* src_row = P.in + ((n * g.H + in_rows.first_ih[i] + r) * g.W) * g.C_in;
+            scalar_t* dst_row = packed + (in_rows.base[i] + r) * g.W * cpg_in;
+            for (int64_t iw = 0; iw < g.W; ++iw) {
+              for (int64_t grp = 0; grp < g.groups; ++grp) {
+                copy_channels(src_row + iw * g.C_in + grp * cpg_in, dst_row + grp * group_elems + iw * cpg_in, cpg_in);
+              }
+            }
+          }
+        }
+        broadcast_source_table(P, S.src, b0, b1, zeros, [&](int64_t n, int64_t ih, int64_t iw) {
           const int64_t i = n - in_rows.n0;
           return packed + ((in_rows.base[i] + ih - in_rows.first_ih[i]) * g.W + iw) * cpg_in;
         });
       } else {
-        broadcast_source_table(P, S.src, b0, b1, [&](int64_t n, int64_t ih, int64_t iw) {
+        broadcast_source_table(P, S.src, b0, b1, zeros, [&](int64_t n, int64_t ih, int64_t iw) {
           return P.in + ((n * g.H + ih) * g.W + iw) * g.C_in;
         });
       }
-      int64_t packed_ch0 = -1;  // the group whose channels `packed` holds
       // The band's pixels (rows b0..b1 are consecutive in the output, and so are their table entries) go in equal
       // blocks of up to TP that may span rows: 7-pixel rows in bands of two go as 5 + 5 + 4 rather than 4 + 3 + 4
       // + 3, and no row ends in a 1-pixel block (which loads its weights for one pixel's multiply-adds). A block's
@@ -512,19 +539,8 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
       const int64_t npix = (b1 - b0) * g.OW, nblocks = (npix + TP - 1) / TP, per_block = (npix + nblocks - 1) / nblocks;
       scalar_t* out_band = P.out + b0 * g.OW * g.C_out;
       for (int64_t co0 = 0; co0 < g.C_out; co0 += CB) {
-        const int64_t in_ch0 = (co0 / cpg_out) * cpg_in;  // the block's group's first input channel
-        if (packed && packed_ch0 != in_ch0) {
-          for (int64_t n = in_rows.n0; n <= in_rows.n1; ++n) {
-            const int64_t i = n - in_rows.n0;
-            for (int64_t r = 0; r < in_rows.base[i + 1] - in_rows.base[i]; ++r) {
-              const scalar_t* src = P.in + ((n * g.H + in_rows.first_ih[i] + r) * g.W) * g.C_in + in_ch0;
-              scalar_t* dst = packed + (in_rows.base[i] + r) * g.W * cpg_in;
-              for (int64_t iw = 0; iw < g.W; ++iw) copy_channels(src + iw * g.C_in, dst + iw * cpg_in, cpg_in);
-            }
-          }
-          packed_ch0 = in_ch0;
-        }
-        const int64_t src_ch0 = packed ? 0 : in_ch0;
+        const int64_t grp = co0 / cpg_out;  // the block's group
+        const int64_t src_ch0 = packed ? grp * group_elems : grp * cpg_in;
         for (int64_t p0 = 0; p0 < npix; p0 += per_block) {
           const int np = int(std::min<int64_t>(per_block, npix - p0));
           const int64_t r0 = b0 + p0 / g.OW, r1 = b0 + (p0 + np - 1) / g.OW;

@@ -40,6 +40,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common/conv_checks.h"
@@ -515,8 +516,10 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
         std::vector<int64_t> slot_tag(tl.row_slots, -1);
         const int64_t table_pixels = tl.expand ? kMaxPixelsPerBlock : broadcast_band_rows<scalar_t>(g) * g.OW;
         std::vector<const void*> src(table_pixels * g.KH * g.KW);
-        std::vector<scalar_t> packed(tl.expand ? 0 : broadcast_packed_elements<scalar_t>(g));
-        BlockedScratch S{expanded.data(), slot_tag.data(), src.data(), packed.empty() ? nullptr : packed.data()};
+        // Not zero-filled: blocked_rows writes what it reads (a few hundred KB per thread).
+        const int64_t packed_elements = tl.expand ? 0 : broadcast_packed_elements<scalar_t>(g);
+        const auto packed = std::make_unique_for_overwrite<scalar_t[]>(packed_elements);
+        BlockedScratch S{expanded.data(), slot_tag.data(), src.data(), packed_elements ? packed.get() : nullptr};
         RK_CALL_FOR_ISA(blocked_rows, P, S, nv, begin, end);
       });
       return;
