@@ -21,8 +21,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -589,9 +587,7 @@ at::Tensor conv_data_grad_cpu(const ConvGeom& g, const at::Tensor& grad_y, const
                              .flip({3, 4})
                              .reshape({g.C_in, c_out, g.KH, g.KW})
                              .contiguous();
-  const at::TensorOptions acc = weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  return conv_affine_nhwc_cpu(t, grad_y, w_t, at::ones({g.C_in}, acc), at::zeros({g.C_in}, acc), std::nullopt,
-                              /*relu=*/false);
+  return conv_affine_nhwc_cpu(t, grad_y, w_t, at::Tensor(), at::Tensor(), std::nullopt, /*relu=*/false);
 }
 
 }  // namespace cpu

@@ -23,8 +23,6 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/ones.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -256,8 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_cp
   const at::ScalarType acc = acc_type_of(input.scalar_type());
   const int64_t C = g.C_out, M = g.N * g.OH * g.OW;
   at::Tensor row_stats;
-  const at::Tensor conv_out = conv_affine_nhwc_cpu(g, input, weight, at::ones({C}, input.options().dtype(acc)),
-                                                   at::zeros({C}, input.options().dtype(acc)), std::nullopt, false,
+  const at::Tensor conv_out = conv_affine_nhwc_cpu(g, input, weight, at::Tensor(), at::Tensor(), std::nullopt, false,
                                                    &row_stats);
   at::Tensor out = at::empty_like(conv_out);
   std::vector<double> mean(C, 0.0), var(C, 0.0);

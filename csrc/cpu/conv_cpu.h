@@ -8,7 +8,8 @@ namespace rk {
 namespace cpu {
 
 // relu?(conv2d(input, weight) * scale[c] + shift[c] + residual?) as a channels_last tensor, for arguments
-// already validated into `g` (float32/bfloat16 take float scale/shift, float64 takes double).
+// already validated into `g` (float32/bfloat16 take float scale/shift, float64 takes double; both undefined: the
+// bare convolution, scale 1 and shift 0).
 // With row_stats, the epilogue also fills *row_stats = [N*OH][3][C_out] (accumulation dtype): per output row and
 // channel, the row's first value (pivot), the sum of the row's deviations from it, and their sum of squares.
 at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
