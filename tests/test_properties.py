@@ -288,9 +288,21 @@ def test_results_independent_of_thread_count(threads):
     assert torch.equal(out, reference)
 
 
+def _resident_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    pytest.skip("no /proc/self/status: resident memory not readable here")
+
+
 def test_no_memory_growth_over_1000_calls():
-    """1000 forward+backward calls: resident memory stays within a small bound after warm-up."""
-    import resource
+    """Forward+backward calls do not leak: resident memory grows by less than 20 KiB per call over each of three
+    windows of 500 calls after warm-up. A leak grows it in every window; the smallest growth is asserted, so that
+    memory another thread of the test process takes meanwhile (an earlier test's compile workers, allocator
+    arenas) does not fail the test. (Peak RSS, asserted before, grew by 47 MB over 1000 calls in one CI run that
+    way, while this process alone grows by under 0.1 MB over 5000.)"""
+    import gc
 
     model = rk.nn.FusedGroupedConvBNReLU(32, 32, groups=8)
     x = torch.randn(2, 32, 8, 8, requires_grad=True)
@@ -300,8 +312,12 @@ def test_no_memory_growth_over_1000_calls():
 
     for _ in range(50):
         step()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    for _ in range(1000):
-        step()
-    growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
-    assert growth_kib < 20 * 1024, f"peak RSS grew by {growth_kib} KiB over 1000 calls"
+    growths = []
+    for _ in range(3):
+        gc.collect()
+        before = _resident_kib()
+        for _ in range(500):
+            step()
+        gc.collect()
+        growths.append(_resident_kib() - before)
+    assert min(growths) < 500 * 20, f"resident memory grew by {growths} KiB over windows of 500 calls"
