@@ -276,8 +276,8 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
                                        or (input.dtype == torch.bfloat16 and _CPU_NATIVE_BF16))
     if (aten_dtype and groups == 1 and kernel == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
             and input.shape[1] * weight.shape[0] * 4 >= 64 * 1024):
-        return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM with the BN "
-                "scale folded into the weight and the shift as bias (faster than the fused kernel there)")
+        return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM, then the BN "
+                "affine (and residual, ReLU) in one pass over its output (faster than the fused kernel there)")
     winograd = _cpu_winograd(input.shape[1], weight.shape[0], groups, kernel, _pair(stride, "stride", 1),
                              _pair(dilation, "dilation", 1), input.dtype)
     cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
@@ -286,13 +286,13 @@ def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntP
             and cpg_out % 8 == 0 and kernel[0] * kernel[1] * cpg_in * 16 * 4 > 32 * 1024):
         return ("; the convolution itself has more weights per block of 16 output channels than an L1 cache holds "
                 f"({kernel[0] * kernel[1] * cpg_in * 64 // 1024} KB): run by oneDNN, which blocks the reduction for "
-                "the caches, with the BN scale folded into the weight and the shift as bias (the fused kernel measured "
-                "0.90-1.21x of its speed there)")
+                "the caches, then the BN affine (and residual, ReLU) in one pass over its output (the fused kernel "
+                "measured 0.90-1.21x of its speed there)")
     if (aten_dtype and _CPU_CAPABILITY == "AVX512" and _CPU_IS_INTEL and not winograd and cpg_out >= 16
             and cpg_out % 8 == 0 and kernel != (1, 1)):
         return ("; the convolution itself would take the fused kernel's broadcast path (16+ output channels per "
                 "group, a kernel larger than 1x1), where on Intel AVX-512 CPUs oneDNN measured 1.07-1.93x faster: "
-                "run by oneDNN, with the BN scale folded into the weight and the shift as bias")
+                "run by oneDNN, then the BN affine (and residual, ReLU) in one pass over its output")
     if winograd:
         p = _pair(padding, "padding", 0)
         if _cpu_winograd_tile(input.shape[0], input.shape[2] + 2 * p[0] - 2, input.shape[3] + 2 * p[1] - 2) == 4:
