@@ -90,6 +90,9 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "csrc", "emu"))
+from emu_flags import INSTRUMENT_FLAGS  # noqa: E402
+
 
 def cuda_build_decision():
     """(build_cuda, reason)."""
@@ -104,6 +107,11 @@ def cuda_build_decision():
 
 def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def headers():
+    """Every header the sources include: an extension is rebuilt when one of them changes."""
+    return sources("csrc/**/*.h") + sources("csrc/**/*.cuh")
 
 
 def cuda_header_dirs(cuda_home=None):
@@ -174,6 +182,7 @@ def build_extensions():
         extensions.append(CUDAExtension(
             "resnext_kernels._C",
             c_sources + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
+            depends=headers(),
             include_dirs=include_dirs + extra_cuda_include_dirs(),
             define_macros=[("RK_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
@@ -181,7 +190,7 @@ def build_extensions():
         ))
     else:
         _say(f"building CPU kernels only: {reason}. Set FORCE_CUDA=1 to make this an error.")
-        extensions.append(CppExtension("resnext_kernels._C", c_sources, include_dirs=include_dirs,
+        extensions.append(CppExtension("resnext_kernels._C", c_sources, include_dirs=include_dirs, depends=headers(),
                                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link))
 
     if _env_flag("RESNEXT_KERNELS_NO_EMULATOR"):
@@ -192,14 +201,21 @@ def build_extensions():
             _say("skipping the emulated CUDA build: no complete set of CUDA headers (cuda_fp16.h, cuda_bf16.h, "
                  "crt/host_defines.h) found")
         else:
-            extensions.append(CppExtension(
+            emu = CppExtension(
                 "resnext_kernels._emu",
                 sources("csrc/emu/*.cpp"),
+                depends=headers(),
                 include_dirs=include_dirs + emu_includes,
                 define_macros=[("RK_EMULATOR", "1")],
                 extra_compile_args={"cxx": cxx_flags},
                 extra_link_args=link,
-            ))
+            )
+            # The kernels (and their host launchers) get the counters' memory hooks; the emulator's runtime must
+            # not (csrc/emu/emu_flags.py). ThreadSanitizer's instrumentation and AddressSanitizer's exclude each
+            # other: the sanitizer build has no counters.
+            if not SANITIZE:
+                emu.rk_instrumented_sources = sources("csrc/emu/emu_module.cpp")
+            extensions.append(emu)
     return extensions
 
 
@@ -219,6 +235,25 @@ def write_build_info(build_cuda):
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
 
 
+class BuildExt(BuildExtension):
+    """torch's BuildExtension, plus: an extension's `rk_instrumented_sources` are compiled with INSTRUMENT_FLAGS
+    added, the rest of its sources as usual, and all of them linked together."""
+
+    def build_extension(self, ext):
+        special = getattr(ext, "rk_instrumented_sources", [])
+        if special:
+            ext.sources = [s for s in ext.sources if s not in special]
+            args = ext.extra_compile_args
+            flags = {"cxx": list(args["cxx"]) + INSTRUMENT_FLAGS} if isinstance(args, dict) else list(args) + INSTRUMENT_FLAGS
+            objects = self.compiler.compile(special, output_dir=self.build_temp, macros=ext.define_macros,
+                                            include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=flags,
+                                            depends=ext.depends)
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            ext.depends = list(ext.depends or []) + special  # a change to them rebuilds the extension
+            ext.rk_instrumented_sources = []
+        super().build_extension(ext)
+
+
 SANITIZE = _env_flag("RESNEXT_KERNELS_SANITIZE")
 EXTENSIONS = build_extensions()
 if not SANITIZE:
@@ -230,7 +265,7 @@ setup(
     description="Fused grouped-convolution + BatchNorm + ReLU kernels (CPU and CUDA) for ResNeXt",
     packages=find_packages(include=["resnext_kernels", "resnext_kernels.*"]),
     ext_modules=EXTENSIONS,
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
 )

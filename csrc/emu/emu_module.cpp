@@ -98,6 +98,8 @@ std::vector<int64_t> launch_stats() {
   return {int64_t(s.launches), int64_t(s.blocks), int64_t(s.threads), int64_t(s.barriers), int64_t(s.warp_ops)};
 }
 
+std::string profile_stop() { return rk::emu::profile_stop(); }
+
 std::string unsupported_reason(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const rk::ConvGeom g = rk::check_conv_args("resnext_kernels_emu::cuda_unsupported_reason", input, weight, stride,
@@ -115,6 +117,9 @@ TORCH_LIBRARY(resnext_kernels_emu, m) {
   m.def(RK_SCHEMA_BOTTLENECK_INFER);
   m.def("set_schedule(str order, int seed) -> ()", &set_schedule);
   m.def("launch_stats() -> int[]", &launch_stats);
+  m.def("counters_built() -> bool", &rk::emu::counters_built);
+  m.def("profile_start() -> ()", &rk::emu::profile_start);
+  m.def("profile_stop() -> str", &profile_stop);
   m.def("cuda_unsupported_reason(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> str",
         &unsupported_reason);

@@ -68,23 +68,61 @@ struct LaunchStats {
 };
 LaunchStats launch_stats();
 
-// What the running fiber sees as its CUDA built-ins.
-struct ThreadState {
-  uint3 thread_idx, block_idx;
-  dim3 block_dim, grid_dim;
-};
-const ThreadState& this_thread();
+// The running fiber's CUDA built-ins, returned by value: reading them is no memory access of the kernel (the
+// counters see none, as on a GPU, where they are special registers).
+uint3 thread_idx();
+uint3 block_idx();
+dim3 block_dim();
+dim3 grid_dim();
 void* dynamic_smem();
 
 // Scheduling points, called by the macros below with the kernel source location.
 void syncthreads(const char* file, int line);
 // kActiveMask (__activemask) completes once the block is quiescent; its result is the set of the warp's
 // lanes waiting at that same call site, i.e. lanes that exited or wait anywhere else count as diverged.
-enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync, kActiveMask };
-uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int width, const char* file, int line);
+// kCollective is a warp-collective instruction of ptx.cuh (mma.sync, ldmatrix): every lane of the warp must
+// arrive at the same call site with the same instruction (`value`) and variant (`param`); `payload` points at
+// the lane's operands, which the scheduler reads and overwrites with the lane's results.
+enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync, kActiveMask, kCollective };
+uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int width, const char* file, int line,
+                       void* payload = nullptr);
 
-// Runs `body` (the kernel with its arguments bound) for every thread of the grid. Throws KernelError.
-void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t dynamic_smem_bytes);
+// Runs `body` (the kernel with its arguments bound) for every thread of the grid. `kernel` identifies the kernel
+// for the counters (its symbol names the launch record); [params, params + param_bytes) is the copy of the
+// kernel arguments, which the kernel may read without it being a memory access. Throws KernelError.
+void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
+              const void* kernel = nullptr, const void* params = nullptr, size_t param_bytes = 0);
+
+// ---- tensor-core and asynchronous-copy instructions (csrc/cuda/kernels/ptx.cuh; csrc/emu/emu_ptx.cpp) ----
+enum class Collective : int { kMmaF16 = 0, kMmaBF16 = 1, kMmaTF32 = 2, kLdmatrix = 3 };
+// A lane's operands and result of mma.sync (a and b as the PTX registers hold them, c and d as fp32).
+struct MmaOperands {
+  uint32_t a[4];
+  uint32_t b[2];
+  float c[4];
+  float d[4];
+};
+// A lane's row address (lanes 0-7 give matrix 0's rows, 8-15 matrix 1's, ...) and its result registers.
+struct LdmatrixOperands {
+  const void* row;
+  uint32_t r[4];
+};
+// cp.async of cp_size bytes (4, 8 or 16; .cg only 16): src_size bytes are read from global memory now, and land
+// in shared memory, zero-filled to cp_size, at the cp.async.wait_group that covers them.
+void cp_async(void* smem_dst, const void* gmem_src, int cp_size, int src_size, bool cache_global, const char* file,
+              int line);
+void cp_async_commit(const char* file, int line);
+// Waits until at most `pending` of the thread's committed groups are outstanding (wait_all: commit, then 0).
+void cp_async_wait(int pending, const char* file, int line);
+
+// ---- counters (csrc/emu/emu_counters.cpp) ---------------------------------------------------------------
+// Between profile_start() and profile_stop(), every launch is counted: the kernels' memory accesses (seen
+// through the -fsanitize=thread hooks the instrumented build calls), grouped into warp instructions, and the
+// collective instructions. profile_stop() returns one JSON object per launch. counters_built() tells whether
+// this build's kernels are instrumented (not in the AddressSanitizer build).
+bool counters_built();
+void profile_start();
+std::string profile_stop();
 
 template <typename T>
 inline uint64_t to_bits(T v) {
@@ -107,7 +145,8 @@ template <typename... KernelArgs, typename... Args>
 inline cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t dynamic_smem,
                                  cudaStream_t /*stream*/, Args&&... args) {
   std::tuple<std::decay_t<KernelArgs>...> bound(std::forward<Args>(args)...);  // copied like a real launch
-  emu::run_grid([&] { std::apply(kernel, bound); }, grid, block, dynamic_smem);
+  emu::run_grid([&] { std::apply(kernel, bound); }, grid, block, dynamic_smem, reinterpret_cast<const void*>(kernel),
+                &bound, sizeof(bound));
   return cudaSuccess;
 }
 
@@ -122,10 +161,10 @@ inline cudaError_t set_max_dynamic_smem(void (*)(KernelArgs...), size_t) {
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated CUDA error"; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
-#define threadIdx (::rk::emu::this_thread().thread_idx)
-#define blockIdx (::rk::emu::this_thread().block_idx)
-#define blockDim (::rk::emu::this_thread().block_dim)
-#define gridDim (::rk::emu::this_thread().grid_dim)
+#define threadIdx (::rk::emu::thread_idx())
+#define blockIdx (::rk::emu::block_idx())
+#define blockDim (::rk::emu::block_dim())
+#define gridDim (::rk::emu::grid_dim())
 constexpr int warpSize = 32;
 
 #define RK_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::rk::emu::dynamic_smem())

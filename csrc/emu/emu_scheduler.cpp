@@ -14,7 +14,7 @@
 #include <sstream>
 #include <vector>
 
-#include "emu/emu_runtime.h"
+#include "emu/emu_internal.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -42,8 +42,15 @@ size_t stack_bytes() {
 
 enum class State { kReady, kBarrier, kWarp, kDone };
 
+struct Builtins {
+  uint3 thread_idx, block_idx;
+  dim3 block_dim, grid_dim;
+};
+
 struct Fiber {
-  ThreadState builtins;
+  Builtins builtins;
+  internal::LaneContext lane;
+  internal::CpAsyncQueue cp_async;
   State state = State::kReady;
   ucontext_t context;
   void* stack_base = nullptr;  // mapping, guard page first
@@ -55,6 +62,7 @@ struct Fiber {
   unsigned mask = 0;
   uint64_t value = 0, result = 0;
   int param = 0, width = 32;
+  void* payload = nullptr;  // a collective's operands
 };
 
 struct Schedule {
@@ -75,6 +83,8 @@ struct BlockRun {
   const std::function<void()>* body = nullptr;
   std::unique_ptr<unsigned char[]> smem;
   std::string error;  // set by a fiber that hit a kernel error or threw
+  bool counting = false;  // a counted launch (internal::counters)
+  uint64_t block_barriers = 0;
 #if RK_EMU_ASAN
   const void* main_stack_bottom = nullptr;
   size_t main_stack_size = 0;
@@ -105,6 +115,8 @@ void fiber_entry() {
 #if RK_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &g_run->main_stack_bottom, &g_run->main_stack_size);
 #endif
+  Fiber* self = g_run->current;
+  if (g_run->counting) internal::counters::set_lane(&self->lane);
   try {
     (*g_run->body)();
   } catch (const std::exception& e) {
@@ -112,7 +124,12 @@ void fiber_entry() {
   } catch (...) {
     if (g_run->error.empty()) g_run->error = "the kernel threw a non-standard exception";
   }
-  g_run->current->state = State::kDone;
+  internal::counters::set_lane(nullptr);
+  if (const internal::PendingCopy* c = self->cp_async.any(); c && g_run->error.empty()) {
+    g_run->error = "cp.async issued at " + where(c->file, c->line) +
+                   " was never waited for (cp.async.wait_group / wait_all) before the thread exited";
+  }
+  self->state = State::kDone;
 #if RK_EMU_ASAN
   __sanitizer_start_switch_fiber(nullptr, g_run->main_stack_bottom, g_run->main_stack_size);
 #endif
@@ -202,6 +219,44 @@ bool resolve_warps(std::vector<Fiber>& fibers, std::string& error) {
       continue;
     }
     const unsigned lanes_present = (w1 - w0) == 32 ? 0xffffffffu : ((1u << (w1 - w0)) - 1);
+    // Warp-collective instructions (mma.sync, ldmatrix: .sync.aligned) need every lane of the warp at the same
+    // instruction: an exited lane or a lane elsewhere is an error, not a wait.
+    size_t first = w1;
+    for (size_t i = w0; i < w1 && first == w1; ++i) {
+      if (fibers[i].state == State::kWarp && fibers[i].op == WarpOp::kCollective) first = i;
+    }
+    if (first != w1) {
+      const Fiber& f = fibers[first];
+      const std::string site = where(f.file, f.line);
+      if (exited) {
+        error = "warp-collective instruction at " + site + ": lane " +
+                std::to_string(__builtin_ctz(exited)) + " of the warp has exited (.sync.aligned instructions need "
+                "every lane of the warp)";
+        return false;
+      }
+      if (waiting != lanes_present) continue;  // a lane is at a block barrier: reported as a deadlock
+      void* payloads[32] = {};
+      for (size_t j = w0; j < w1; ++j) {
+        const Fiber& o = fibers[j];
+        if (o.op != WarpOp::kCollective || o.value != f.value || o.param != f.param ||
+            where(o.file, o.line) != site) {
+          error = "warp-collective instruction at " + site + ": the warp has diverged (lane " +
+                  std::to_string(j - w0) + " is at " + where(o.file, o.line) + ")";
+          return false;
+        }
+        payloads[j - w0] = o.payload;
+      }
+      const std::string why =
+          internal::resolve_collective(int(f.value), f.param, payloads, static_cast<int>(w1 - w0));
+      if (!why.empty()) {
+        error = "warp-collective instruction at " + site + ": " + why;
+        return false;
+      }
+      for (size_t j = w0; j < w1; ++j) fibers[j].state = State::kReady;
+      ++g_stats.warp_ops;
+      progress = true;
+      continue;
+    }
     // A warp operation completes for a set of lanes that all wait with the same mask covering exactly them.
     for (size_t i = w0; i < w1; ++i) {
       Fiber& f = fibers[i];
@@ -278,6 +333,7 @@ bool resolve_warps(std::vector<Fiber>& fibers, std::string& error) {
       waiting &= ~mask;
       progress = true;
       ++g_stats.warp_ops;
+      if (g_run->counting) internal::counters::count_warp_op();
     }
   }
   return progress;
@@ -312,6 +368,8 @@ bool resolve_barrier(std::vector<Fiber>& fibers, std::string& error) {
   }
   for (Fiber& f : fibers) f.state = State::kReady;
   ++g_stats.barriers;
+  ++g_run->block_barriers;
+  if (g_run->counting) internal::counters::epoch_end();
   return true;
 }
 
@@ -345,6 +403,17 @@ void run_block(BlockRun& run, const dim3& grid, const dim3& block, const uint3& 
     f.context.uc_stack.ss_size = f.stack_bytes - getpagesize();
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_entry, 0);
+    f.lane.warp = static_cast<uint32_t>(t / internal::kWarpSize);
+    f.lane.lane = static_cast<uint32_t>(t % internal::kWarpSize);
+    f.lane.stack_lo = reinterpret_cast<uintptr_t>(f.stack_base);
+    f.lane.stack_hi = f.lane.stack_lo + f.stack_bytes;
+  }
+  internal::counters::set_shared_window(run.smem.get(), smem_bytes);
+  if (run.counting) {
+    std::vector<internal::LaneContext> lanes;
+    lanes.reserve(nthreads);
+    for (const Fiber& f : run.fibers) lanes.push_back(f.lane);
+    internal::counters::begin_block(run.smem.get(), smem_bytes, lanes);
   }
   std::vector<size_t> ready;
   for (;;) {
@@ -394,10 +463,28 @@ LaunchStats launch_stats() {
   return g_stats;
 }
 
-const ThreadState& this_thread() {
+namespace {
+const Builtins& builtins() {
   if (!g_run || !g_run->current) throw KernelError("CUDA built-in used outside an emulated kernel");
   return g_run->current->builtins;
 }
+}  // namespace
+
+uint3 thread_idx() { return builtins().thread_idx; }
+uint3 block_idx() { return builtins().block_idx; }
+dim3 block_dim() { return builtins().block_dim; }
+dim3 grid_dim() { return builtins().grid_dim; }
+
+namespace internal {
+CpAsyncQueue& current_cp_async_queue() {
+  if (!g_run || !g_run->current) throw KernelError("cp.async used outside an emulated kernel");
+  return g_run->current->cp_async;
+}
+const LaneContext& current_lane() {
+  if (!g_run || !g_run->current) throw KernelError("a warp instruction used outside an emulated kernel");
+  return g_run->current->lane;
+}
+}  // namespace internal
 
 void* dynamic_smem() {
   if (!g_run || !g_run->current) throw KernelError("dynamic shared memory used outside an emulated kernel");
@@ -405,6 +492,7 @@ void* dynamic_smem() {
 }
 
 void syncthreads(const char* file, int line) {
+  internal::RuntimeScope runtime;
   Fiber* f = g_run ? g_run->current : nullptr;
   if (!f) throw KernelError("__syncthreads outside an emulated kernel");
   f->state = State::kBarrier;
@@ -413,10 +501,13 @@ void syncthreads(const char* file, int line) {
   switch_to_scheduler();
 }
 
-uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int width, const char* file, int line) {
+uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int width, const char* file, int line,
+                       void* payload) {
+  internal::RuntimeScope runtime;
   Fiber* f = g_run ? g_run->current : nullptr;
   if (!f) throw KernelError("warp function outside an emulated kernel");
   f->state = State::kWarp;
+  f->payload = payload;
   f->op = op;
   f->mask = mask;
   f->value = value;
@@ -428,7 +519,8 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int 
   return f->result;
 }
 
-void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t dynamic_smem_bytes) {
+void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
+              const void* kernel, const void* params, size_t param_bytes) {
   const size_t nthreads = size_t(block.x) * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024) {
     throw KernelError("CUDA emulator: invalid block size " + std::to_string(nthreads) + " (1..1024 threads)");
@@ -447,15 +539,23 @@ void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t d
   if (schedule.order == BlockOrder::kReverse) std::reverse(order.begin(), order.end());
   if (schedule.order == BlockOrder::kRandom) std::shuffle(order.begin(), order.end(), rng);
   std::mt19937_64* thread_rng = schedule.order == BlockOrder::kForward ? nullptr : &rng;
+  internal::counters::launch_starting();
   BlockRun run;
   run.body = &body;
+  run.counting = internal::counters::active();
+  if (run.counting) internal::counters::begin_launch(kernel, grid, block, dynamic_smem_bytes, params, param_bytes);
   g_run = &run;
   ++g_stats.launches;
   std::string error;
   for (size_t b : order) {
     const uint3 idx = make_uint3(unsigned(b % grid.x), unsigned((b / grid.x) % grid.y),
                                  unsigned(b / (size_t(grid.x) * grid.y)));
+    run.block_barriers = 0;
     run_block(run, grid, block, idx, dynamic_smem_bytes, thread_rng);
+    if (run.counting && run.error.empty()) {
+      internal::counters::epoch_end();
+      internal::counters::end_block(run.block_barriers);
+    }
     release_stacks(run.fibers);
     ++g_stats.blocks;
     g_stats.threads += nthreads;
@@ -467,6 +567,9 @@ void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t d
     }
   }
   g_run = nullptr;
+  internal::counters::set_lane(nullptr);
+  internal::counters::set_shared_window(nullptr, 0);
+  if (run.counting) internal::counters::end_launch(!error.empty());
   if (!error.empty()) throw KernelError(error);
 }
 

@@ -4,11 +4,16 @@
 // exits 0 when the case behaved as expected, 1 otherwise.
 #include "cuda/kernels/rk_launch.cuh"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
+
+#include "ptx_kernels.cuh"
 
 namespace {
 
@@ -104,11 +109,11 @@ __global__ void throws(float*) { throw std::runtime_error("thrown by kernel code
 
 // ---- driver --------------------------------------------------------------------------------------------
 
-bool expect_error(const char* what, void (*launch)(), const char* needle) {
+bool expect_error(const char* what, void (*launch)(), const char* needle, const char* file = "emu_selftest.cpp") {
   try {
     launch();
   } catch (const rk::emu::KernelError& e) {
-    if (std::strstr(e.what(), needle) && std::strstr(e.what(), "emu_selftest.cpp")) {
+    if (std::strstr(e.what(), needle) && std::strstr(e.what(), file)) {
       std::printf("OK caught: %s\n", e.what());
       return true;
     }
@@ -123,7 +128,223 @@ bool expect_error(const char* what, void (*launch)(), const char* needle) {
   return false;
 }
 
-std::vector<float> g_out(1024);
+// Heap buffers aligned to 256 bytes, so that sector counts do not depend on the allocator (global memory must not
+// be a static array: the counters take the loaded objects' writable segments for static shared memory).
+template <typename T>
+T* aligned_buffer(size_t n, T fill) {
+  T* p = static_cast<T*>(std::aligned_alloc(256, (n * sizeof(T) + 255) / 256 * 256));
+  std::fill(p, p + n, fill);
+  return p;
+}
+
+float* const g_out = aligned_buffer<float>(1024, 0.f);
+
+uint16_t f16_bits(float x) { return __half_raw(__float2half_rn(x)).x; }
+uint16_t bf16_bits(float x) { return __nv_bfloat16_raw(__float2bfloat16(x)).x; }
+
+// D = A * B + C with small integers (every product and sum exact in fp32): any fragment-layout error changes D.
+int mma_case(int kind) {
+  const int K = kind == ptx_selftest::kMmaTF32 ? 8 : 16;
+  std::mt19937 rng(7 + kind);
+  std::uniform_int_distribution<int> small(-4, 4);
+  std::vector<float> A(16 * K), B(8 * K), C(16 * 8), D(16 * 8, -1.f);
+  for (float& v : A) v = float(small(rng));
+  for (float& v : B) v = float(small(rng));  // stored [n][k]
+  for (float& v : C) v = float(small(rng));
+  std::vector<uint16_t> A16(A.size()), B16(B.size());
+  for (size_t i = 0; i < A.size(); ++i) A16[i] = kind == ptx_selftest::kMmaF16 ? f16_bits(A[i]) : bf16_bits(A[i]);
+  for (size_t i = 0; i < B.size(); ++i) B16[i] = kind == ptx_selftest::kMmaF16 ? f16_bits(B[i]) : bf16_bits(B[i]);
+  const void* a = kind == ptx_selftest::kMmaTF32 ? static_cast<const void*>(A.data()) : A16.data();
+  const void* b = kind == ptx_selftest::kMmaTF32 ? static_cast<const void*>(B.data()) : B16.data();
+  if (kind == ptx_selftest::kMmaF16) rk::launch_kernel(ptx_selftest::mma_kernel<0>, dim3(1), dim3(32), 0, nullptr, a, b, C.data(), D.data());
+  if (kind == ptx_selftest::kMmaBF16) rk::launch_kernel(ptx_selftest::mma_kernel<1>, dim3(1), dim3(32), 0, nullptr, a, b, C.data(), D.data());
+  if (kind == ptx_selftest::kMmaTF32) rk::launch_kernel(ptx_selftest::mma_kernel<2>, dim3(1), dim3(32), 0, nullptr, a, b, C.data(), D.data());
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 8; ++n) {
+      double ref = C[m * 8 + n];
+      for (int k = 0; k < K; ++k) ref += double(A[m * K + k]) * B[n * K + k];
+      if (D[m * 8 + n] != ref) return std::printf("FAIL mma D[%d][%d] = %g, expected %g\n", m, n, D[m * 8 + n], ref), 1;
+    }
+  }
+  return std::printf("OK\n"), 0;
+}
+
+int mma_ldmatrix_case() {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> small(-4, 4);
+  std::vector<float> A(256), B(128);
+  for (float& v : A) v = float(small(rng));
+  for (float& v : B) v = float(small(rng));  // [n][k]
+  uint16_t* a = aligned_buffer<uint16_t>(256, 0);
+  uint16_t* b = aligned_buffer<uint16_t>(128, 0);
+  float* d = aligned_buffer<float>(128, -1.f);
+  for (int i = 0; i < 256; ++i) a[i] = f16_bits(A[i]);
+  for (int i = 0; i < 128; ++i) b[i] = f16_bits(B[i]);
+  rk::launch_kernel(ptx_selftest::mma_ldmatrix_kernel, dim3(1), dim3(32), 384 * 2, nullptr,
+                    static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(b), d);
+  int wrong = 0;
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 8; ++n) {
+      double ref = 0;
+      for (int k = 0; k < 16; ++k) ref += double(A[m * 16 + k]) * B[n * 16 + k];
+      wrong += d[m * 8 + n] != ref;
+    }
+  }
+  std::free(a);
+  std::free(b);
+  std::free(d);
+  return wrong ? (std::printf("FAIL cp.async + ldmatrix + mma: %d wrong\n", wrong), 1) : (std::printf("OK\n"), 0);
+}
+
+// Matrix m's element (r, c) is m * 1000 + r * 16 + c; lane l must hold the documented pair in register m.
+template <int Num, bool Trans>
+int ldmatrix_case(int pitch) {
+  std::vector<uint16_t> src(8 * Num * pitch, 0xdead);
+  for (int m = 0; m < Num; ++m)
+    for (int r = 0; r < 8; ++r)
+      for (int c = 0; c < 8; ++c) src[(m * 8 + r) * pitch + c] = uint16_t(m * 1000 + r * 16 + c);
+  std::vector<uint32_t> out(32 * Num, 0);
+  rk::launch_kernel(ptx_selftest::ldmatrix_kernel<Num, Trans>, dim3(1), dim3(32), src.size() * 2, nullptr,
+                    src.data(), pitch, out.data());
+  for (int l = 0; l < 32; ++l) {
+    for (int m = 0; m < Num; ++m) {
+      const int a = l / 4, b = 2 * (l % 4);
+      auto e = [&](int r, int c) { return uint32_t(m * 1000 + r * 16 + c); };
+      const uint32_t expected = Trans ? e(b, a) | e(b + 1, a) << 16 : e(a, b) | e(a, b + 1) << 16;
+      if (out[l * Num + m] != expected) {
+        return std::printf("FAIL ldmatrix lane %d matrix %d: %08x, expected %08x\n", l, m, out[l * Num + m], expected), 1;
+      }
+    }
+  }
+  return std::printf("OK\n"), 0;
+}
+
+uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+int tf32_case() {
+  const float tie = 1.0f + std::ldexp(1.0f, -11);  // halfway between two tf32 values: rounds away from zero
+  std::vector<float> in(32, 0.f);
+  in[0] = tie;
+  in[1] = -tie;
+  in[2] = std::nextafter(tie, 0.f);                 // just below the tie: down to 1
+  in[3] = 3.0f;
+  in[4] = INFINITY;
+  in[5] = NAN;
+  in[6] = 3.4028235e38f;                            // the largest float rounds up to infinity
+  std::vector<uint32_t> out(32);
+  rk::launch_kernel(ptx_selftest::tf32_kernel, dim3(1), dim3(32), 0, nullptr, in.data(), out.data());
+  const uint32_t expected[7] = {bits_of(1.0f + std::ldexp(1.0f, -10)), bits_of(-(1.0f + std::ldexp(1.0f, -10))),
+                                bits_of(1.0f), bits_of(3.0f), bits_of(INFINITY), 0x7fffffffu, bits_of(INFINITY)};
+  for (int i = 0; i < 7; ++i) {
+    if (out[i] != expected[i]) return std::printf("FAIL cvt.rna.tf32 [%d]: %08x, expected %08x\n", i, out[i], expected[i]), 1;
+  }
+  return std::printf("OK\n"), 0;
+}
+
+int cp_async_case(int mode, int n) {
+  const int threads = 32;
+  std::vector<float> src(4 * threads), dst(8 * threads, -1.f);
+  for (int i = 0; i < 4 * threads; ++i) src[i] = float(i + 1);
+  rk::launch_kernel(ptx_selftest::cp_async_kernel, dim3(1), dim3(threads), 8 * threads * sizeof(float), nullptr,
+                    src.data(), n, dst.data(), mode);
+  int wrong = 0, nans = 0;
+  for (int i = 0; i < 4 * threads; ++i) {
+    nans += std::isnan(dst[i]);
+    wrong += dst[i] != (i < n ? src[i] : 0.f);
+  }
+  if (mode == 2) {
+    for (int i = 0; i < threads; ++i)
+      for (int j = 0; j < 4; ++j) wrong += dst[4 * threads + 4 * i + j] != (j == 1 ? 0.f : src[4 * i + j]);
+  }
+  if (mode == 1) {  // read before the wait: the tile still holds its poison
+    return nans ? (std::printf("OK a read before cp.async.wait_group saw %d poisoned values\n", nans), 0)
+                : (std::printf("FAIL a read before cp.async.wait_group went unnoticed\n"), 1);
+  }
+  return wrong ? (std::printf("FAIL cp.async: %d wrong\n", wrong), 1) : (std::printf("OK\n"), 0);
+}
+
+// Runs `launch` between profile_start and profile_stop and prints the launch records.
+int profile_case(void (*launch)()) {
+  rk::emu::profile_start();
+  launch();
+  const std::string json = rk::emu::profile_stop();
+  if (!rk::emu::counters_built()) return std::printf("FAIL counters not built into this binary\n"), 1;
+  return std::printf("OK %s\n", json.c_str()), 0;
+}
+
+float* const g_in = aligned_buffer<float>(4096, 1.f);
+uint16_t* const g_in16 = aligned_buffer<uint16_t>(4096, 0);
+
+int run_ptx_case(const std::string& name) {
+  if (name == "mma_f16") return mma_case(ptx_selftest::kMmaF16);
+  if (name == "mma_bf16") return mma_case(ptx_selftest::kMmaBF16);
+  if (name == "mma_tf32") return mma_case(ptx_selftest::kMmaTF32);
+  if (name == "tf32_round") return tf32_case();
+  if (name == "mma_ldmatrix") return mma_ldmatrix_case();
+  if (name == "ldmatrix_x1") return ldmatrix_case<1, false>(8);
+  if (name == "ldmatrix_x2") return ldmatrix_case<2, false>(8);
+  if (name == "ldmatrix_x4") return ldmatrix_case<4, false>(24);
+  if (name == "ldmatrix_x1_trans") return ldmatrix_case<1, true>(8);
+  if (name == "ldmatrix_x2_trans") return ldmatrix_case<2, true>(16);
+  if (name == "ldmatrix_x4_trans") return ldmatrix_case<4, true>(8);
+  if (name == "cp_async_zero_fill") return cp_async_case(0, 4 * 32 - 3 - 8);
+  if (name == "cp_async_groups") return cp_async_case(2, 4 * 32);
+  if (name == "cp_async_missing_wait") return cp_async_case(1, 4 * 32);
+  static float* out = g_out;
+  if (name == "mma_exited_lane")
+    return expect_error(name.c_str(), [] { rk::launch_kernel(ptx_selftest::mma_exited_lane, dim3(1), dim3(32), 0, nullptr, out); },
+                        "has exited", "ptx_kernels.cuh") ? 0 : 1;
+  if (name == "mma_diverged")
+    return expect_error(name.c_str(), [] { rk::launch_kernel(ptx_selftest::mma_diverged, dim3(1), dim3(32), 0, nullptr, out); },
+                        "diverged", "ptx_kernels.cuh") ? 0 : 1;
+  if (name == "ldmatrix_lane_missing")
+    return expect_error(name.c_str(), [] { rk::launch_kernel(ptx_selftest::ldmatrix_lane_missing, dim3(1), dim3(32), 256, nullptr, out); },
+                        "has exited", "ptx_kernels.cuh") ? 0 : 1;
+  if (name == "ldmatrix_misaligned")
+    return expect_error(name.c_str(), [] { rk::launch_kernel(ptx_selftest::ldmatrix_misaligned, dim3(1), dim3(32), 256, nullptr, out); },
+                        "not 16-byte aligned", "ptx_kernels.cuh") ? 0 : 1;
+  if (name == "ldmatrix_from_global")
+    return expect_error(name.c_str(), [] { rk::launch_kernel(ptx_selftest::ldmatrix_from_global, dim3(1), dim3(32), 0, nullptr,
+                                                              static_cast<const uint16_t*>(g_in16), out); },
+                        "not in shared memory", "ptx_kernels.cuh") ? 0 : 1;
+  if (name == "cp_async_never_waited")
+    return expect_error(name.c_str(), [] { rk::launch_kernel(ptx_selftest::cp_async_never_waited, dim3(1), dim3(32), 512, nullptr,
+                                                              static_cast<const float*>(g_in)); },
+                        "never waited", "ptx_kernels.cuh") ? 0 : 1;
+  if (name == "cp_async_to_global")
+    return expect_error(name.c_str(), [] { rk::launch_kernel(ptx_selftest::cp_async_to_global, dim3(1), dim3(32), 0, nullptr,
+                                                              static_cast<const float*>(g_in), out); },
+                        "not in shared memory", "ptx_kernels.cuh") ? 0 : 1;
+  if (name == "profile_patterns")
+    return profile_case([] {
+      static float4* in4 = aligned_buffer<float4>(32, make_float4(1, 2, 3, 4));
+      static float4* out4 = aligned_buffer<float4>(32, make_float4(0, 0, 0, 0));
+      rk::launch_kernel(ptx_selftest::counter_patterns, dim3(1), dim3(32), 1152 * sizeof(float), nullptr,
+                        static_cast<const float*>(g_in), static_cast<const float4*>(in4), out, out4);
+    });
+  if (name == "profile_diverged")
+    return profile_case([] {
+      rk::launch_kernel(ptx_selftest::counter_diverged, dim3(1), dim3(32), 0, nullptr, static_cast<const float*>(g_in), out);
+    });
+  if (name == "profile_ptx")  // mma, ldmatrix with 16- and 64-byte row pitch, cp.async: one launch each
+    return profile_case([] {
+      static std::vector<float> C(128, 0.f), D(128);
+      static std::vector<uint32_t> regs(128);
+      rk::launch_kernel(ptx_selftest::mma_kernel<0>, dim3(1), dim3(32), 0, nullptr, static_cast<const void*>(g_in16),
+                        static_cast<const void*>(g_in16), static_cast<const float*>(C.data()), D.data());
+      rk::launch_kernel(ptx_selftest::ldmatrix_kernel<4, false>, dim3(1), dim3(32), 32 * 8 * 2, nullptr,
+                        static_cast<const uint16_t*>(g_in16), 8, regs.data());
+      rk::launch_kernel(ptx_selftest::ldmatrix_kernel<4, false>, dim3(1), dim3(32), 32 * 32 * 2, nullptr,
+                        static_cast<const uint16_t*>(g_in16), 32, regs.data());
+      rk::launch_kernel(ptx_selftest::cp_async_kernel, dim3(1), dim3(32), 256 * sizeof(float), nullptr,
+                        static_cast<const float*>(g_in), 128, out, 0);
+    });
+  return -1;
+}
 
 int run_case(const std::string& name) {
   if (name == "block_sum") {
@@ -179,7 +400,8 @@ int run_case(const std::string& name) {
     for (int t = 0; t < 31; ++t) ok = ok && out[t] == std::min(t, 10) + std::max(t, 20);
     return ok ? (std::printf("OK\n"), 0) : (std::printf("FAIL intrinsics\n"), 1);
   }
-  float* o = g_out.data();
+  if (int rc = run_ptx_case(name); rc >= 0) return rc;
+  float* o = g_out;
   static float* out_ptr;
   out_ptr = o;
   if (name == "divergent_barrier")
