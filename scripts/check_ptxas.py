@@ -5,36 +5,22 @@ usage: python scripts/check_ptxas.py logs/build.log [--require sm_80,sm_90]
 """
 
 import argparse
-import re
+import importlib.util
+import os
 import sys
 from collections import defaultdict
 
-ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '([^']+)' for '(sm_\d+a?)'")
-SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-REGS = re.compile(r"ptxas info\s*: Used (\d+) registers")
+
+def _load_parser():
+    """resnext_kernels/emulator/ptxas.py, loaded by path: this check must not import torch or the build."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "resnext_kernels", "emulator", "ptxas.py")
+    spec = importlib.util.spec_from_file_location("rk_ptxas", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def parse(text):
-    """{(kernel, arch): {"regs": int, "stack": int, "spill_stores": int, "spill_loads": int}}"""
-    kernels = {}
-    current = None
-    for line in text.splitlines():
-        m = ENTRY.search(line)
-        if m:
-            current = (m.group(1), m.group(2))
-            kernels[current] = {"regs": None, "stack": 0, "spill_stores": 0, "spill_loads": 0}
-            continue
-        if current is None:
-            continue
-        m = SPILL.search(line)
-        if m:
-            info = kernels[current]
-            info["stack"], info["spill_stores"], info["spill_loads"] = map(int, m.groups())
-            continue
-        m = REGS.search(line)
-        if m:
-            kernels[current]["regs"] = int(m.group(1))
-    return kernels
+parse = _load_parser().parse
 
 
 def demangle(names):
