@@ -65,14 +65,16 @@ def test_counting_changes_no_result():
 
 
 @pytest.mark.parametrize("form", cli.FORMS)
-def test_extrapolation_from_two_batches_is_exact(form):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_extrapolation_from_two_batches_is_exact(form, dtype):
     """Every kernel's work is affine in the batch where an image is a whole number of blocks (16x16 pixels: the
-    statistics kernels' 256-row blocks): counts at N=3 from N=1 and N=2 equal the counts at N=3."""
-    hw, stride = (10, 2) if form == "inference" else (16, 1)
-    runs = {n: cli._run_form(form, n, 64, hw, stride, torch.float16) for n in (1, 2, 3)}
-    assert len(runs[1]) == len(runs[2]) == len(runs[3]) > 0
-    for r1, r2, r3 in zip(runs[1], runs[2], runs[3]):
-        assert cli.extrapolate(r1, r2, 3) == r3
+    statistics kernels' 256-row blocks; 8x8 images: two share a tensor-core CTA) and the batch a multiple of the
+    images per CTA: counts at N=6 from N=2 and N=4 equal the counts at N=6."""
+    hw, stride = (8, 1) if form == "inference" else (16, 1)
+    runs = {n: cli._run_form(form, n, 64, hw, stride, dtype) for n in (2, 4, 6)}
+    assert len(runs[2]) == len(runs[4]) == len(runs[6]) > 0
+    for r1, r2, r3 in zip(runs[2], runs[4], runs[6]):
+        assert cli.extrapolate(r1, r2, 6) == r3
 
 
 def test_gpu_model_terms_and_occupancy():
@@ -86,10 +88,10 @@ def test_gpu_model_terms_and_occupancy():
     counts = {k: 0 for k in ("gld_sectors", "gst_sectors", "cp_async_sectors", "smem_ld_wavefronts",
                              "smem_st_wavefronts", "ldmatrix_wavefronts", "cp_async_smem_wavefronts",
                              "mma_m16n8k16_f16", "mma_m16n8k16_bf16", "mma_m16n8k8_tf32", "dram_write_bytes_min")}
-    counts.update(block=(256, 1, 1), blocks=8 * 132 * 100, smem_bytes=0, dram_read_bytes_min=int(3.35e12 * 1e-5))
+    counts.update(block=(256, 1, 1), blocks=132 * 100, smem_bytes=0, dram_read_bytes_min=int(3.35e12 * 1e-5))
     p = gpu_model.predict(counts, "h100")
     assert p.bound == "dram" and p.us == pytest.approx(10.0)  # 33.5 MB at 3.35 TB/s
-    counts["mma_m16n8k16_f16"] = 10**8  # 409.6 GFLOP at 989.4 TFLOPS: 100 full waves of 8 blocks an SM
+    counts["mma_m16n8k16_f16"] = 10**8  # 409.6 GFLOP at 989.4 TFLOPS: 100 blocks on every SM
     p = gpu_model.predict(counts, "h100")
     assert p.bound == "tensor" and p.us == pytest.approx(2 * 16 * 8 * 16 * 1e8 / 989.4e6, rel=1e-3)
 
@@ -105,7 +107,7 @@ def test_profile_cli_prints_and_writes_every_launch(tmp_path, capsys):
     fwd = [r for r in data["rows"] if r["form"] == "inference" and r["gpu"] == "h100"]
     assert len(fwd) == 1 and fwd[0]["predicted_us"] > 0 and fwd[0]["bound"] in fwd[0]["terms_us"]
     printed = capsys.readouterr().out
-    assert "| x50.stage4 | float16 | inference | conv_bn_relu_fwd_kernel<__half, float> |" in printed
+    assert "| x50.stage4 | float16 | inference | conv_tc_fwd_kernel<__half, 1, false> |" in printed
 
 
 def _nvcc():

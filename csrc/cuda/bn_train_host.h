@@ -145,6 +145,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   const at::TensorOptions acc_opts = input.options().dtype(acc);
   const at::Tensor gamma = channel_vector(bn_weight, input, C, acc, op, "bn_weight");
   const at::Tensor beta = channel_vector(bn_bias, input, C, acc, op, "bn_bias");
+  cuda_kernels::TcPlan tc;
+  if (conv_tc_unsupported_reason(g, input.scalar_type(), &tc) == nullptr) {
+    // Tensor cores: the statistics come from the convolution's epilogue, y is read once more to normalize.
+    auto [y, mean, var, a, b] =
+        conv_tc_train(op, g, tc, input.contiguous(at::MemoryFormat::ChannelsLast), weight, gamma, beta, eps, stream);
+    const at::Tensor out = normalize_relu_vec8(op, y, a, b, relu, stream);
+    return {out.contiguous(conv_output_memory_format(input, weight)), y, mean, var};
+  }
   const at::Tensor y = conv_affine_nhwc_cuda(op, g, input, weight, at::ones({C}, acc_opts), at::zeros({C}, acc_opts),
                                              false, stream);
   at::Tensor mean = at::empty({C}, acc_opts), var = at::empty({C}, acc_opts);

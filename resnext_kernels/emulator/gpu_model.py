@@ -6,9 +6,10 @@ predicted time = the largest of
   * shared: shared-memory wavefronts / (SMs x clock): an SM's shared memory delivers one wavefront a cycle,
   * tensor: mma.sync FLOPs / the dense tensor-core rate of their type,
   * FP32:   CUDA-core multiply-adds x 2 / the FP32 rate,
-with the SM-side terms (shared, tensor, FP32) divided by the fraction of the GPU's SMs the grid keeps busy:
-resident blocks per SM from registers, shared memory, threads and the block limit (ptxas's report gives the first
-two), and the last wave's quantization.
+with the SM-side terms (shared, tensor, FP32) divided by the grid's balance over the SMs (the average SM's blocks
+over the busiest one's: fewer blocks than SMs leave some idle). Resident blocks per SM, from registers, shared
+memory, threads and the block limit (ptxas's report gives the first two), are reported; the model assumes they
+keep an SM's pipes busy.
 
 What it ignores, and so how it errs: latency (a kernel with too few warps in flight to cover DRAM or L2 latency
 runs slower than predicted), instruction issue (integer address arithmetic, which today's kernels spend a lot on),
@@ -67,7 +68,7 @@ GPUS = {
 class Occupancy:
     blocks_per_sm: int
     limited_by: str
-    sm_fraction: float  # fraction of SM-time the grid keeps busy (waves and their quantization)
+    sm_fraction: float  # the grid's balance over the SMs: average blocks per SM / the busiest SM's
     registers: int | None
 
 
@@ -86,12 +87,9 @@ def occupancy(gpu: GPU, threads: int, blocks: int, dynamic_smem: int, registers:
     per_sm = limits[limited_by]
     if per_sm == 0 or blocks == 0:
         return Occupancy(per_sm, limited_by, 0.0, registers)
-    if blocks <= gpu.sms:  # one block per SM at most: the others idle
-        fraction = blocks / gpu.sms
-    else:
-        waves = blocks / (per_sm * gpu.sms)
-        fraction = waves / math.ceil(waves)
-    return Occupancy(per_sm, limited_by, fraction, registers)
+    # The busiest SM runs ceil(blocks / SMs) blocks, the average one blocks / SMs (fewer blocks than SMs: some idle).
+    per_sm_avg = blocks / gpu.sms
+    return Occupancy(per_sm, limited_by, per_sm_avg / math.ceil(per_sm_avg), registers)
 
 
 @dataclasses.dataclass(frozen=True)

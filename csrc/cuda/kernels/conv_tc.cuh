@@ -1,0 +1,462 @@
+// Tensor-core kernels of the fused grouped convolution (float16 / bfloat16, fp32 accumulation), NHWC.
+// Device code only, torch-free: compiled by nvcc and, through rk_launch.cuh, by g++ for the emulator.
+//
+// Implicit GEMM on mma.sync.m16n8k16: M = output pixels, N = output channels, K = (tap, input channel) of the
+// output channel's group. A CTA (4 warps) computes a tile of up to 128 output pixels (a th x tw rectangle of one
+// image) for 64 output channels, which read the same 64 input channels (groups of 4 to 64 channels, C_in == C_out).
+//   * The input tile with its halo is copied once into shared memory by 16-byte cp.async (zero-filled outside the
+//     image), one pixel's 64 channels per 144-byte row: the 16 spare bytes shift consecutive pixels by 4 banks,
+//     so the 8 rows of an ldmatrix hit distinct banks. At stride 2 even and odd input columns go to separate
+//     planes, so consecutive output pixels read consecutive rows there too.
+//   * Each n8 tile of output channels reads a window of input channels: its own 8 channels for groups of 4 or 8
+//     (two groups of 4 share an n8 tile: the weight is block-diagonal, half zeros), its group's channels from 16
+//     on. A k16 step is two taps x 8 channels (window 8: 9 taps in 5 steps, the 10th tap a zero pixel) or one tap
+//     x 16 channels. ldmatrix.x4 loads a 16-pixel x k16 A fragment straight from the tile rows; the n8 tiles of
+//     one window reuse it. B fragments come from global memory, packed once in fragment order (L1/L2-resident).
+//   * Warps: 2 along pixels (m16 tiles alternate) x 2 along channels (32 each): 4 m16 tiles x 4 n8 tiles of fp32
+//     accumulators per thread at most.
+//   * Epilogue: BN scale/shift and ReLU in fp32 (inference), or the raw convolution (training), rounded to T and
+//     staged through shared memory, then stored by 16-byte coalesced writes: every output byte written once.
+//     In training the CTA also reduces its tile's per-channel sum and squared deviations from the tile mean (of
+//     the rounded values), one partial per (tile, channel); conv_tc_stats_finalize_kernel merges them in tile
+//     order (Chan's formula, float64): deterministic, no atomics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "../../common/conv_geometry.h"
+#include "bn_train.cuh"
+#include "ptx.cuh"
+#include "rk_launch.cuh"
+
+namespace rk {
+namespace cuda_kernels {
+
+constexpr int kTcThreads = 128;
+constexpr int kTcChannels = 64;       // output channels of a CTA (and the input channels it reads)
+constexpr int kTcMaxPixels = 128;     // output pixels of a CTA: 8 m16 tiles
+constexpr int kTcPitch = 144;         // bytes of shared memory per tile pixel: 64 x 2 B + 16 B of bank shift
+constexpr size_t kTcMaxSmem = 48 * 1024;
+
+struct TcPlan {
+  int th, tw;            // output tile of one image
+  int tn;                // images per CTA (small images: a whole image is one tile); tn * th * tw <= 128
+  int in_th, in_tw;      // input tile of one image, with its halo
+  int planes, plane_w;   // 2 column planes at stride 2, else 1; shared-memory pixels per plane row
+  int img_px;            // shared-memory pixels per image
+  int kw;                // input channels of an n8 tile's window: 8 (groups of 4, 8) or the group size
+  int ksteps;            // k16 steps of an n8 tile
+  int taps;              // KH * KW: 9 or 1
+  int64_t tiles_h, tiles_w, grid_x, grid_y;
+  int smem_pixels;       // tn images' input tiles + the zero pixel
+  size_t smem_bytes;
+};
+
+// The reason the tensor-core kernels do not cover a problem, or nullptr with `plan` filled. `half` says whether
+// the dtype is float16/bfloat16 (float32 and float64 run the CUDA-core kernel).
+inline const char* conv_tc_plan(const ConvGeom& g, bool half, TcPlan* plan) {
+  if (!half) return "the tensor-core kernels take float16 and bfloat16";
+  if (!((g.KH == 3 && g.KW == 3) || (g.KH == 1 && g.KW == 1))) return "the tensor-core kernels take 3x3 and 1x1";
+  if (g.dil_h != 1 || g.dil_w != 1) return "the tensor-core kernels take dilation 1";
+  if (g.stride_h != g.stride_w || g.stride_h > 2) return "the tensor-core kernels take stride 1 or 2 (equal)";
+  const int64_t cpg = g.C_in / g.groups;
+  if (g.C_in != g.C_out) return "the tensor-core kernels take as many output channels as input channels";
+  if (g.C_out % kTcChannels != 0) return "the tensor-core kernels take channel counts that are multiples of 64";
+  if (cpg != 4 && cpg != 8 && cpg != 16 && cpg != 32 && cpg != 64) {
+    return "the tensor-core kernels take groups of 4, 8, 16, 32 or 64 channels";
+  }
+  TcPlan p{};
+  p.taps = g.KH * g.KW;
+  p.kw = cpg <= 8 ? 8 : int(cpg);
+  p.ksteps = p.kw == 8 ? (p.taps + 1) / 2 : p.taps * p.kw / 16;
+  const int s = g.stride_h;
+  p.planes = s == 2 ? 2 : 1;
+  // Tile width: the whole row up to 32 pixels, else the widest divisor of OW in [8, 16] (or 16); height: as
+  // many rows as fit 128 pixels, evened out over the image, then fewer until the tile fits the shared memory.
+  int tw = int(g.OW <= 32 ? g.OW : 16);
+  if (g.OW > 32) {
+    for (int d = 16; d >= 8; --d) {
+      if (g.OW % d == 0) {
+        tw = d;
+        break;
+      }
+    }
+  }
+  int th = kTcMaxPixels / tw;
+  if (th < 1) th = 1;
+  if (th > g.OH) th = int(g.OH);
+  const int64_t bands = (g.OH + th - 1) / th;
+  th = int((g.OH + bands - 1) / bands);
+  // Small images: several whole images per CTA, so a CTA's weight fragments serve up to 128 pixels.
+  int tn = th == g.OH && tw == g.OW ? int(kTcMaxPixels / (th * tw)) : 1;
+  if (tn > g.N) tn = int(g.N);
+  if (tn < 1) tn = 1;
+  for (;;) {
+    p.th = th;
+    p.tw = tw;
+    p.tn = tn;
+    p.in_th = (th - 1) * s + g.KH;
+    p.in_tw = (tw - 1) * s + g.KW;
+    // The 8 rows of an ldmatrix are 8 consecutive tile pixels, at consecutive shared-memory pixels (4 banks
+    // apart: conflict-free) also across a tile row or an image when s * plane_w = tw and img_px = th * tw
+    // (mod 8): pad the rows and images to that where it is possible (tw even at stride 2).
+    const int pw = p.planes == 2 ? (p.in_tw + 1) / 2 : p.in_tw;
+    p.plane_w = pw;
+    for (int k = 0; k < 8; ++k) {
+      if ((s * (pw + k) - tw) % 8 == 0) {
+        p.plane_w = pw + k;
+        break;
+      }
+    }
+    const int img = p.planes * p.in_th * p.plane_w;
+    p.img_px = tn > 1 ? img + ((th * tw - img) % 8 + 8) % 8 : img;
+    p.smem_pixels = tn * p.img_px + 1;
+    const size_t staging = size_t(tn) * th * tw * kTcPitch;
+    const size_t tile = size_t(p.smem_pixels) * kTcPitch;
+    p.smem_bytes = (tile > staging ? tile : staging) + 2 * kTcThreads * sizeof(float);
+    if (p.smem_bytes <= kTcMaxSmem) break;
+    if (tn > 1) {
+      --tn;
+    } else if (th > 1) {
+      --th;
+    } else {
+      return "the tensor-core kernel's input tile does not fit 48 KiB of shared memory";
+    }
+  }
+  p.tiles_h = (g.OH + p.th - 1) / p.th;
+  p.tiles_w = (g.OW + p.tw - 1) / p.tw;
+  p.grid_x = (g.N + p.tn - 1) / p.tn * p.tiles_h * p.tiles_w;
+  p.grid_y = g.C_out / kTcChannels;
+  if (p.grid_x > 2147483647LL) return "more than 2^31 - 1 output tiles (a grid.x limit)";
+  if (p.grid_y > 65535) return "more than 65535 blocks of 64 channels (a grid.y limit)";
+  *plan = p;
+  return nullptr;
+}
+
+template <typename T>
+__host__ __device__ inline uint16_t bits16(T v) {
+  static_assert(sizeof(T) == 2, "16-bit type");
+  uint16_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// Packs the weight ([C_out][cpg][KH][KW], contiguous) into B fragments: out[((cb * ksteps + s) * 8 + j) * 32 + lane]
+// holds, for n8 tile j of channel block cb at k16 step s, the lane's two registers (k 2t, 2t+1 | 2t+8, 2t+9 of
+// column g = lane / 4, t = lane % 4). One thread per uint2; zeros where a k is no tap or another group's channel.
+template <typename T>
+__global__ void conv_tc_pack_weight_kernel(const T* __restrict__ w, ConvGeom g, TcPlan p, uint2* __restrict__ out) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t total = (g.C_out / kTcChannels) * int64_t(p.ksteps) * 8 * 32;
+  if (idx >= total) return;
+  const int lane = int(idx % 32), j = int((idx / 32) % 8), s = int((idx / 256) % p.ksteps);
+  const int64_t cb = idx / (256 * int64_t(p.ksteps));
+  const int64_t cpg = g.C_in / g.groups;
+  const int64_t co = cb * kTcChannels + 8 * j + lane / 4;
+  const int t = lane % 4;
+  const int64_t group = co / cpg;
+  const int64_t window = p.kw == 8 ? (co / 8) * 8 : group * cpg;
+  const int q = p.kw / 16;  // k16 steps per tap for windows of 16+
+  uint32_t reg[2] = {0, 0};
+  for (int e = 0; e < 4; ++e) {
+    const int k = 2 * t + (e & 1) + 8 * (e >> 1);
+    int tap;
+    int64_t ci;
+    if (p.kw == 8) {
+      tap = 2 * s + k / 8;
+      ci = window + k % 8;
+    } else {
+      tap = s / q;
+      ci = window + 16 * (s % q) + k;
+    }
+    uint16_t v = 0;
+    if (tap < p.taps && ci / cpg == group) v = bits16(w[(co * cpg + (ci - group * cpg)) * p.taps + tap]);
+    reg[e >> 1] |= uint32_t(v) << (16 * (e & 1));
+  }
+  out[idx] = make_uint2(reg[0], reg[1]);
+}
+
+template <typename T>
+__host__ __device__ inline T from_bits16(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half_raw r;
+    r.x = bits;
+    return __half(r);
+  } else {
+    __nv_bfloat16_raw r;
+    r.x = bits;
+    return __nv_bfloat16(r);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void tc_mma(float (&d)[4], const uint32_t (&a)[4], const uint2 b) {
+  const uint32_t bb[2] = {b.x, b.y};
+  if constexpr (std::is_same_v<T, __half>) {
+    rk::ptx::mma_m16n8k16_f16(d, a, bb, d);
+  } else {
+    rk::ptx::mma_m16n8k16_bf16(d, a, bb, d);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T tc_from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float tc_to_float(T v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+// WINDOWS: input-channel windows of a warp's 32 channels: 4 (groups of 4, 8), 2 (16), 1 (32, 64).
+// STATS: training form (raw convolution out, per-tile channel statistics to `partials`); else inference form
+// (relu?(conv * scale + shift)).
+template <typename T, int WINDOWS, bool STATS>
+__global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 registers, no spills
+    conv_tc_fwd_kernel(const T* __restrict__ x, const uint2* __restrict__ wfrag, const float* __restrict__ scale,
+                       const float* __restrict__ shift, T* __restrict__ y, float2* __restrict__ partials, ConvGeom g,
+                       TcPlan p, bool relu) {
+  RK_DYNAMIC_SHARED(unsigned char, smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp & 1, warp_n = warp >> 1;
+  const int64_t tiles = p.tiles_h * p.tiles_w;
+  const int64_t n0 = blockIdx.x / tiles * p.tn, tile = blockIdx.x % tiles;
+  const int oy0 = int(tile / p.tiles_w) * p.th, ox0 = int(tile % p.tiles_w) * p.tw;
+  const int64_t c0 = int64_t(blockIdx.y) * kTcChannels;
+  const int s = g.stride_h;
+  const int plane_px = p.in_th * p.plane_w;
+  const int zero_px = p.smem_pixels - 1;
+  const int img_pixels = p.th * p.tw, pixels = p.tn * img_pixels;
+  const int images = p.tn < g.N - n0 ? p.tn : int(g.N - n0);
+
+  // The input tiles, 8 chunks of 16 bytes a pixel; outside the image the chunks are zero-filled.
+  {
+    const int64_t iy0 = int64_t(oy0) * s - g.pad_h, ix0 = int64_t(ox0) * s - g.pad_w;
+    const int in_px = p.in_th * p.in_tw;
+    const int chunks = p.tn * in_px * 8;
+    for (int i = tid; i < chunks; i += kTcThreads) {
+      const int part = i & 7, px = i >> 3;
+      const int img = px / in_px, rest = px - img * in_px;
+      const int ty = rest / p.in_tw, tx = rest - ty * p.in_tw;
+      const int64_t iy = iy0 + ty, ix = ix0 + tx;
+      const bool inside = img < images && iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
+      const int row = img * p.img_px +
+                      (p.planes == 2 ? (tx & 1) * plane_px + ty * p.plane_w + (tx >> 1) : ty * p.plane_w + tx);
+      const T* src = inside ? x + (((n0 + img) * g.H + iy) * g.W + ix) * g.C_in + c0 + part * 8 : x;
+      rk::ptx::cp_async_cg(smem + row * kTcPitch + part * 16, src, inside ? 16 : 0);
+    }
+    if (tid < 8) *reinterpret_cast<uint4*>(smem + zero_px * kTcPitch + tid * 16) = make_uint4(0, 0, 0, 0);
+    rk::ptx::cp_async_wait_all();
+  }
+  __syncthreads();
+
+  const int mtiles = (pixels + 15) / 16;
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+  // The tile row of the input pixel under tap (0, 0) for this lane's pixel of each of the warp's m16 tiles.
+  int base[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int pix = (warp_m + 2 * i) * 16 + (lane & 15);
+    if (pix >= pixels) pix = pixels - 1;  // the last m16 tile's spare rows: computed, never stored
+    const int img = pix / img_pixels, lp = pix - img * img_pixels;
+    const int oy = lp / p.tw, ox = lp - oy * p.tw;
+    base[i] = img * p.img_px + oy * s * p.plane_w + (p.planes == 2 ? ox : ox * s);
+  }
+  int window[WINDOWS];  // first channel (of the CTA's 64) of each window of this warp
+#pragma unroll
+  for (int w = 0; w < WINDOWS; ++w) window[w] = ((warp_n * 32 + w * (32 / WINDOWS)) / p.kw) * p.kw;
+  const int khalf = lane >> 4;
+  const int q_log2 = p.kw >= 64 ? 2 : p.kw >= 32 ? 1 : 0;
+  const uint2* wb = wfrag + (int64_t(blockIdx.y) * p.ksteps * 8 + warp_n * 4) * 32 + lane;
+
+  for (int step = 0; step < p.ksteps; ++step) {
+    uint2 bf[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bf[j] = wb[(int64_t(step) * 8 + j) * 32];
+    int tap, choff;
+    if (p.kw == 8) {
+      tap = 2 * step + khalf;
+      choff = 0;
+    } else {
+      tap = step >> q_log2;
+      choff = ((step & ((1 << q_log2) - 1)) << 4) + 8 * khalf;
+    }
+    int tap_row = -1;  // -1: the zero pixel
+    if (tap < p.taps) {
+      const int ky = p.taps == 9 ? (tap * 11) >> 5 : 0, kx = tap - 3 * ky;  // tap / 3 for tap < 9
+      tap_row = ky * p.plane_w + (p.planes == 2 ? (kx & 1) * plane_px + (kx >> 1) : kx);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (warp_m + 2 * i >= mtiles) continue;
+      const int row = tap_row < 0 ? zero_px : base[i] + tap_row;
+#pragma unroll
+      for (int w = 0; w < WINDOWS; ++w) {
+        uint32_t a[4];
+        rk::ptx::ldmatrix<4>(a, smem + row * kTcPitch + (window[w] + choff) * 2);
+#pragma unroll
+        for (int u = 0; u < 4 / WINDOWS; ++u) tc_mma<T>(acc[i][w * (4 / WINDOWS) + u], a, bf[w * (4 / WINDOWS) + u]);
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with the input tile: the staging below reuses it
+
+  // Epilogue: rounded to T in a [pixel][144 B] staging tile; lane (g, t) holds channels 2t, 2t+1 of rows g, g+8.
+  const int gq = lane >> 2, t4 = lane & 3;
+  float2 sc[4], sf[4];  // the lane's channel pairs' BN scale and shift (8-byte loads: one sector per warp)
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (!STATS) {
+      const int64_t ch = c0 + warp_n * 32 + j * 8 + 2 * t4;
+      sc[j] = *reinterpret_cast<const float2*>(scale + ch);
+      sf[j] = *reinterpret_cast<const float2*>(shift + ch);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int mt = warp_m + 2 * i;
+    if (mt >= mtiles) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int ch = warp_n * 32 + j * 8 + 2 * t4;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int pix = mt * 16 + gq + 8 * h;
+        if (pix >= pixels) continue;
+        float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
+        if (!STATS) {
+          v0 = v0 * sc[j].x + sf[j].x;
+          v1 = v1 * sc[j].y + sf[j].y;
+          if (relu) {
+            v0 = v0 < 0.f ? 0.f : v0;  // NaN passes, as torch.relu
+            v1 = v1 < 0.f ? 0.f : v1;
+          }
+        }
+        const uint32_t packed = uint32_t(bits16(tc_from_float<T>(v0))) | (uint32_t(bits16(tc_from_float<T>(v1))) << 16);
+        *reinterpret_cast<uint32_t*>(smem + pix * kTcPitch + ch * 2) = packed;
+      }
+    }
+  }
+  __syncthreads();
+  const int rows = p.th < g.OH - oy0 ? p.th : int(g.OH - oy0);
+  const int cols = p.tw < g.OW - ox0 ? p.tw : int(g.OW - ox0);
+  for (int c = tid; c < pixels * 8; c += kTcThreads) {
+    const int pix = c >> 3, part = c & 7;
+    const int img = pix / img_pixels, lp = pix - img * img_pixels;
+    const int ty = lp / p.tw, tx = lp - ty * p.tw;
+    if (img >= images || ty >= rows || tx >= cols) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(smem + pix * kTcPitch + part * 16);
+    *reinterpret_cast<uint4*>(y + (((n0 + img) * g.OH + oy0 + ty) * g.OW + ox0 + tx) * g.C_out + c0 + part * 8) = v;
+  }
+  if constexpr (STATS) {
+    // Channel c = tid % 64 over the pixels of parity tid / 64: the tile's sum, then squared deviations from its mean.
+    float* red = reinterpret_cast<float*>(smem + p.smem_bytes - 2 * kTcThreads * sizeof(float));
+    const int c = tid & 63, half = tid >> 6;
+    const T* stage = reinterpret_cast<const T*>(smem);
+    constexpr int kRow = kTcPitch / 2;
+    float sum = 0.f;
+    for (int pix = half; pix < pixels; pix += 2) {
+      const int img = pix / img_pixels, lp = pix - img * img_pixels;
+      const int ty = lp / p.tw, tx = lp - ty * p.tw;
+      if (img < images && ty < rows && tx < cols) sum += tc_to_float<T>(stage[pix * kRow + c]);
+    }
+    red[tid] = sum;
+    __syncthreads();
+    const float total = red[c] + red[c + 64];
+    const float mean = total / float(images * rows * cols);
+    float m2 = 0.f;
+    for (int pix = half; pix < pixels; pix += 2) {
+      const int img = pix / img_pixels, lp = pix - img * img_pixels;
+      const int ty = lp / p.tw, tx = lp - ty * p.tw;
+      if (img < images && ty < rows && tx < cols) {
+        const float d = tc_to_float<T>(stage[pix * kRow + c]) - mean;
+        m2 += d * d;
+      }
+    }
+    red[kTcThreads + tid] = m2;
+    __syncthreads();
+    if (half == 0) {
+      partials[int64_t(blockIdx.x) * g.C_out + c0 + c] = make_float2(total, red[kTcThreads + c] +
+                                                                              red[kTcThreads + c + 64]);
+    }
+  }
+}
+
+// Merges the tiles' (sum, squared deviations) of one channel per thread, in tile order, by Chan's formula in
+// float64; writes mean, biased variance and the BN affine map (a, b).
+__global__ void conv_tc_stats_finalize_kernel(const float2* __restrict__ partials, ConvGeom g, TcPlan p, double eps,
+                                              const float* __restrict__ gamma, const float* __restrict__ beta,
+                                              float* __restrict__ mean, float* __restrict__ var, float* __restrict__ a,
+                                              float* __restrict__ b) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= g.C_out) return;
+  double count = 0.0, mu = 0.0, m2 = 0.0;
+  const int64_t tiles = p.tiles_h * p.tiles_w;
+  for (int64_t blk = 0; blk < p.grid_x; ++blk) {
+    const int64_t tile = blk % tiles, n0 = blk / tiles * p.tn;
+    const int64_t oy0 = (tile / p.tiles_w) * p.th, ox0 = (tile % p.tiles_w) * p.tw;
+    const int64_t images = p.tn < g.N - n0 ? p.tn : g.N - n0;
+    const double nb = double(images * (p.th < g.OH - oy0 ? p.th : g.OH - oy0) *
+                             (p.tw < g.OW - ox0 ? p.tw : g.OW - ox0));
+    const float2 part = partials[blk * g.C_out + c];
+    const double mb = double(part.x) / nb, delta = mb - mu, total = count + nb;
+    mu += delta * nb / total;
+    m2 += double(part.y) + delta * delta * count * nb / total;
+    count = total;
+  }
+  mean[c] = float(mu);
+  var[c] = float(m2 / count);
+  bn_affine(mean[c], var[c], gamma, beta, c, eps, a, b);
+}
+
+// out = relu?(y * a + b), 8 channels (16 bytes) per thread; C % 8 == 0.
+template <typename T>
+__global__ void normalize_relu_vec8_kernel(const T* __restrict__ y, const float* __restrict__ a,
+                                           const float* __restrict__ b, int64_t vectors, int64_t C, bool relu,
+                                           T* __restrict__ out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= vectors) return;
+  const int64_t c = (i * 8) % C;
+  const uint4 v = reinterpret_cast<const uint4*>(y)[i];
+  const float4 a0 = reinterpret_cast<const float4*>(a + c)[0], a1 = reinterpret_cast<const float4*>(a + c)[1];
+  const float4 b0 = reinterpret_cast<const float4*>(b + c)[0], b1 = reinterpret_cast<const float4*>(b + c)[1];
+  const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+  const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+  const uint32_t in[4] = {v.x, v.y, v.z, v.w};
+  uint32_t res[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    uint32_t packed = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float z = tc_to_float<T>(from_bits16<T>(static_cast<uint16_t>(in[k] >> (16 * h)))) * av[2 * k + h] +
+                bv[2 * k + h];
+      if (relu && z < 0.f) z = 0.f;
+      packed |= uint32_t(bits16(tc_from_float<T>(z))) << (16 * h);
+    }
+    res[k] = packed;
+  }
+  reinterpret_cast<uint4*>(out)[i] = make_uint4(res[0], res[1], res[2], res[3]);
+}
+
+}  // namespace cuda_kernels
+}  // namespace rk
