@@ -112,6 +112,7 @@ void launch_fwd(const char* op, const ConvGeom& g, const cuda_kernels::TcPlan& p
   auto kernel = cpg <= 8    ? conv_tc_fwd_kernel<T, 4, STATS>
                 : cpg == 16 ? conv_tc_fwd_kernel<T, 2, STATS>
                             : conv_tc_fwd_kernel<T, 1, STATS>;
+  if (plan.smem_bytes > 48 * 1024) check(set_max_dynamic_smem(kernel, plan.smem_bytes), op);
   check(launch_kernel(kernel, dim3(unsigned(plan.grid_x), unsigned(plan.grid_y)), dim3(kTcThreads), plan.smem_bytes,
                       stream, reinterpret_cast<const T*>(x.const_data_ptr()),
                       reinterpret_cast<const uint2*>(packed.const_data_ptr()), scale, shift,

@@ -12,7 +12,8 @@
 //     (two groups of 4 share an n8 tile: the weight is block-diagonal, half zeros), its group's channels from 16
 //     on. A k16 step is two taps x 8 channels (window 8: 9 taps in 5 steps, the 10th tap a zero pixel) or one tap
 //     x 16 channels. ldmatrix.x4 loads a 16-pixel x k16 A fragment straight from the tile rows; the n8 tiles of
-//     one window reuse it. B fragments come from global memory, packed once in fragment order (L1/L2-resident).
+//     one window reuse it. B fragments, packed once in fragment order, are staged one tap at a time in two
+//     shared-memory buffers by cp.async, the next tap's copy in flight while the current one is multiplied.
 //   * Warps: 2 along pixels (m16 tiles alternate) x 2 along channels (32 each): 4 m16 tiles x 4 n8 tiles of fp32
 //     accumulators per thread at most.
 //   * Epilogue: BN scale/shift and ReLU in fp32 (inference), or the raw convolution (training), rounded to T and
@@ -40,7 +41,7 @@ constexpr int kTcThreads = 128;
 constexpr int kTcChannels = 64;       // output channels of a CTA (and the input channels it reads)
 constexpr int kTcMaxPixels = 128;     // output pixels of a CTA: 8 m16 tiles
 constexpr int kTcPitch = 144;         // bytes of shared memory per tile pixel: 64 x 2 B + 16 B of bank shift
-constexpr size_t kTcMaxSmem = 48 * 1024;
+constexpr size_t kTcMaxSmem = 64 * 1024;  // over 48 KiB the launcher raises the kernel's limit (sm_80+: 163 KiB)
 
 struct TcPlan {
   int th, tw;            // output tile of one image
@@ -50,9 +51,11 @@ struct TcPlan {
   int img_px;            // shared-memory pixels per image
   int kw;                // input channels of an n8 tile's window: 8 (groups of 4, 8) or the group size
   int ksteps;            // k16 steps of an n8 tile
+  int chunk_steps;       // k16 steps whose B fragments are staged in shared memory together (one tap's)
   int taps;              // KH * KW: 9 or 1
   int64_t tiles_h, tiles_w, grid_x, grid_y;
   int smem_pixels;       // tn images' input tiles + the zero pixel
+  size_t b_offset;       // where the two B chunk buffers start in shared memory
   size_t smem_bytes;
 };
 
@@ -75,56 +78,47 @@ inline const char* conv_tc_plan(const ConvGeom& g, bool half, TcPlan* plan) {
   p.ksteps = p.kw == 8 ? (p.taps + 1) / 2 : p.taps * p.kw / 16;
   const int s = g.stride_h;
   p.planes = s == 2 ? 2 : 1;
-  // Tile width: the whole row up to 32 pixels, else the widest divisor of OW in [8, 16] (or 16); height: as
-  // many rows as fit 128 pixels, evened out over the image, then fewer until the tile fits the shared memory.
-  int tw = int(g.OW <= 32 ? g.OW : 16);
-  if (g.OW > 32) {
-    for (int d = 16; d >= 8; --d) {
-      if (g.OW % d == 0) {
-        tw = d;
-        break;
-      }
-    }
+  // Tile width: a multiple of 8, so the 8 rows of every ldmatrix (8 consecutive tile pixels) lie in one tile row
+  // of one image, at consecutive shared-memory rows 4 banks apart: conflict-free. The whole row up to 32 pixels
+  // (columns past the image are computed and dropped), else 16 or 8, whichever leaves fewer such columns.
+  int tw;
+  if (g.OW <= 32) {
+    tw = int((g.OW + 7) / 8 * 8);
+  } else {
+    const int64_t waste16 = (g.OW + 15) / 16 * 16 - g.OW, waste8 = (g.OW + 7) / 8 * 8 - g.OW;
+    tw = waste16 <= waste8 ? 16 : 8;
   }
+  // Height: as many rows as fit 128 pixels, evened out over the image; small images: several per CTA, so that a
+  // CTA's weights serve up to 128 pixels. Then fewer until the tiles fit the shared memory.
   int th = kTcMaxPixels / tw;
-  if (th < 1) th = 1;
   if (th > g.OH) th = int(g.OH);
   const int64_t bands = (g.OH + th - 1) / th;
   th = int((g.OH + bands - 1) / bands);
-  // Small images: several whole images per CTA, so a CTA's weight fragments serve up to 128 pixels.
-  int tn = th == g.OH && tw == g.OW ? int(kTcMaxPixels / (th * tw)) : 1;
+  int tn = th == g.OH && tw >= g.OW ? int(kTcMaxPixels / (th * tw)) : 1;
   if (tn > g.N) tn = int(g.N);
   if (tn < 1) tn = 1;
+  p.chunk_steps = p.kw == 8 ? 1 : p.kw / 16;  // the k16 steps of one tap (two taps a step for windows of 8)
+  const size_t b_bytes = 2 * size_t(p.chunk_steps) * 8 * 32 * sizeof(uint2);  // double-buffered B chunk
   for (;;) {
     p.th = th;
     p.tw = tw;
     p.tn = tn;
     p.in_th = (th - 1) * s + g.KH;
     p.in_tw = (tw - 1) * s + g.KW;
-    // The 8 rows of an ldmatrix are 8 consecutive tile pixels, at consecutive shared-memory pixels (4 banks
-    // apart: conflict-free) also across a tile row or an image when s * plane_w = tw and img_px = th * tw
-    // (mod 8): pad the rows and images to that where it is possible (tw even at stride 2).
-    const int pw = p.planes == 2 ? (p.in_tw + 1) / 2 : p.in_tw;
-    p.plane_w = pw;
-    for (int k = 0; k < 8; ++k) {
-      if ((s * (pw + k) - tw) % 8 == 0) {
-        p.plane_w = pw + k;
-        break;
-      }
-    }
-    const int img = p.planes * p.in_th * p.plane_w;
-    p.img_px = tn > 1 ? img + ((th * tw - img) % 8 + 8) % 8 : img;
+    p.plane_w = p.planes == 2 ? (p.in_tw + 1) / 2 : p.in_tw;
+    p.img_px = p.planes * p.in_th * p.plane_w;
     p.smem_pixels = tn * p.img_px + 1;
+    p.b_offset = size_t(p.smem_pixels) * kTcPitch;
     const size_t staging = size_t(tn) * th * tw * kTcPitch;
-    const size_t tile = size_t(p.smem_pixels) * kTcPitch;
-    p.smem_bytes = (tile > staging ? tile : staging) + 2 * kTcThreads * sizeof(float);
+    const size_t used = p.b_offset + b_bytes;
+    p.smem_bytes = (used > staging ? used : staging) + 2 * kTcThreads * sizeof(float);
     if (p.smem_bytes <= kTcMaxSmem) break;
     if (tn > 1) {
       --tn;
     } else if (th > 1) {
       --th;
     } else {
-      return "the tensor-core kernel's input tile does not fit 48 KiB of shared memory";
+      return "the tensor-core kernel's input tile does not fit 64 KiB of shared memory";
     }
   }
   p.tiles_h = (g.OH + p.th - 1) / p.th;
@@ -259,9 +253,19 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
       rk::ptx::cp_async_cg(smem + row * kTcPitch + part * 16, src, inside ? 16 : 0);
     }
     if (tid < 8) *reinterpret_cast<uint4*>(smem + zero_px * kTcPitch + tid * 16) = make_uint4(0, 0, 0, 0);
-    rk::ptx::cp_async_wait_all();
   }
-  __syncthreads();
+  // B fragments are staged per chunk (one tap's k16 steps) in two shared-memory buffers, the next chunk's copy in
+  // flight while the current one is used: each fragment is read from global memory once per CTA.
+  const int chunk_vectors = p.chunk_steps * 8 * 32;  // uint2 of a chunk
+  const uint2* wsrc = wfrag + int64_t(blockIdx.y) * p.ksteps * 8 * 32;
+  uint2* bbuf = reinterpret_cast<uint2*>(smem + p.b_offset);
+  auto stage_b = [&](int chunk) {
+    for (int v = tid * 2; v < chunk_vectors; v += kTcThreads * 2) {  // 16 bytes a copy
+      rk::ptx::cp_async_cg(bbuf + (chunk & 1) * chunk_vectors + v, wsrc + int64_t(chunk) * chunk_vectors + v);
+    }
+  };
+  stage_b(0);
+  rk::ptx::cp_async_commit();  // the input tiles and the first B chunk
 
   const int mtiles = (pixels + 15) / 16;
   float acc[4][4][4];
@@ -286,12 +290,25 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   for (int w = 0; w < WINDOWS; ++w) window[w] = ((warp_n * 32 + w * (32 / WINDOWS)) / p.kw) * p.kw;
   const int khalf = lane >> 4;
   const int q_log2 = p.kw >= 64 ? 2 : p.kw >= 32 ? 1 : 0;
-  const uint2* wb = wfrag + (int64_t(blockIdx.y) * p.ksteps * 8 + warp_n * 4) * 32 + lane;
+  const int chunks = p.ksteps / p.chunk_steps;
 
   for (int step = 0; step < p.ksteps; ++step) {
+    const int chunk = step / p.chunk_steps, in_chunk = step - chunk * p.chunk_steps;
+    if (in_chunk == 0) {
+      if (chunk > 0) __syncthreads();  // every warp is done with the buffer the next copy overwrites
+      if (chunk + 1 < chunks) {
+        stage_b(chunk + 1);
+        rk::ptx::cp_async_commit();
+        rk::ptx::cp_async_wait<1>();  // all but the copy just issued
+      } else {
+        rk::ptx::cp_async_wait<0>();
+      }
+      __syncthreads();  // every thread's copies are visible
+    }
     uint2 bf[4];
+    const uint2* bw = bbuf + (chunk & 1) * chunk_vectors + (in_chunk * 8 + warp_n * 4) * 32 + lane;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) bf[j] = wb[(int64_t(step) * 8 + j) * 32];
+    for (int j = 0; j < 4; ++j) bf[j] = bw[j * 32];
     int tap, choff;
     if (p.kw == 8) {
       tap = 2 * step + khalf;
