@@ -59,9 +59,8 @@ struct TcPlan {
   size_t smem_bytes;
 };
 
-// The reason the tensor-core kernels do not cover a problem, or nullptr with `plan` filled. `half` says whether
-// the dtype is float16/bfloat16 (float32 and float64 run the CUDA-core kernel).
-inline const char* conv_tc_plan(const ConvGeom& g, bool half, TcPlan* plan) {
+// The reason the tensor-core kernels (forward and weight gradient) do not cover a problem, or nullptr.
+inline const char* conv_tc_coverage(const ConvGeom& g, bool half) {
   if (!half) return "the tensor-core kernels take float16 and bfloat16";
   if (!((g.KH == 3 && g.KW == 3) || (g.KH == 1 && g.KW == 1))) return "the tensor-core kernels take 3x3 and 1x1";
   if (g.dil_h != 1 || g.dil_w != 1) return "the tensor-core kernels take dilation 1";
@@ -72,55 +71,85 @@ inline const char* conv_tc_plan(const ConvGeom& g, bool half, TcPlan* plan) {
   if (cpg != 4 && cpg != 8 && cpg != 16 && cpg != 32 && cpg != 64) {
     return "the tensor-core kernels take groups of 4, 8, 16, 32 or 64 channels";
   }
+  return nullptr;
+}
+
+// Tile width: a multiple of 8, so the 8 rows of every ldmatrix (8 consecutive tile pixels) lie in one tile row of
+// one image, at consecutive shared-memory rows. The whole row up to 32 pixels (columns past the image are computed
+// and dropped), else 16 or 8, whichever leaves fewer such columns.
+inline int conv_tc_tile_width(int64_t OW) {
+  if (OW <= 32) return int((OW + 7) / 8 * 8);
+  const int64_t waste16 = (OW + 15) / 16 * 16 - OW, waste8 = (OW + 7) / 8 * 8 - OW;
+  return waste16 <= waste8 ? 16 : 8;
+}
+
+// Output tile of up to max_pixels: conv_tc_tile_width columns, as many rows as fit, evened out over the image; small
+// images: several per tile, so that a CTA's weights (or accumulators) serve up to max_pixels pixels.
+inline void conv_tc_tile_shape(const ConvGeom& g, int max_pixels, int* th, int* tw, int* tn) {
+  *tw = conv_tc_tile_width(g.OW);
+  int h = max_pixels / *tw;
+  if (h > g.OH) h = int(g.OH);
+  const int64_t bands = (g.OH + h - 1) / h;
+  *th = int((g.OH + bands - 1) / bands);
+  int n = *th == g.OH && *tw >= g.OW ? max_pixels / (*th * *tw) : 1;
+  if (n > g.N) n = int(g.N);
+  *tn = n < 1 ? 1 : n;
+}
+
+// The input tile under th x tw output pixels, with its halo: rows, columns, and pixels per row of a column plane (at
+// stride 2 even and odd input columns go to separate planes, so consecutive output pixels read consecutive rows).
+inline void conv_tc_input_tile(const ConvGeom& g, int th, int tw, int* in_th, int* in_tw, int* plane_w) {
+  *in_th = (th - 1) * g.stride_h + g.KH;
+  *in_tw = (tw - 1) * g.stride_w + g.KW;
+  *plane_w = g.stride_w == 2 ? (*in_tw + 1) / 2 : *in_tw;
+}
+
+// Shrinks a tile (fewer images, then fewer rows) until fits(th, tn) holds; false when one row of one image does not.
+template <typename Fits>
+inline bool conv_tc_fit_tile(int* th, int* tn, const Fits& fits) {
+  while (!fits(*th, *tn)) {
+    if (*tn > 1) {
+      --*tn;
+    } else if (*th > 1) {
+      --*th;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The reason the tensor-core kernels do not cover a problem, or nullptr with `plan` filled. `half` says whether
+// the dtype is float16/bfloat16 (float32 and float64 run the CUDA-core kernel).
+inline const char* conv_tc_plan(const ConvGeom& g, bool half, TcPlan* plan) {
+  if (const char* why = conv_tc_coverage(g, half)) return why;
+  const int64_t cpg = g.C_in / g.groups;
   TcPlan p{};
   p.taps = g.KH * g.KW;
   p.kw = cpg <= 8 ? 8 : int(cpg);
   p.ksteps = p.kw == 8 ? (p.taps + 1) / 2 : p.taps * p.kw / 16;
   const int s = g.stride_h;
   p.planes = s == 2 ? 2 : 1;
-  // Tile width: a multiple of 8, so the 8 rows of every ldmatrix (8 consecutive tile pixels) lie in one tile row
-  // of one image, at consecutive shared-memory rows 4 banks apart: conflict-free. The whole row up to 32 pixels
-  // (columns past the image are computed and dropped), else 16 or 8, whichever leaves fewer such columns.
-  int tw;
-  if (g.OW <= 32) {
-    tw = int((g.OW + 7) / 8 * 8);
-  } else {
-    const int64_t waste16 = (g.OW + 15) / 16 * 16 - g.OW, waste8 = (g.OW + 7) / 8 * 8 - g.OW;
-    tw = waste16 <= waste8 ? 16 : 8;
-  }
-  // Height: as many rows as fit 128 pixels, evened out over the image; small images: several per CTA, so that a
-  // CTA's weights serve up to 128 pixels. Then fewer until the tiles fit the shared memory.
-  int th = kTcMaxPixels / tw;
-  if (th > g.OH) th = int(g.OH);
-  const int64_t bands = (g.OH + th - 1) / th;
-  th = int((g.OH + bands - 1) / bands);
-  int tn = th == g.OH && tw >= g.OW ? int(kTcMaxPixels / (th * tw)) : 1;
-  if (tn > g.N) tn = int(g.N);
-  if (tn < 1) tn = 1;
+  // Consecutive shared-memory rows are 4 banks apart: the 8 rows of an ldmatrix are conflict-free. Fewer rows or
+  // images below until the tiles fit the shared memory.
+  int th, tw, tn;
+  conv_tc_tile_shape(g, kTcMaxPixels, &th, &tw, &tn);
   p.chunk_steps = p.kw == 8 ? 1 : p.kw / 16;  // the k16 steps of one tap (two taps a step for windows of 8)
   const size_t b_bytes = 2 * size_t(p.chunk_steps) * 8 * 32 * sizeof(uint2);  // double-buffered B chunk
-  for (;;) {
-    p.th = th;
+  const bool fits = conv_tc_fit_tile(&th, &tn, [&](int h, int n) {
+    p.th = h;
     p.tw = tw;
-    p.tn = tn;
-    p.in_th = (th - 1) * s + g.KH;
-    p.in_tw = (tw - 1) * s + g.KW;
-    p.plane_w = p.planes == 2 ? (p.in_tw + 1) / 2 : p.in_tw;
+    p.tn = n;
+    conv_tc_input_tile(g, h, tw, &p.in_th, &p.in_tw, &p.plane_w);
     p.img_px = p.planes * p.in_th * p.plane_w;
-    p.smem_pixels = tn * p.img_px + 1;
+    p.smem_pixels = n * p.img_px + 1;
     p.b_offset = size_t(p.smem_pixels) * kTcPitch;
-    const size_t staging = size_t(tn) * th * tw * kTcPitch;
+    const size_t staging = size_t(n) * h * tw * kTcPitch;
     const size_t used = p.b_offset + b_bytes;
     p.smem_bytes = (used > staging ? used : staging) + 2 * kTcThreads * sizeof(float);
-    if (p.smem_bytes <= kTcMaxSmem) break;
-    if (tn > 1) {
-      --tn;
-    } else if (th > 1) {
-      --th;
-    } else {
-      return "the tensor-core kernel's input tile does not fit 64 KiB of shared memory";
-    }
-  }
+    return p.smem_bytes <= kTcMaxSmem;
+  });
+  if (!fits) return "the tensor-core kernel's input tile does not fit 64 KiB of shared memory";
   p.tiles_h = (g.OH + p.th - 1) / p.th;
   p.tiles_w = (g.OW + p.tw - 1) / p.tw;
   p.grid_x = (g.N + p.tn - 1) / p.tn * p.tiles_h * p.tiles_w;
