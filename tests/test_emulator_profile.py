@@ -117,9 +117,9 @@ def _nvcc():
     return None
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_ptx_wrappers_compile_to_their_instructions(arch):
-    """nvcc builds tests/emu/ptx_kernels.cu: every wrapper must be its instruction in SASS, with no local memory."""
+def sass_tools():
+    """(nvcc, scripts/check_sass.py as a module); skips the test without nvcc and cuobjdump, fails it in CI (which has
+    both)."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import check_sass
     from resnext_kernels.emulator import sass
@@ -128,6 +128,13 @@ def test_ptx_wrappers_compile_to_their_instructions(arch):
         if os.environ.get("CI"):
             pytest.fail("CI has nvcc and the pinned cuobjdump: the SASS check must run")
         pytest.skip("needs nvcc and cuobjdump")
+    return nvcc, check_sass
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_ptx_wrappers_compile_to_their_instructions(arch):
+    """nvcc builds tests/emu/ptx_kernels.cu: every wrapper must be its instruction in SASS, with no local memory."""
+    nvcc, check_sass = sass_tools()
     src = os.path.join(ROOT, "tests", "emu", "ptx_kernels.cu")
     digest = hashlib.sha256()
     for path in (src, os.path.join(ROOT, "tests", "emu", "ptx_kernels.cuh"),

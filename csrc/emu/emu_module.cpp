@@ -10,6 +10,7 @@
 #include "cuda/bn_train_host.h"
 #include "cuda/bottleneck_backend.h"
 #include "cuda/conv_bn_relu_host.h"
+#include "cuda/conv_wgrad_tc_host.h"
 #include "schemas.h"
 
 extern "C" {
@@ -100,6 +101,22 @@ std::vector<int64_t> launch_stats() {
 
 std::string profile_stop() { return rk::emu::profile_stop(); }
 
+// The tensor-core weight gradient alone, for its tests: grad_y and input as the training backward passes them.
+at::Tensor conv_weight_grad_tc_emulated(const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight,
+                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        int64_t groups) {
+  constexpr const char* op = "resnext_kernels_emu::conv_weight_grad_tc";
+  TORCH_CHECK(input.device().is_cpu(), op, ": the emulated CUDA ops take CPU tensors");
+  const rk::ConvGeom g = rk::check_conv_args(op, input, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.N, g.C_out, g.OH, g.OW}) &&
+                  grad_y.scalar_type() == input.scalar_type(),
+              op, ": grad_y must have the convolution output's shape and the input's dtype");
+  rk::cuda_kernels::WgradTcPlan plan;
+  const char* why = rk::conv_wgrad_tc_unsupported_reason(g, input.scalar_type(), &plan);
+  TORCH_CHECK(why == nullptr, op, ": not covered: ", why ? why : "");
+  return rk::conv_wgrad_tc(op, g, plan, input, grad_y, /*stream=*/nullptr);
+}
+
 std::string unsupported_reason(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const rk::ConvGeom g = rk::check_conv_args("resnext_kernels_emu::cuda_unsupported_reason", input, weight, stride,
@@ -120,6 +137,8 @@ TORCH_LIBRARY(resnext_kernels_emu, m) {
   m.def("counters_built() -> bool", &rk::emu::counters_built);
   m.def("profile_start() -> ()", &rk::emu::profile_start);
   m.def("profile_stop() -> str", &profile_stop);
+  m.def("conv_weight_grad_tc(Tensor grad_y, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
   m.def("cuda_unsupported_reason(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> str",
         &unsupported_reason);
@@ -130,4 +149,5 @@ TORCH_LIBRARY_IMPL(resnext_kernels_emu, CPU, m) {
   m.impl("conv_bn_relu_train", &conv_bn_relu_train_emulated);
   m.impl("conv_bn_relu_train_backward", &conv_bn_relu_train_backward_emulated);
   m.impl("bottleneck_infer", &bottleneck_infer_emulated);
+  m.impl("conv_weight_grad_tc", &conv_weight_grad_tc_emulated);
 }
