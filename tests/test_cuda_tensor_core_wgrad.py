@@ -1,7 +1,8 @@
 """The tensor-core weight gradient (csrc/cuda/kernels/conv_wgrad_tc.cuh) under the CUDA-on-CPU emulator: every
 group size, stride 1 and 2, 3x3 and 1x1, padding 0 to 2, odd and small images, N=1 and more, one chunk (the kernel
 writes the weight gradient) and several (partials added by the finalize kernel), against float64 autograd; bitwise
-determinism across schedules; the counters; and the SASS nvcc makes of it."""
+determinism across schedules; the counters (the design targets at ResNeXt-50 stages 1 and 3); and the SASS nvcc
+makes of it."""
 
 import os
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from reference import rel_err
 
 from resnext_kernels import emulator
+from resnext_kernels.emulator import __main__ as profile_cli
 
 if not emulator.available() and os.environ.get("CI"):
     raise ImportError("resnext_kernels._emu (the emulated CUDA build) is missing; CI requires it")
@@ -123,6 +125,32 @@ def test_uncovered_problems_are_refused():
     with pytest.raises(RuntimeError, match="float16 and bfloat16"):
         E.conv_weight_grad_tc(torch.randn(1, 64, 6, 6), torch.randn(1, 64, 6, 6), torch.empty(64, 4, 3, 3), [1, 1],
                               [1, 1], [1, 1], 16)
+
+
+@pytest.mark.parametrize("shape,batch", [("stage1", 8), ("stage3", 32)])
+def test_counters_meet_the_design_targets(shape, batch):
+    """ResNeXt-50 stage 1 (N=8: already 128 CTAs) and stage 3 (N=32, its chunking depends on the batch), float16, run
+    at that batch: partial sums and the weight gradient stored once in full sectors, x and grad_y read from DRAM
+    once, loads 16-byte and sector-efficient, no bank conflicts, and a predicted H100 time within 1.3x of the
+    compulsory traffic (x + grad_y + dW at DRAM bandwidth; the tensor cores are not the bound here)."""
+    name, c, hw, stride = next(s for s in profile_cli.shapes() if s[0] == f"x50.{shape}")
+    records = profile_cli._run_weight_grad(batch, c, hw, stride, torch.float16)
+    assert _kernels(records) == [KERNEL, FINALIZE]
+    main, fin = records
+    e, dw_numel = 2, c * (c // 32) * 9
+    chunks = main.grid[1]
+    assert main.grid[0] * chunks >= 128  # the GPU's SMs busy
+    assert main.gst_bytes == main.gst_distinct_bytes == chunks * dw_numel * 4
+    assert fin.gst_bytes == fin.gst_distinct_bytes == dw_numel * e
+    assert main.gst_efficiency == fin.gst_efficiency == 1.0
+    assert main.gld_requests == 0 and main.gld_efficiency >= 0.9 and set(fin.gld_requests_by_width) == {16}
+    assert main.mma > 0 and main.smem_conflict_wavefronts <= 0.05 * main.smem_wavefronts
+    out = hw // stride
+    x_bytes, gy_bytes = batch * c * hw * hw * e, batch * c * out * out * e
+    assert main.dram_read_bytes_min <= 1.02 * (x_bytes + gy_bytes)
+    predicted = sum(r.predict_us("h100") for r in records)
+    compulsory = (x_bytes + gy_bytes + dw_numel * e) / (emulator.gpu_model.GPUS["h100"].dram_gbs * 1e3)
+    assert predicted <= 1.3 * compulsory
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

@@ -5,7 +5,10 @@ Each (shape, dtype, form) runs through the emulated ops twice, at N = 2 and N = 
 extrapolated linearly to --batch: exact where an image is a whole number of every kernel's blocks and the batch a
 multiple of the images a block takes (two 7x7 images share a tensor-core CTA), as the kernels' work is then affine
 in N; otherwise off by less than one block per launch (the CUDA-core statistics kernels' 256-row blocks at 56x56,
-28x28, 7x7); --exact runs --batch itself instead (slow). Per kernel launch it prints the sector efficiency of global loads and stores (distinct bytes
+28x28, 7x7); --exact runs --batch itself instead (slow). The tensor-core weight gradient always runs at --batch
+itself (through resnext_kernels_emu::conv_weight_grad_tc, the counts do not depend on the values): it chooses its
+number of pixel chunks from the batch, to fill the GPU within a budget of partial sums, so its launches are not
+affine in N. Per kernel launch it prints the sector efficiency of global loads and stores (distinct bytes
 asked for / bytes of the sectors touched), shared-memory wavefronts per request and the share of them that bank
 conflicts add, the launch's compulsory DRAM traffic, and the predicted time on a GPU (gpu_model) with the term that
 bounds it; per form, the sum over its kernels against the layer's compulsory bound (its tensors read and written
@@ -76,6 +79,29 @@ _NUMERIC = [f.name for f in dataclasses.fields(LaunchRecord)
 
 
 BASE_BATCHES = (2, 4)
+NOT_AFFINE = ("conv_wgrad_tc",)  # kernels run at the batch itself, never extrapolated (see the module docstring)
+
+
+def _run_weight_grad(n: int, c: int, hw: int, stride: int, dtype: torch.dtype) -> list[LaunchRecord]:
+    """The tensor-core weight gradient's launches at batch n, as the backward form makes them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, hw, hw, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, c // GROUPS, 3, 3, generator=gen).to(dtype)
+    out = (hw + 2 - 3) // stride + 1
+    grad_y = torch.randn(n, c, out, out, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    return profile(torch.ops.resnext_kernels_emu.conv_weight_grad_tc, grad_y, x, w, [stride, stride], [1, 1],
+                   [1, 1], GROUPS)
+
+
+def records_at(form: str, n: int, c: int, hw: int, stride: int, dtype: torch.dtype) -> list[LaunchRecord]:
+    """The form's launches at batch n: extrapolated from BASE_BATCHES, but the NOT_AFFINE kernels (the last
+    launches of the backward form) run at n."""
+    full = [_run_form(form, b, c, hw, stride, dtype) for b in BASE_BATCHES]
+    runs = [[r for r in rs if not any(k in r.kernel for k in NOT_AFFINE)] for rs in full]
+    records = [extrapolate(a, b, n) for a, b in zip(*runs)]
+    if len(runs[0]) != len(full[0]):
+        records += _run_weight_grad(n, c, hw, stride, dtype)
+    return records
 
 
 def extrapolate(r1: LaunchRecord, r2: LaunchRecord, n: int, batches: tuple[int, int] = BASE_BATCHES) -> LaunchRecord:
@@ -150,9 +176,7 @@ def run(args) -> int:
                 if args.exact:
                     records = _run_form(form, args.batch, c, hw, stride, dtype)
                 else:
-                    r1 = _run_form(form, BASE_BATCHES[0], c, hw, stride, dtype)
-                    r2 = _run_form(form, BASE_BATCHES[1], c, hw, stride, dtype)
-                    records = [extrapolate(a, b, args.batch) for a, b in zip(r1, r2)]
+                    records = records_at(form, args.batch, c, hw, stride, dtype)
                 for gpu_key in gpus:
                     gpu = gpu_model.GPUS[gpu_key]
                     total = 0.0
