@@ -1,8 +1,8 @@
 """The tensor-core weight gradient (csrc/cuda/kernels/conv_wgrad_tc.cuh) under the CUDA-on-CPU emulator: every
 group size, stride 1 and 2, 3x3 and 1x1, padding 0 to 2, odd and small images, N=1 and more, one chunk (the kernel
 writes the weight gradient) and several (partials added by the finalize kernel), against float64 autograd; bitwise
-determinism across schedules; the counters (the design targets at ResNeXt-50 stages 1 and 3); and the SASS nvcc
-makes of it."""
+determinism across schedules; the training backward taking its weight gradient from it; the counters (the design
+targets at ResNeXt-50 stages 1 and 3); and the SASS nvcc makes of it."""
 
 import os
 
@@ -125,6 +125,51 @@ def test_uncovered_problems_are_refused():
     with pytest.raises(RuntimeError, match="float16 and bfloat16"):
         E.conv_weight_grad_tc(torch.randn(1, 64, 6, 6), torch.randn(1, 64, 6, 6), torch.empty(64, 4, 3, 3), [1, 1],
                               [1, 1], [1, 1], 16)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_training_backward_takes_the_tensor_core_weight_gradient(dtype, deterministic):
+    """The CUDA training backward's weight gradient comes from the tensor-core kernel wherever it covers the problem,
+    with or without torch.use_deterministic_algorithms (the CUDA-core kernel never runs), bitwise the same in both
+    modes, and within PyTorch's own same-precision error of the float64 training step."""
+    n, c, h, w, groups = 2, 128, 12, 10, 32
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(c, c // groups, 3, 3, generator=gen) / 6).to(dtype)
+    gamma, beta = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.2
+    args = (1e-5, [1, 1], [1, 1], [1, 1], groups, True)
+    out, y, mean, var = E.conv_bn_relu_train(x, wt, gamma, beta, *args)
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+
+    def backward():
+        result = []
+        records = emulator.profile(lambda: result.append(E.conv_bn_relu_train_backward(
+            grad, x, wt, y, mean, var, gamma, beta, *args, [False, True, False])[1]))
+        return result[0], _kernels(records)
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        dw, kernels = backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert KERNEL in kernels and "weight_grad_partial_kernel" not in kernels
+    assert dw.dtype == dtype and dw.shape == wt.shape
+    torch.use_deterministic_algorithms(not deterministic)
+    try:
+        assert torch.equal(backward()[0], dw)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    d = torch.float64
+    leaves = [t.detach().to(d).requires_grad_() for t in (x, wt, gamma, beta)]
+    ref = F.relu(F.batch_norm(F.conv2d(leaves[0], leaves[1], None, *args[1:5]), None, None, leaves[2], leaves[3],
+                              True, 0.0, 1e-5))
+    ref.backward(grad.to(d))
+    own = [t.detach().clone().requires_grad_() for t in (x, wt)]
+    F.relu(F.batch_norm(F.conv2d(own[0], own[1], None, *args[1:5]), None, None, gamma, beta, True, 0.0,
+                        1e-5)).backward(grad)
+    assert rel_err(dw, leaves[1].grad) <= 1.5 * rel_err(own[1].grad, leaves[1].grad) + 4 * torch.finfo(dtype).eps
 
 
 @pytest.mark.parametrize("shape,batch", [("stage1", 8), ("stage3", 32)])

@@ -1,10 +1,11 @@
 // Host side of the training form on CUDA (conv_bn_relu_train and its backward), shared by the real CUDA
 // build and the emulated build. The convolution runs the fused forward kernel (identity affine), the
 // statistics and the BN + ReLU backward run the kernels of kernels/bn_train.cuh. The convolution's data
-// gradient comes from ATen (cuDNN on a GPU); its weight gradient too, except under
-// torch.use_deterministic_algorithms(True), where the deterministic kernels of kernels/conv_wgrad.cuh run
-// (3x3 and 1x1 kernels; cuDNN's own deterministic algorithms otherwise). They are not the default because
-// they have not been timed against cuDNN on a GPU.
+// gradient comes from ATen (cuDNN on a GPU). Its weight gradient comes from the deterministic tensor-core kernel
+// (kernels/conv_wgrad_tc.cuh) wherever the tensor-core plan covers the problem (float16/bfloat16, as the forward);
+// elsewhere from ATen, except under torch.use_deterministic_algorithms(True), where the deterministic CUDA-core
+// kernels of kernels/conv_wgrad.cuh run (3x3 and 1x1 kernels; cuDNN's own deterministic algorithms otherwise).
+// The CUDA-core ones are not the default because they have not been timed against cuDNN on a GPU.
 #pragma once
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +18,7 @@
 #include <tuple>
 
 #include "cuda/conv_bn_relu_host.h"
+#include "cuda/conv_wgrad_tc_host.h"
 #include "cuda/kernels/bn_train.cuh"
 #include "cuda/kernels/conv_wgrad.cuh"
 
@@ -218,15 +220,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   });
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options());
   const int64_t taps = int64_t(g.KH) * g.KW;
-  const bool own_weight_grad =
-      output_mask[1] && at::globalContext().deterministicAlgorithms() && (taps == 9 || taps == 1);
+  cuda_kernels::WgradTcPlan wgrad_tc;
+  const bool tc_weight_grad =
+      output_mask[1] && conv_wgrad_tc_unsupported_reason(g, input.scalar_type(), &wgrad_tc) == nullptr;
+  const bool own_weight_grad = output_mask[1] && (tc_weight_grad || (at::globalContext().deterministicAlgorithms() &&
+                                                                     (taps == 9 || taps == 1)));
   if (output_mask[0] || (output_mask[1] && !own_weight_grad)) {
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation, false, {0, 0},
                                           groups, {output_mask[0], output_mask[1] && !own_weight_grad, false});
     if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
     if (output_mask[1] && !own_weight_grad) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
   }
-  if (own_weight_grad) {
+  if (tc_weight_grad) {
+    grad_weight = conv_wgrad_tc(op, g, wgrad_tc, input, grad_y, stream).contiguous(weight.suggest_memory_format());
+  } else if (own_weight_grad) {
     dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
       grad_weight = weight_grad_cuda<decltype(t), decltype(acc_v)>(op, g, input, grad_y, stream);
     });
