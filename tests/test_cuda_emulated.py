@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from reference import assert_dtype_tolerance, random_bn, reference_conv_affine_relu, rel_err
 from test_conv_bn_relu import EDGE_CASES, _make
+from test_cuda_tensor_core_wgrad import CASES as WGRAD_TC_CASES
+from test_cuda_tensor_core_wgrad import _autograd_weight_grad, _case_id, _inputs
 from test_models import BLOCK_CASES, _block_pair
 
 import resnext_kernels as rk
@@ -254,6 +256,18 @@ def test_emulated_weight_gradient_kernel(case, dtype, deterministic_algorithms):
         assert rel_err(ours, library) <= 4 * torch.finfo(dtype).eps
     with emulator.schedule(*emulator.SCHEDULES[-1]):
         assert torch.equal(grad_weight(), ours)
+
+
+@pytest.mark.parametrize("case", [WGRAD_TC_CASES[i] for i in (0, 5, 7, 9, 10)], ids=_case_id)
+def test_emulated_tensor_core_weight_gradient(case):
+    """The tensor-core weight gradient (tested with its counters in test_cuda_tensor_core_wgrad.py) without them, so
+    that the AddressSanitizer run (scripts/sanitize.sh) checks its shared and global accesses: groups of 4 with
+    several chunks, groups of 32 and 64 at stride 2, 1x1 at strides 1 and 2."""
+    x, grad_y, wt, conv = _inputs(case, torch.float16)
+    dw = torch.ops.resnext_kernels_emu.conv_weight_grad_tc(grad_y, x, wt, *conv)
+    ref = _autograd_weight_grad(x, grad_y, wt.shape, conv, torch.float64)
+    own = _autograd_weight_grad(x, grad_y, wt.shape, conv, torch.float16)
+    assert rel_err(dw, ref) <= 2 * rel_err(own, ref) + 2 * torch.finfo(torch.float16).eps
 
 
 def test_emulated_training_ops_opcheck():
