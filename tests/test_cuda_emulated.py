@@ -258,11 +258,11 @@ def test_emulated_weight_gradient_kernel(case, dtype, deterministic_algorithms):
         assert torch.equal(grad_weight(), ours)
 
 
-@pytest.mark.parametrize("case", [WGRAD_TC_CASES[i] for i in (0, 5, 7, 9, 10)], ids=_case_id)
+@pytest.mark.parametrize("case", [WGRAD_TC_CASES[i] for i in (0, 5, 7, 10, 13, 14)], ids=_case_id)
 def test_emulated_tensor_core_weight_gradient(case):
     """The tensor-core weight gradient (tested with its counters in test_cuda_tensor_core_wgrad.py) without them, so
     that the AddressSanitizer run (scripts/sanitize.sh) checks its shared and global accesses: groups of 4 with
-    several chunks, groups of 32 and 64 at stride 2, 1x1 at strides 1 and 2."""
+    several chunks, groups of 32 and 64 in narrow and wide blocks, 1x1 at strides 1 and 2."""
     x, grad_y, wt, conv = _inputs(case, torch.float16)
     dw = torch.ops.resnext_kernels_emu.conv_weight_grad_tc(grad_y, x, wt, *conv)
     ref = _autograd_weight_grad(x, grad_y, wt.shape, conv, torch.float64)

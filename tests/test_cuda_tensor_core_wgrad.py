@@ -22,41 +22,47 @@ E = torch.ops.resnext_kernels_emu if emulator.available() else None
 HALF = [torch.float16, torch.bfloat16]
 KERNEL, FINALIZE = "conv_wgrad_tc_kernel", "conv_wgrad_tc_finalize_kernel"
 
-CASES = [  # (N, C, H, W, groups, kernel, stride, padding, channels_last, chunks)
-    (3, 64, 24, 24, 16, 3, 1, 1, True, 5),     # groups of 4 (a quarter of each 16x16 block), several sub-tiles a chunk
-    (2, 64, 26, 25, 8, 3, 1, 1, False, 2),     # groups of 8, NCHW, tile columns past the image
-    (4, 64, 24, 24, 4, 3, 1, 1, True, 2),      # groups of 16
-    (1, 64, 9, 11, 4, 3, 1, 1, True, 1),       # N=1, odd sizes, one chunk: the kernel writes the weight gradient
-    (3, 128, 7, 7, 8, 3, 1, 1, True, 1),       # three images in one sub-tile (room for four)
-    (2, 64, 21, 19, 2, 3, 2, 1, True, 1),      # groups of 32: 2x2 blocks a group; stride 2 (column planes)
-    (1, 64, 33, 71, 16, 3, 2, 1, True, 5),     # stride 2, wide: sub-tile rows cut to fit the shared memory
-    (1, 128, 11, 13, 2, 3, 2, 2, False, 1),    # two groups of 64 (4x4 blocks each), padding 2
-    (2, 128, 10, 9, 32, 3, 1, 0, True, 1),     # padding 0
-    (4, 64, 20, 20, 1, 1, 1, 0, True, 3),      # 1x1
-    (2, 128, 9, 8, 16, 1, 2, 0, True, 1),      # 1x1 at stride 2: odd input rows and columns never read
+CASES = [  # (N, C, H, W, groups, kernel, stride, padding, channels_last, block width (0: the plan's), chunks)
+    (3, 64, 24, 24, 16, 3, 1, 1, True, 0, 5),    # groups of 4 (a quarter of each 16x16 block), several sub-tiles a chunk
+    (2, 64, 26, 25, 8, 3, 1, 1, False, 0, 2),    # groups of 8, NCHW, tile columns past the image
+    (4, 64, 24, 24, 4, 3, 1, 1, True, 0, 2),     # groups of 16
+    (1, 64, 9, 11, 4, 3, 1, 1, True, 0, 1),      # N=1, odd sizes, one chunk: the kernel writes the weight gradient
+    (3, 128, 7, 7, 8, 3, 1, 1, True, 0, 1),      # three images in one sub-tile (room for four)
+    (2, 64, 21, 19, 2, 3, 2, 1, True, 0, 1),     # groups of 32: 2x2 narrow blocks a group; stride 2 (column planes)
+    (2, 64, 21, 19, 2, 3, 2, 1, True, 32, 1),    # the same in wide blocks (one a group)
+    (4, 64, 34, 34, 2, 3, 1, 1, True, 32, 2),    # wide blocks, two chunks
+    (1, 64, 33, 71, 16, 3, 2, 1, True, 0, 5),    # stride 2, wide images: sub-tile rows cut to fit the shared memory
+    (1, 128, 11, 13, 2, 3, 2, 2, False, 0, 1),   # two groups of 64 (4x4 narrow blocks each), padding 2
+    (1, 128, 11, 13, 2, 3, 2, 2, False, 32, 1),  # the same in wide blocks (2x2 a group)
+    (2, 128, 10, 9, 32, 3, 1, 0, True, 0, 1),    # padding 0
+    (4, 64, 20, 20, 1, 1, 1, 0, True, 0, 3),     # 1x1
+    (4, 64, 20, 20, 1, 1, 1, 0, True, 32, 3),    # 1x1 in wide blocks
+    (2, 128, 9, 8, 16, 1, 2, 0, True, 0, 1),     # 1x1 at stride 2: odd input rows and columns never read
 ]
 
 
 def _case_id(case):
-    n, c, h, w, groups, k, stride, pad, cl, _ = case
-    return f"n{n}-c{c}-{h}x{w}-g{groups}-k{k}-s{stride}-p{pad}-{'nhwc' if cl else 'nchw'}"
+    n, c, h, w, groups, k, stride, pad, cl, width, _ = case
+    return (f"n{n}-c{c}-{h}x{w}-g{groups}-k{k}-s{stride}-p{pad}-{'nhwc' if cl else 'nchw'}"
+            + ("-wide" if width == 32 else ""))
 
 
 def _inputs(case, dtype, seed=0):
-    """x, grad_y (the convolution output's shape), a weight of the right shape and the conv arguments."""
-    n, c, h, w, groups, k, stride, pad, cl, _ = case
+    """x, grad_y (the convolution output's shape), a weight of the right shape and the conv arguments (with the
+    block width)."""
+    n, c, h, w, groups, k, stride, pad, cl, width, _ = case
     gen = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if cl else torch.contiguous_format
     x = torch.randn(n, c, h, w, generator=gen).to(dtype).contiguous(memory_format=fmt)
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     grad_y = torch.randn(n, c, oh, ow, generator=gen).to(dtype).contiguous(memory_format=fmt)
-    return x, grad_y, torch.empty(c, c // groups, k, k, dtype=dtype), ([stride] * 2, [pad] * 2, [1, 1], groups)
+    return x, grad_y, torch.empty(c, c // groups, k, k, dtype=dtype), ([stride] * 2, [pad] * 2, [1, 1], groups, width)
 
 
 def _autograd_weight_grad(x, grad_y, shape, conv, dtype):
     """PyTorch's weight gradient of conv2d in `dtype` (float64: the reference)."""
     w = torch.zeros(shape, dtype=dtype, requires_grad=True)
-    F.conv2d(x.to(dtype), w, None, *conv).backward(grad_y.to(dtype))
+    F.conv2d(x.to(dtype), w, None, *conv[:4]).backward(grad_y.to(dtype))
     return w.grad
 
 
@@ -75,9 +81,9 @@ def _weight_grad(x, grad_y, wt, conv):
 def test_weight_gradient_matches_float64(case, dtype):
     x, grad_y, wt, conv = _inputs(case, dtype)
     dw, records = _weight_grad(x, grad_y, wt, conv)
-    chunks = case[-1]
+    width, chunks = case[-2:]
     assert _kernels(records) == ([KERNEL, FINALIZE] if chunks > 1 else [KERNEL])
-    assert records[0].grid[1] == chunks
+    assert records[0].grid[1] == chunks and records[0].kernel.endswith(", true>" if width == 32 else ", false>")
     ref = _autograd_weight_grad(x, grad_y, wt.shape, conv, torch.float64)
     own = _autograd_weight_grad(x, grad_y, wt.shape, conv, dtype)
     assert dw.dtype == dtype and dw.shape == wt.shape and dw.is_contiguous()
@@ -91,6 +97,19 @@ def test_weight_gradient_matches_float64(case, dtype):
     assert main.gld_efficiency == 1.0 and main.gst_efficiency == 1.0
     if chunks > 1:
         assert set(records[1].gld_requests_by_width) == {16}
+
+
+def test_plan_choices_at_resnext_layers():
+    """(block width, blocks, chunks) at N=32 (no kernel runs): narrow blocks and chunks up to 128 CTAs for groups of
+    4-16 channels; groups of 32 at ResNeXt-50 stage 4 stay narrow (wide blocks: 32 CTAs), ResNeXt-101 stage 4 (groups
+    of 64) takes wide ones (128 CTAs either way), its stride-2 stage 3 narrow ones (wide: 4 chunks of partials)."""
+    expected = {"x50.stage1": [16, 8, 16], "x50.stage3": [16, 32, 4], "x50.stage4": [16, 128, 1],
+                "x101.stage4": [32, 128, 1], "x101.stage3.s2": [16, 128, 1]}
+    for name, c, hw, stride in profile_cli.shapes():
+        if name in expected:
+            x = torch.empty(32, c, hw, hw, dtype=torch.float16, device="meta")
+            w = torch.empty(c, c // 32, 3, 3, dtype=torch.float16, device="meta")
+            assert E.conv_weight_grad_tc_plan(x, w, [stride] * 2, [1, 1], [1, 1], 32)[:3] == expected[name], name
 
 
 def test_bitwise_identical_across_schedules_and_runs():
@@ -214,7 +233,7 @@ def test_sass_has_tensor_core_instructions_and_no_spills(arch):
     build = subprocess.run([nvcc, "-std=c++20", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-I",
                             os.path.join(ROOT, "csrc"), src, "-o", cubin], check=True, capture_output=True, text=True)
     report = ptxas.parse(build.stdout + build.stderr)
-    assert sum("conv_wgrad_tc" in name for name, _ in report) == 6 and all(k[1] == arch for k in report)
+    assert sum("conv_wgrad_tc" in name for name, _ in report) == 10 and all(k[1] == arch for k in report)
     assert all(info["spill_stores"] == info["spill_loads"] == 0 for info in report.values()), report
     assert check_sass.main([cubin, "--quiet", "--require", r"conv_wgrad_tc_kernel=HMMA,LDGSTS,LDSM",
                             "--forbid", r"conv_wgrad_tc=LDL,STL"]) == 0

@@ -10,10 +10,11 @@
 
 namespace rk {
 
-// The tensor-core weight-gradient plan for this problem, or the reason there is none.
+// The tensor-core weight-gradient plan for this problem, or the reason there is none (`width`: see
+// conv_wgrad_tc_plan).
 inline const char* conv_wgrad_tc_unsupported_reason(const ConvGeom& g, at::ScalarType dtype,
-                                                    cuda_kernels::WgradTcPlan* plan) {
-  return cuda_kernels::conv_wgrad_tc_plan(g, tc_detail::is_half(dtype), plan);
+                                                    cuda_kernels::WgradTcPlan* plan, int width = 0) {
+  return cuda_kernels::conv_wgrad_tc_plan(g, tc_detail::is_half(dtype), plan, width);
 }
 
 // The convolution's weight gradient [C_out][cpg][KH][KW] (contiguous, x's dtype) from x and grad_y (channels_last,
@@ -34,7 +35,9 @@ inline at::Tensor conv_wgrad_tc(const char* op, const ConvGeom& g, const cuda_ke
   if (plan.chunks > 1) partials = at::empty({plan.chunks * numel}, input.options().dtype(at::kFloat));
   tc_detail::dispatch_half(input.scalar_type(), [&](auto t) {
     using T = decltype(t);
-    auto kernel = plan.taps == 9 ? conv_wgrad_tc_kernel<T, 9> : conv_wgrad_tc_kernel<T, 1>;
+    const bool wide = plan.bw == kWtWide;
+    auto kernel = plan.taps == 9 ? (wide ? conv_wgrad_tc_kernel<T, 9, true> : conv_wgrad_tc_kernel<T, 9, false>)
+                                 : (wide ? conv_wgrad_tc_kernel<T, 1, true> : conv_wgrad_tc_kernel<T, 1, false>);
     if (plan.smem_bytes > 48 * 1024) tc_detail::check(set_max_dynamic_smem(kernel, plan.smem_bytes), op);
     float* pp = partials.defined() ? partials.mutable_data_ptr<float>() : nullptr;
     T* wp = reinterpret_cast<T*>(grad_weight.mutable_data_ptr());

@@ -101,10 +101,11 @@ std::vector<int64_t> launch_stats() {
 
 std::string profile_stop() { return rk::emu::profile_stop(); }
 
-// The tensor-core weight gradient alone, for its tests: grad_y and input as the training backward passes them.
+// The tensor-core weight gradient alone, for its tests: grad_y and input as the training backward passes them;
+// block_width 16 or 32 forces the kernel's variant, 0 lets the plan choose.
 at::Tensor conv_weight_grad_tc_emulated(const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                        int64_t groups) {
+                                        int64_t groups, int64_t block_width) {
   constexpr const char* op = "resnext_kernels_emu::conv_weight_grad_tc";
   TORCH_CHECK(input.device().is_cpu(), op, ": the emulated CUDA ops take CPU tensors");
   const rk::ConvGeom g = rk::check_conv_args(op, input, weight, stride, padding, dilation, groups);
@@ -112,9 +113,23 @@ at::Tensor conv_weight_grad_tc_emulated(const at::Tensor& grad_y, const at::Tens
                   grad_y.scalar_type() == input.scalar_type(),
               op, ": grad_y must have the convolution output's shape and the input's dtype");
   rk::cuda_kernels::WgradTcPlan plan;
-  const char* why = rk::conv_wgrad_tc_unsupported_reason(g, input.scalar_type(), &plan);
+  TORCH_CHECK(block_width == 0 || block_width == 16 || block_width == 32, op, ": block_width is 0, 16 or 32");
+  const char* why = rk::conv_wgrad_tc_unsupported_reason(g, input.scalar_type(), &plan, int(block_width));
   TORCH_CHECK(why == nullptr, op, ": not covered: ", why ? why : "");
   return rk::conv_wgrad_tc(op, g, plan, input, grad_y, /*stream=*/nullptr);
+}
+
+// The weight-gradient plan's choices for these shapes (no kernel runs): block width, blocks, chunks, sub-tiles per
+// chunk and the sub-tile (images, rows, columns).
+std::vector<int64_t> conv_weight_grad_tc_plan(const at::Tensor& input, const at::Tensor& weight,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "resnext_kernels_emu::conv_weight_grad_tc_plan";
+  const rk::ConvGeom g = rk::check_conv_args(op, input, weight, stride, padding, dilation, groups);
+  rk::cuda_kernels::WgradTcPlan plan;
+  const char* why = rk::conv_wgrad_tc_unsupported_reason(g, input.scalar_type(), &plan);
+  TORCH_CHECK(why == nullptr, op, ": not covered: ", why ? why : "");
+  return {plan.bw, plan.blocks, plan.chunks, plan.chunk_subtiles, plan.tn, plan.th, plan.tw};
 }
 
 std::string unsupported_reason(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
@@ -138,7 +153,10 @@ TORCH_LIBRARY(resnext_kernels_emu, m) {
   m.def("profile_start() -> ()", &rk::emu::profile_start);
   m.def("profile_stop() -> str", &profile_stop);
   m.def("conv_weight_grad_tc(Tensor grad_y, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
+        "int[2] dilation, int groups, int block_width=0) -> Tensor");
+  m.def("conv_weight_grad_tc_plan(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups) -> int[]",
+        &conv_weight_grad_tc_plan);
   m.def("cuda_unsupported_reason(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> str",
         &unsupported_reason);

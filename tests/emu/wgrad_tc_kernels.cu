@@ -5,14 +5,17 @@
 
 namespace rk {
 namespace cuda_kernels {
-template __global__ void conv_wgrad_tc_kernel<__half, 9>(const __half*, const __half*, ConvGeom, WgradTcPlan, float*,
-                                                          __half*);
-template __global__ void conv_wgrad_tc_kernel<__half, 1>(const __half*, const __half*, ConvGeom, WgradTcPlan, float*,
-                                                          __half*);
-template __global__ void conv_wgrad_tc_kernel<__nv_bfloat16, 9>(const __nv_bfloat16*, const __nv_bfloat16*, ConvGeom,
-                                                                 WgradTcPlan, float*, __nv_bfloat16*);
-template __global__ void conv_wgrad_tc_kernel<__nv_bfloat16, 1>(const __nv_bfloat16*, const __nv_bfloat16*, ConvGeom,
-                                                                 WgradTcPlan, float*, __nv_bfloat16*);
+#define RK_WGRAD_TC(T, TAPS, WIDE) \
+  template __global__ void conv_wgrad_tc_kernel<T, TAPS, WIDE>(const T*, const T*, ConvGeom, WgradTcPlan, float*, T*);
+RK_WGRAD_TC(__half, 9, false)
+RK_WGRAD_TC(__half, 1, false)
+RK_WGRAD_TC(__half, 9, true)
+RK_WGRAD_TC(__half, 1, true)
+RK_WGRAD_TC(__nv_bfloat16, 9, false)
+RK_WGRAD_TC(__nv_bfloat16, 1, false)
+RK_WGRAD_TC(__nv_bfloat16, 9, true)
+RK_WGRAD_TC(__nv_bfloat16, 1, true)
+#undef RK_WGRAD_TC
 template __global__ void conv_wgrad_tc_finalize_kernel<__half>(const float*, int64_t, int64_t, __half*);
 template __global__ void conv_wgrad_tc_finalize_kernel<__nv_bfloat16>(const float*, int64_t, int64_t, __nv_bfloat16*);
 }  // namespace cuda_kernels

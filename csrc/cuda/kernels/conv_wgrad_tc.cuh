@@ -5,23 +5,30 @@
 //   dW[co][ci][ky][kx] = sum over output pixels p of gy[p][co] * x[src(p, ky, kx)][group(co) * cpg + ci]
 //
 // Per group an implicit GEMM on mma.sync.m16n8k16: M = output channels, N = (tap, input channel), K = output
-// pixels. A CTA (4 warps) owns one 16 x 16 block of (output channel, input channel) for every tap: for groups of
-// 16 and less the block on the diagonal, which holds the groups of its 16 channels whole (groups of 4 and 8 use a
-// quarter and a half of its products: the products across groups are computed and dropped, which the tensor cores
-// can afford and which keeps one kernel for every group size); for groups of 32 and 64, one of the (cpg / 16)^2
-// blocks of a group. The grid is (blocks, chunks): the output pixels are cut into a fixed number of chunks of
-// sub-tiles, from the shape only.
-//   * A sub-tile is up to 256 output pixels (a th x tw rectangle of tn images, tw a multiple of 8). Its 16 grad_y
-//     channels (one 32-byte row a pixel) and the input tile with its halo (the block's 16 input channels; at stride 2
-//     even and odd columns in separate planes, as in the forward kernel) are copied by 16-byte cp.async, zero-filled
-//     outside the images, three sub-tiles in flight. Rows are 32 bytes; the two 16-byte halves of a row swap places
-//     in every other group of 4 rows, so the 8 rows of an ldmatrix (8 consecutive pixels) hit all 32 banks.
-//   * A k16 step takes 16 pixels: ldmatrix.x4.trans of grad_y gives the A fragment (16 channels x 16 pixels), and per
-//     tap one ldmatrix.x4.trans of the input rows under that tap gives the B fragments of both 8-channel halves;
-//     18 mma per step for 3x3. The 4 warps take the steps in turn and keep 18 m16n8 fp32 accumulators each.
-//   * Epilogue: the warps' accumulators are added in warp order through shared memory, staged in the weight's order
-//     and stored coalesced: fp32 partials of the chunk (conv_wgrad_tc_finalize_kernel adds the chunks in chunk order
-//     in float64 and rounds once to the weight's dtype), or, with a single chunk, the weight gradient itself.
+// pixels. A CTA (4 warps) owns one block of (output channel, input channel) for every tap, bw x bw channels:
+//   * narrow: bw = 16. For groups of 4 to 16 the block on the diagonal, which holds the groups of its 16 channels
+//     whole (groups of 4 and 8 use a quarter and a half of its products: the products across groups are computed and
+//     dropped, which the tensor cores can afford and which keeps one kernel for these group sizes); for groups of 32
+//     and 64 one of the (cpg / 16)^2 blocks of a group. Each warp keeps the whole block (1 m16 tile x 2 n8 halves
+//     per tap) and the 4 warps take the k16 steps in turn: 10 ldmatrix.x4 for 18 mma a step (3x3), as an input
+//     fragment serves only its group's 16 output channels;
+//   * wide, for groups of 32 and 64 where there are CTAs enough (conv_wgrad_tc_plan): bw = 32, the group or one of
+//     its 2 x 2 blocks. Warp w keeps input channels 8w .. 8w+7 of the block for all 32 output channels (2 m16 tiles x
+//     1 n8 per tap) and runs every k16 step: 2 + 4.5 ldmatrix.x4 for 18 mma a step.
+// Either way 18 m16n8 fp32 accumulators a thread (3x3). The grid is (blocks, chunks): the output pixels are cut into
+// chunks of sub-tiles, their number from the shape only.
+//   * A sub-tile is up to 256 output pixels (a th x tw rectangle of tn images, tw a multiple of 8). Its bw grad_y
+//     channels (one 2 bw-byte row a pixel) and the input tile with its halo (the block's bw input channels; at stride
+//     2 even and odd columns in separate planes, as in the forward kernel) are copied by 16-byte cp.async,
+//     zero-filled outside the images, three sub-tiles in flight. The 16-byte parts of a row are XOR-swizzled by the
+//     row, so the 8 rows of an ldmatrix (8 consecutive pixels) and every cp.async phase hit all 32 banks.
+//   * A k16 step takes 16 pixels: ldmatrix.x4.trans of grad_y gives an A fragment (16 channels x 16 pixels), and
+//     ldmatrix.x4.trans of the input rows under a tap the B fragments of two n8 tiles (narrow: the two 8-channel
+//     halves of one tap; wide: one octet under two taps).
+//   * Epilogue: narrow, the warps' accumulators are added in warp order through shared memory; the block is staged
+//     in the weight's order and stored coalesced: fp32 partials of the chunk (conv_wgrad_tc_finalize_kernel adds the
+//     chunks in chunk order in float64 and rounds once to the weight's dtype), or, with a single chunk, the weight
+//     gradient itself.
 // No atomics: the sums and their order depend on the shape only, so results are bitwise reproducible run to run.
 #pragma once
 
@@ -41,7 +48,7 @@ namespace cuda_kernels {
 
 constexpr int kWtThreads = 128;
 constexpr int kWtWarps = kWtThreads / 32;
-constexpr int kWtBlock = 16;                  // output and input channels of a CTA's weight block
+constexpr int kWtNarrow = 16, kWtWide = 32;   // output and input channels of a CTA's weight block (bw)
 constexpr int kWtMaxPixels = 256;             // output pixels of a sub-tile
 constexpr int kWtStages = 3;                  // sub-tiles in shared memory: one used, two in flight
 constexpr size_t kWtStageBytes = 24 * 1024;   // the most one sub-tile's input and grad_y rows may take
@@ -54,24 +61,25 @@ struct WgradTcPlan {
   int planes, plane_w, plane_px, img_px;  // 2 column planes at stride 2; rows per plane row, plane, image
   int pixels, ksteps;        // tn * th * tw; k16 steps (pixels rounded up to 16)
   int x_rows;                // shared-memory rows of the input tile (tn * img_px)
-  int taps, cpg, cw;         // KH * KW; channels per group; input channels per output channel in a block
+  int taps, cpg, bw, cw;     // KH * KW; channels per group; block width; input channels per output channel of it
   int64_t tiles_h, tiles_w, subtiles;  // sub-tiles per image, over the batch
   int64_t blocks, chunks, chunk_subtiles;  // grid.x; grid.y; sub-tiles per chunk
   size_t x_bytes, stage_bytes, table_offset, smem_bytes;
 };
 
-// The reason the tensor-core weight gradient does not cover a problem, or nullptr with `plan` filled.
-inline const char* conv_wgrad_tc_plan(const ConvGeom& g, bool half, WgradTcPlan* plan) {
-  if (const char* why = conv_tc_coverage(g, half)) return why;
+// The plan with blocks of bw channels (a covered problem; bw 32 needs groups of 32 or 64), or the reason there is
+// none.
+inline const char* conv_wgrad_tc_plan_width(const ConvGeom& g, int bw, WgradTcPlan* plan) {
   WgradTcPlan p{};
   const int s = g.stride_h;
   p.taps = g.KH * g.KW;
   p.cpg = int(g.C_in / g.groups);
-  p.cw = p.cpg < kWtBlock ? p.cpg : kWtBlock;
+  p.bw = bw;
+  p.cw = p.cpg < p.bw ? p.cpg : p.bw;
   p.planes = s == 2 ? 2 : 1;
   int th, tw, tn;
   conv_tc_tile_shape(g, kWtMaxPixels, &th, &tw, &tn);
-  // A stage: the input tile's 32-byte rows (a multiple of 128 bytes, where the swizzle repeats), then grad_y's.
+  // A stage: the input tile's 2 bw-byte rows (a multiple of 128 bytes, where the swizzle repeats), then grad_y's.
   auto plan_stage = [&](int h, int n) {
     p.th = h;
     p.tn = n;
@@ -81,8 +89,8 @@ inline const char* conv_wgrad_tc_plan(const ConvGeom& g, bool half, WgradTcPlan*
     p.x_rows = n * p.img_px;
     p.pixels = n * h * tw;
     p.ksteps = (p.pixels + 15) / 16;
-    p.x_bytes = (size_t(p.x_rows) * 32 + 127) / 128 * 128;
-    p.stage_bytes = p.x_bytes + size_t(p.ksteps) * 16 * 32;
+    p.x_bytes = (size_t(p.x_rows) * 2 * p.bw + 127) / 128 * 128;
+    p.stage_bytes = p.x_bytes + size_t(p.ksteps) * 16 * 2 * p.bw;
     return p.stage_bytes <= kWtStageBytes;
   };
   if (!conv_tc_fit_tile(&th, &tn, plan_stage)) {
@@ -92,7 +100,7 @@ inline const char* conv_wgrad_tc_plan(const ConvGeom& g, bool half, WgradTcPlan*
   p.tiles_h = (g.OH + p.th - 1) / p.th;
   p.tiles_w = (g.OW + p.tw - 1) / p.tw;
   p.subtiles = (g.N + p.tn - 1) / p.tn * p.tiles_h * p.tiles_w;
-  p.blocks = g.C_out / kWtBlock * (p.cpg <= kWtBlock ? 1 : p.cpg / kWtBlock);  // groups of 32+: (cpg / 16)^2 each
+  p.blocks = g.C_out / p.bw * (p.cpg <= p.bw ? 1 : p.cpg / p.bw);  // groups of 64: 2 x 2 blocks each
   // Chunks: enough CTAs to fill the GPU, while the partial sums (written once, read once) stay small next to x and
   // grad_y; never more than the sub-tiles. A single chunk writes the weight gradient directly.
   const int64_t partial_bytes = g.C_out * p.cpg * p.taps * int64_t(sizeof(float));
@@ -105,11 +113,11 @@ inline const char* conv_wgrad_tc_plan(const ConvGeom& g, bool half, WgradTcPlan*
   p.chunk_subtiles = p.subtiles > 0 ? (p.subtiles + chunks - 1) / chunks : 1;
   p.chunks = p.subtiles > 0 ? (p.subtiles + p.chunk_subtiles - 1) / p.chunk_subtiles : 1;
   // Shared memory: the stages, then the row tables (input rows, pixel octets and their base rows); the epilogue
-  // reuses the stages for the warps' accumulators and the staged block.
+  // reuses the stages for the narrow warps' accumulators and the staged block (its skew: 32 floats a row at most).
   p.table_offset = kWtStages * p.stage_bytes;
   const size_t tables = (size_t(p.x_rows) + 4 * size_t(p.ksteps)) * sizeof(int);
-  const size_t epilogue = size_t(kWtWarps) * 2 * p.taps * 32 * sizeof(float4) +
-                          (size_t(kWtBlock) * p.cw * p.taps + 32) * sizeof(float);
+  const size_t dump = p.bw == kWtNarrow ? size_t(kWtWarps) * 2 * p.taps * 32 * sizeof(float4) : 0;
+  const size_t epilogue = dump + size_t(p.bw) * (p.cw * p.taps + 32) * sizeof(float);
   p.smem_bytes = p.table_offset + tables > epilogue ? p.table_offset + tables : epilogue;
   if (p.blocks > 2147483647LL) return "more than 2^31 - 1 weight blocks (a grid.x limit)";
   if (p.chunks > 65535) return "more than 65535 chunks (a grid.y limit)";
@@ -117,28 +125,60 @@ inline const char* conv_wgrad_tc_plan(const ConvGeom& g, bool half, WgradTcPlan*
   return nullptr;
 }
 
-// Byte offset of 16-byte half `part` of row `row` in a tile of 32-byte rows: the halves swap in every other group
-// of 4 rows, so 8 consecutive rows (an ldmatrix) and 4 consecutive whole rows (a cp.async phase) are conflict-free.
-__host__ __device__ __forceinline__ int wt_swizzle(int row, int part) {
-  return row * 32 + ((part ^ ((row >> 2) & 1)) << 4);
+// The reason the tensor-core weight gradient does not cover a problem, or nullptr with `plan` filled. Groups of 32
+// and 64 take wide blocks when these keep nearly every SM busy without more chunks (partial sums) than narrow ones:
+// they move about 0.65x the shared-memory bytes per multiply-add, but are 4x fewer. `width` 16 or 32 forces the
+// block width (tests).
+inline const char* conv_wgrad_tc_plan(const ConvGeom& g, bool half, WgradTcPlan* plan, int width = 0) {
+  if (const char* why = conv_tc_coverage(g, half)) return why;
+  const bool wide_ok = g.C_in / g.groups >= kWtWide;
+  if (width == kWtWide && !wide_ok) return "the tensor-core weight gradient's wide blocks take groups of 32 or 64";
+  WgradTcPlan narrow, wide;
+  if (width != kWtWide) {
+    if (const char* why = conv_wgrad_tc_plan_width(g, kWtNarrow, &narrow)) return why;
+    if (width == kWtNarrow || !wide_ok || conv_wgrad_tc_plan_width(g, kWtWide, &wide) != nullptr) {
+      *plan = narrow;
+      return nullptr;
+    }
+    auto busy = [](const WgradTcPlan& q) {
+      const int64_t ctas = q.blocks * q.chunks;
+      return ctas < kWtTargetCtas ? ctas : kWtTargetCtas;
+    };
+    *plan = wide.chunks <= narrow.chunks && 65 * busy(narrow) < 100 * busy(wide) ? wide : narrow;
+    return nullptr;
+  }
+  return conv_wgrad_tc_plan_width(g, kWtWide, plan);
 }
 
-// Column skew of output channel `co` (of the block's 16) in the staged block: spreads the lanes of one accumulator
-// store over the 32 banks for every block width (cw 16 and 8; cw 4 needs none).
+// Byte offset of 16-byte part `part` of row `row` in a tile of PARTS-part rows (PARTS 2 or 4): a 128-byte line holds
+// 8 / PARTS rows, and the parts are XORed with the line's index modulo PARTS, so 8 consecutive rows (an ldmatrix)
+// and 8 consecutive parts (a cp.async phase) fall on 8 distinct 16-byte positions: conflict-free.
+template <int PARTS>
+__host__ __device__ __forceinline__ int wt_swizzle(int row, int part) {
+  return row * 16 * PARTS + ((part ^ ((row >> (PARTS == 2 ? 2 : 1)) & (PARTS - 1))) << 4);
+}
+
+// Skew of output channel `co`'s row in the staged block of cw input channels: the lanes of one accumulator store
+// (channels g = lane / 4 of 8, input channels 2 (lane % 4)) hit the 32 banks once each; rows of taps x cw floats.
 __device__ __forceinline__ int wt_stage_skew(int co, int cw) {
-  if (cw == 16) return ((co >> 1) & 1) + 8 * ((co >> 2) & 1) + 16 * (co >> 3);
+  if (cw >= 16) {  // rows of 16 (mod 32) or 0 floats: skews 0, 1, 8, 9, 16, 17, 24, 25 for g = 0 .. 7
+    return cw == 16 ? ((co >> 1) & 1) + 8 * ((co >> 2) & 1) + 16 * (co >> 3)
+                    : (co & 1) + 8 * ((co >> 1) & 1) + 16 * ((co >> 2) & 1) + 32 * (co >> 3);
+  }
   return cw == 8 ? co >> 2 : 0;
 }
 
 
-// TAPS = KH * KW (9 or 1). partials: [chunk][C_out][cpg][taps] fp32, or nullptr with grad_weight ([C_out][cpg][taps]
-// in T) written directly (a single chunk).
-template <typename T, int TAPS>
+// TAPS = KH * KW (9 or 1); WIDE: blocks of 32 (p.bw == 32). partials: [chunk][C_out][cpg][taps] fp32, or nullptr
+// with grad_weight ([C_out][cpg][taps] in T) written directly (a single chunk).
+template <typename T, int TAPS, bool WIDE>
 __global__ void __launch_bounds__(kWtThreads, 4)  // <= 128 registers: 72 accumulators, no spills
     conv_wgrad_tc_kernel(const T* __restrict__ x, const T* __restrict__ gy, ConvGeom g, WgradTcPlan p,
                          float* __restrict__ partials, T* __restrict__ grad_weight) {
-  constexpr int NT = 2 * TAPS;  // n8 tiles of a warp: (tap, 8-channel half)
+  constexpr int NT = 2 * TAPS;  // m16n8 tiles of a warp: narrow (tap, 8-channel half), wide (m16 tile, tap)
   constexpr int KW = TAPS == 9 ? 3 : 1;
+  constexpr int BW = WIDE ? kWtWide : kWtNarrow;
+  constexpr int PARTS = BW / 8;  // 16-byte parts of a shared-memory row
   RK_DYNAMIC_SHARED(unsigned char, smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int s = g.stride_h;
@@ -146,16 +186,16 @@ __global__ void __launch_bounds__(kWtThreads, 4)  // <= 128 registers: 72 accumu
   // The block: its first output channel, the first input channel it reads, its input channels' offset in a group.
   int64_t co0, xc0;
   int ci_off;
-  if (p.cpg <= kWtBlock) {
-    co0 = xc0 = int64_t(blockIdx.x) * kWtBlock;
+  if (p.cpg <= BW) {
+    co0 = xc0 = int64_t(blockIdx.x) * BW;
     ci_off = 0;
   } else {
-    const int nb = p.cpg / kWtBlock;
+    const int nb = p.cpg / BW;
     const int64_t group = blockIdx.x / (nb * nb);
     const int r = int(blockIdx.x % (nb * nb)), kb = r / nb, cb = r % nb;  // blocks sharing input channels adjacent
-    co0 = group * p.cpg + cb * kWtBlock;
-    xc0 = group * p.cpg + kb * kWtBlock;
-    ci_off = kb * kWtBlock;
+    co0 = group * p.cpg + cb * BW;
+    xc0 = group * p.cpg + kb * BW;
+    ci_off = kb * BW;
   }
   const int64_t st0 = int64_t(blockIdx.y) * p.chunk_subtiles;
   const int nsub = int(p.chunk_subtiles < p.subtiles - st0 ? p.chunk_subtiles : p.subtiles - st0);
@@ -189,7 +229,7 @@ __global__ void __launch_bounds__(kWtThreads, 4)  // <= 128 registers: 72 accumu
   }
   __syncthreads();
 
-  // Copies sub-tile `st` into stage `buf`: 16-byte cp.async, two per 32-byte row, zero-filled outside the images.
+  // Copies sub-tile `st` into stage `buf`: 16-byte cp.async, PARTS per row, zero-filled outside the images.
   auto load = [&](int64_t st, int buf) {
     const int64_t tiles = p.tiles_h * p.tiles_w;
     const int64_t n0 = st / tiles * p.tn, tile = st % tiles;
@@ -198,23 +238,23 @@ __global__ void __launch_bounds__(kWtThreads, 4)  // <= 128 registers: 72 accumu
     unsigned char* xs = smem + size_t(buf) * p.stage_bytes;
     unsigned char* gs = xs + p.x_bytes;
     const int64_t iy0 = oy0 * s - g.pad_h, ix0 = ox0 * s - g.pad_w;
-    for (int j = tid; j < 2 * p.x_rows; j += kWtThreads) {
-      const int row = j >> 1, part = j & 1;
+    for (int j = tid; j < PARTS * p.x_rows; j += kWtThreads) {
+      const int row = j / PARTS, part = j % PARTS;
       const int info = xrow_info[row];
       const int img = info >> 16;
       const int64_t iy = iy0 + ((info >> 8) & 255), ix = ix0 + (info & 255);
       const bool inside = info >= 0 && img < images && iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
       const T* src = inside ? x + (((n0 + img) * g.H + iy) * g.W + ix) * g.C_in + xc0 + part * 8 : x;
-      rk::ptx::cp_async_cg(xs + wt_swizzle(row, part), src, inside ? 16 : 0);
+      rk::ptx::cp_async_cg(xs + wt_swizzle<PARTS>(row, part), src, inside ? 16 : 0);
     }
-    for (int j = tid; j < p.ksteps * 32; j += kWtThreads) {
-      const int k = j >> 1, part = j & 1;
+    for (int j = tid; j < p.ksteps * 16 * PARTS; j += kWtThreads) {
+      const int k = j / PARTS, part = j % PARTS;
       const int info = oct_info[k >> 3];
       const int img = info >> 16;
       const int64_t oy = oy0 + ((info >> 8) & 255), ox = ox0 + (info & 255) + (k & 7);
       const bool inside = info >= 0 && img < images && oy < g.OH && ox < g.OW;
       const T* src = inside ? gy + (((n0 + img) * g.OH + oy) * g.OW + ox) * g.C_out + co0 + part * 8 : gy;
-      rk::ptx::cp_async_cg(gs + wt_swizzle(k, part), src, inside ? 16 : 0);
+      rk::ptx::cp_async_cg(gs + wt_swizzle<PARTS>(k, part), src, inside ? 16 : 0);
     }
   };
 
@@ -224,12 +264,19 @@ __global__ void __launch_bounds__(kWtThreads, 4)  // <= 128 registers: 72 accumu
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[t][r] = 0.f;
   // ldmatrix lanes: 8m .. 8m+7 give the rows of matrix m. A (grad_y): matrices (k 0-7 | 8-15) x (channels 0-7 |
-  // 8-15), transposed; B (input, per tap): matrices (channels 0-7 | 8-15) x (k 0-7 | 8-15), transposed.
+  // 8-15), transposed. B (input): matrices (k 0-7, 8-15) of n8 tile 0, then of n8 tile 1, transposed; narrow: the
+  // channel halves of one tap, wide: the warp's octet under taps 2q and 2q + 1.
   const int a_row = ((lane >> 4) << 3) + (lane & 7), a_part = (lane >> 3) & 1;
-  const int b_kh = (lane >> 3) & 1, b_part = lane >> 4;
-  int kx_row[KW];  // input-tile row offset of tap column kx
+  const int b_kh = (lane >> 3) & 1, b_hi = lane >> 4;
+  auto tap_row = [&](int t) {  // input-tile row offset of tap t
+    const int kx = t % KW;
+    return (t / KW) * p.plane_w + (p.planes == 2 ? (kx & 1) * p.plane_px + (kx >> 1) : kx);
+  };
+  int b_off[WIDE ? (TAPS + 1) / 2 : TAPS];  // narrow: tap t; wide: tap 2q + b_hi (the last pair: the last tap twice)
 #pragma unroll
-  for (int kx = 0; kx < KW; ++kx) kx_row[kx] = p.planes == 2 ? (kx & 1) * p.plane_px + (kx >> 1) : kx;
+  for (int q = 0; q < (WIDE ? (TAPS + 1) / 2 : TAPS); ++q) {
+    b_off[q] = WIDE ? tap_row(2 * q + b_hi < TAPS ? 2 * q + b_hi : TAPS - 1) : tap_row(q);
+  }
 
   for (int i = 0; i < kWtStages - 1; ++i) {
     if (i < nsub) load(st0 + i, i);
@@ -242,55 +289,99 @@ __global__ void __launch_bounds__(kWtThreads, 4)  // <= 128 registers: 72 accumu
     rk::ptx::cp_async_commit();
     const unsigned char* xs = smem + size_t(i % kWtStages) * p.stage_bytes;
     const unsigned char* gs = xs + p.x_bytes;
-    // The warps take the chunk's k16 steps in turn, continuing across sub-tiles.
-    const int first = (warp - (i * p.ksteps) % kWtWarps + kWtWarps) % kWtWarps;
-    for (int ks = first; ks < p.ksteps; ks += kWtWarps) {
-      uint32_t a[4];
-      rk::ptx::ldmatrix<4, true>(a, gs + wt_swizzle(ks * 16 + a_row, a_part));
-      const int xrow = oct_base[2 * ks + b_kh] + (lane & 7);
+    if constexpr (!WIDE) {
+      // The warps take the chunk's k16 steps in turn, continuing across sub-tiles.
+      const int first = (warp - (i * p.ksteps) % kWtWarps + kWtWarps) % kWtWarps;
+      for (int ks = first; ks < p.ksteps; ks += kWtWarps) {
+        uint32_t a[4];
+        rk::ptx::ldmatrix<4, true>(a, gs + wt_swizzle<PARTS>(ks * 16 + a_row, a_part));
+        const int xrow = oct_base[2 * ks + b_kh] + (lane & 7);
 #pragma unroll
-      for (int t = 0; t < TAPS; ++t) {
-        uint32_t b[4];
-        rk::ptx::ldmatrix<4, true>(b, xs + wt_swizzle(xrow + (t / KW) * p.plane_w + kx_row[t % KW], b_part));
-        const uint2 b0 = make_uint2(b[0], b[1]), b1 = make_uint2(b[2], b[3]);
-        tc_mma<T>(acc[2 * t], a, b0);
-        tc_mma<T>(acc[2 * t + 1], a, b1);
+        for (int t = 0; t < TAPS; ++t) {
+          uint32_t b[4];
+          rk::ptx::ldmatrix<4, true>(b, xs + wt_swizzle<PARTS>(xrow + b_off[t], b_hi));
+          tc_mma<T>(acc[2 * t], a, make_uint2(b[0], b[1]));
+          tc_mma<T>(acc[2 * t + 1], a, make_uint2(b[2], b[3]));
+        }
+      }
+    } else {
+      // Every warp runs every k16 step, for its octet of input channels.
+      for (int ks = 0; ks < p.ksteps; ++ks) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          rk::ptx::ldmatrix<4, true>(a[mt], gs + wt_swizzle<PARTS>(ks * 16 + a_row, 2 * mt + a_part));
+        }
+        const int xrow = oct_base[2 * ks + b_kh] + (lane & 7);
+#pragma unroll
+        for (int q = 0; q < TAPS / 2; ++q) {
+          uint32_t b[4];
+          rk::ptx::ldmatrix<4, true>(b, xs + wt_swizzle<PARTS>(xrow + b_off[q], warp));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            tc_mma<T>(acc[mt * TAPS + 2 * q], a[mt], make_uint2(b[0], b[1]));
+            tc_mma<T>(acc[mt * TAPS + 2 * q + 1], a[mt], make_uint2(b[2], b[3]));
+          }
+        }
+        if constexpr (TAPS % 2 == 1) {
+          uint32_t b[2];
+          rk::ptx::ldmatrix<2, true>(b, xs + wt_swizzle<PARTS>(xrow + b_off[TAPS / 2], warp));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) tc_mma<T>(acc[mt * TAPS + TAPS - 1], a[mt], make_uint2(b[0], b[1]));
+        }
       }
     }
   }
   rk::ptx::cp_async_wait<0>();  // only empty groups remain; no copy may land after the stages are reused
   __syncthreads();
 
-  // Epilogue. Each warp's accumulators go to shared memory as [warp][tile][lane] float4 (conflict-free); warp w then
-  // adds tile t = w, w + 4, ... over the 4 warps in warp order and stages the block's useful entries in the weight's
-  // order [co][ci][tap] (row co skewed by wt_stage_skew); the staged block is stored coalesced.
-  float4* dump = reinterpret_cast<float4*>(smem);
-#pragma unroll
-  for (int t = 0; t < NT; ++t) dump[(warp * NT + t) * 32 + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
-  __syncthreads();
-  float* stage = reinterpret_cast<float*>(smem + size_t(kWtWarps) * NT * 32 * sizeof(float4));
+  // Epilogue: the block's useful entries staged in the weight's order [co][ci][tap] (row co skewed by wt_stage_skew),
+  // then stored coalesced. c[r] of a tile is at row (output channel) g + 8 (r / 2), column 2 t4 + r % 2.
   const int row_len = p.cw * TAPS;  // staged entries per output channel
   const int gq = lane >> 2, t4 = lane & 3;
-  for (int t = warp; t < NT; t += kWtWarps) {
-    float4 v = dump[t * 32 + lane];
-    for (int w = 1; w < kWtWarps; ++w) {
-      const float4 u = dump[(w * NT + t) * 32 + lane];
-      v = make_float4(v.x + u.x, v.y + u.y, v.z + u.z, v.w + u.w);
-    }
-    const float vals[4] = {v.x, v.y, v.z, v.w};
-    const int tap = t >> 1;
+  float* stage;
+  if constexpr (!WIDE) {
+    // The warps' accumulators go to shared memory as [warp][tile][lane] float4 (conflict-free); warp w adds tile
+    // t = w, w + 4, ... over the 4 warps in warp order and stages it.
+    float4* dump = reinterpret_cast<float4*>(smem);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {  // c[r] at row (output channel) g + 8 (r / 2), column 2 t4 + r % 2 of the half
-      const int co = gq + 8 * (r >> 1), ci = 8 * (t & 1) + 2 * t4 + (r & 1);
-      if (p.cw < kWtBlock && co / p.cw != ci / p.cw) continue;  // another group's product
-      const int cg = p.cw < kWtBlock ? ci % p.cw : ci;
-      stage[co * row_len + wt_stage_skew(co, p.cw) + cg * TAPS + tap] = vals[r];
+    for (int t = 0; t < NT; ++t) {
+      dump[(warp * NT + t) * 32 + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+    }
+    __syncthreads();
+    stage = reinterpret_cast<float*>(smem + size_t(kWtWarps) * NT * 32 * sizeof(float4));
+    for (int t = warp; t < NT; t += kWtWarps) {
+      float4 v = dump[t * 32 + lane];
+      for (int w = 1; w < kWtWarps; ++w) {
+        const float4 u = dump[(w * NT + t) * 32 + lane];
+        v = make_float4(v.x + u.x, v.y + u.y, v.z + u.z, v.w + u.w);
+      }
+      const float vals[4] = {v.x, v.y, v.z, v.w};
+      const int tap = t >> 1;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int co = gq + 8 * (r >> 1), ci = 8 * (t & 1) + 2 * t4 + (r & 1);
+        if (p.cw < BW && co / p.cw != ci / p.cw) continue;  // another group's product
+        const int cg = p.cw < BW ? ci % p.cw : ci;
+        stage[co * row_len + wt_stage_skew(co, p.cw) + cg * TAPS + tap] = vals[r];
+      }
+    }
+  } else {
+    stage = reinterpret_cast<float*>(smem);  // each warp stages its own octet's entries
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const int mt = t / TAPS, tap = t % TAPS;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int co = 16 * mt + gq + 8 * (r >> 1), ci = 8 * warp + 2 * t4 + (r & 1);
+        stage[co * row_len + wt_stage_skew(co, BW) + ci * TAPS + tap] = acc[t][r];
+      }
     }
   }
   __syncthreads();
   const int64_t w_row = int64_t(p.cpg) * TAPS;  // weight entries per output channel
   float* out = partials ? partials + int64_t(blockIdx.y) * g.C_out * w_row : nullptr;
-  for (int e = tid; e < kWtBlock * row_len; e += kWtThreads) {
+  for (int e = tid; e < BW * row_len; e += kWtThreads) {
     const int co = e / row_len, rest = e - co * row_len;
     const float v = stage[co * row_len + wt_stage_skew(co, p.cw) + rest];
     const int64_t idx = (co0 + co) * w_row + int64_t(ci_off) * TAPS + rest;
