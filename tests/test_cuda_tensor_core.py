@@ -111,8 +111,11 @@ def test_training_forward_and_backward_match_float64(case, dtype):
     out, y, mean, var = results[0]
     assert "conv_tc_fwd_kernel" in _kernels(records) and "conv_tc_stats_finalize_kernel" in _kernels(records)
     grad = torch.randn(out.shape, generator=gen).to(dtype)
-    grads = E.conv_bn_relu_train_backward(grad, x, wt, y, mean, var, gamma, beta, 1e-5, *conv, True,
-                                          [True, True, True])
+    backward = emulator.profile(lambda: results.append(E.conv_bn_relu_train_backward(
+        grad, x, wt, y, mean, var, gamma, beta, 1e-5, *conv, True, [True, True, True])))
+    grads = results[-1]
+    # stride 1: the data gradient is the forward kernel on grad_y with each group's transposed, flipped kernel
+    assert ("conv_tc_fwd_kernel" in _kernels(backward)) == (conv[0] == [1, 1])
     y_ref, out_ref, grad_refs = _train_reference(x, wt, gamma, beta, conv, grad)
     eps = torch.finfo(dtype).eps
     # The convolution (its rounded output is what the statistics are taken of) and the statistics themselves.

@@ -220,10 +220,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   const int64_t taps = int64_t(g.KH) * g.KW;
   const bool own_weight_grad =
       output_mask[1] && at::globalContext().deterministicAlgorithms() && (taps == 9 || taps == 1);
-  if (output_mask[0] || (output_mask[1] && !own_weight_grad)) {
+  // The data gradient on the tensor cores where they cover it (stride 1: the forward kernel on grad_y).
+  const at::Tensor tc_grad_input = output_mask[0] ? conv_tc_data_grad(op, g, grad_y, weight, stream) : at::Tensor();
+  if (tc_grad_input.defined()) grad_input = tc_grad_input.contiguous(input.suggest_memory_format());
+  const bool aten_grad_input = output_mask[0] && !tc_grad_input.defined();
+  if (aten_grad_input || (output_mask[1] && !own_weight_grad)) {
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation, false, {0, 0},
-                                          groups, {output_mask[0], output_mask[1] && !own_weight_grad, false});
-    if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
+                                          groups, {aten_grad_input, output_mask[1] && !own_weight_grad, false});
+    if (aten_grad_input) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
     if (output_mask[1] && !own_weight_grad) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
   }
   if (own_weight_grad) {

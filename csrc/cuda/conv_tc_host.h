@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/flip.h>
 #include <c10/util/Exception.h>
 
 #include <array>
@@ -142,6 +143,44 @@ inline at::Tensor conv_tc_infer(const char* op, const ConvGeom& g, const cuda_ke
                                               sh.const_data_ptr<float>(), y, nullptr, relu, stream);
   });
   return y;
+}
+
+// The data gradient of a stride-1 convolution on the tensor cores, or an undefined tensor where they do not cover
+// it: dx = conv(grad_y, w') with w' each group's transposed, flipped kernel and padding KH - 1 - pad (channels_last).
+inline at::Tensor conv_tc_data_grad(const char* op, const ConvGeom& g, const at::Tensor& grad_y,
+                                    const at::Tensor& weight, cudaStream_t stream) {
+  if (g.stride_h != 1 || g.stride_w != 1 || g.dil_h != 1 || g.dil_w != 1 || g.pad_h > g.KH - 1 ||
+      g.pad_w > g.KW - 1) {
+    return at::Tensor();
+  }
+  ConvGeom gd = g;
+  gd.H = g.OH;
+  gd.W = g.OW;
+  gd.C_in = g.C_out;
+  gd.OH = g.H;
+  gd.OW = g.W;
+  gd.C_out = g.C_in;
+  gd.pad_h = g.KH - 1 - g.pad_h;
+  gd.pad_w = g.KW - 1 - g.pad_w;
+  cuda_kernels::TcPlan plan;
+  if (conv_tc_unsupported_reason(gd, grad_y.scalar_type(), &plan) != nullptr ||
+      conv_out_size(gd.H, gd.KH, 1, gd.pad_h, 1) != gd.OH || conv_out_size(gd.W, gd.KW, 1, gd.pad_w, 1) != gd.OW) {
+    return at::Tensor();
+  }
+  const int64_t groups = g.groups, cpg_in = g.C_in / groups, cpg_out = g.C_out / groups;
+  const at::Tensor wt = weight.reshape({groups, cpg_out, cpg_in, g.KH, g.KW})
+                            .transpose(1, 2)
+                            .flip({3, 4})
+                            .reshape({g.C_in, cpg_out, g.KH, g.KW})
+                            .contiguous();
+  at::Tensor dx = at::empty({gd.N, gd.C_out, gd.OH, gd.OW}, grad_y.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (dx.numel() == 0) return dx;
+  const at::Tensor packed = tc_detail::pack_weight(op, gd, plan, wt, stream);  // changes every step: no cache
+  tc_detail::dispatch_half(grad_y.scalar_type(), [&](auto t) {
+    tc_detail::launch_fwd<decltype(t), false>(op, gd, plan, grad_y.contiguous(at::MemoryFormat::ChannelsLast), packed,
+                                              nullptr, nullptr, dx, nullptr, false, stream);
+  });
+  return dx;
 }
 
 // The training form's convolution and batch statistics: (y, mean, var, a, b) with y the raw convolution

@@ -13,7 +13,8 @@ once at the GPU's DRAM bandwidth) and its tensor-core bound (its multiply-adds a
 
 Forms: inference (conv_bn_relu_infer), training (conv_bn_relu_train: the forward with batch statistics), backward
 (conv_bn_relu_train_backward with torch.use_deterministic_algorithms on, so the project's weight-gradient kernels
-run; the data gradient is ATen's, not emulated, and not in the sum).
+run; the data gradient is the tensor-core forward kernel at stride 1, ATen's otherwise: not emulated, not in the
+sum).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _run_form(form: str, n: int, c: int, hw: int, stride: int, dtype: torch.dtyp
     torch.use_deterministic_algorithms(True)
     try:
         return profile(ops.conv_bn_relu_train_backward, grad, x, w, conv_out, mean, var, None, None, 1e-5, *conv,
-                       [False, True, True])
+                       [True, True, True])
     finally:
         torch.use_deterministic_algorithms(deterministic)
 

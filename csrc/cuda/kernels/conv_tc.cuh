@@ -217,7 +217,7 @@ __device__ __forceinline__ float tc_to_float(T v) {
 
 // WINDOWS: input-channel windows of a warp's 32 channels: 4 (groups of 4, 8), 2 (16), 1 (32, 64).
 // STATS: training form (raw convolution out, per-tile channel statistics to `partials`); else inference form
-// (relu?(conv * scale + shift)).
+// (relu?(conv * scale + shift); scale == nullptr: relu?(conv)).
 template <typename T, int WINDOWS, bool STATS>
 __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 registers, no spills
     conv_tc_fwd_kernel(const T* __restrict__ x, const uint2* __restrict__ wfrag, const float* __restrict__ scale,
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   float2 sc[4], sf[4];  // the lane's channel pairs' BN scale and shift (8-byte loads: one sector per warp)
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (!STATS) {
+    if (!STATS && scale != nullptr) {
       const int64_t ch = c0 + warp_n * 32 + j * 8 + 2 * t4;
       sc[j] = *reinterpret_cast<const float2*>(scale + ch);
       sf[j] = *reinterpret_cast<const float2*>(shift + ch);
@@ -360,9 +360,11 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
         const int pix = mt * 16 + gq + 8 * h;
         if (pix >= pixels) continue;
         float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
-        if (!STATS) {
+        if (!STATS && scale != nullptr) {
           v0 = v0 * sc[j].x + sf[j].x;
           v1 = v1 * sc[j].y + sf[j].y;
+        }
+        if (!STATS) {
           if (relu) {
             v0 = v0 < 0.f ? 0.f : v0;  // NaN passes, as torch.relu
             v1 = v1 < 0.f ? 0.f : v1;
