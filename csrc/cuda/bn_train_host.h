@@ -201,21 +201,54 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor k[3] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts), at::empty({C}, acc_opts)};
   at::Tensor bn_grads[2] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts)};  // gamma, beta
   at::Tensor grad_y = at::empty_like(conv_out);
-  dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
-    using T = decltype(t);
-    using Acc = decltype(acc_v);
-    affine_only<T, Acc>(op, C, eps, gamma, beta, mean, var, a, b, stream);
-    reduce_and_finalize<T, Acc>(op, conv_out, &go, M, C, cuda_kernels::Partial::kBackward,
-                                cuda_kernels::Finalize::kBackward, relu, eps, gamma, beta, mean, var, a, b, k, bn_grads,
-                                stream);
-    check_launch(launch_kernel(cuda_kernels::bn_relu_backward_kernel<T, Acc>, dim3(elementwise_blocks(M * C)), dim3(256),
-                               0, stream, reinterpret_cast<const T*>(conv_out.const_data_ptr()),
-                               reinterpret_cast<const T*>(go.const_data_ptr()), mean.const_data_ptr<Acc>(),
-                               a.const_data_ptr<Acc>(), b.const_data_ptr<Acc>(), k[0].const_data_ptr<Acc>(),
-                               k[1].const_data_ptr<Acc>(), k[2].const_data_ptr<Acc>(), M, C, relu,
-                               reinterpret_cast<T*>(grad_y.mutable_data_ptr())),
-                 op);
-  });
+  if (tc_detail::is_half(input.scalar_type()) && C % 8 == 0) {  // 16-byte passes over y and grad
+    using namespace cuda_kernels;
+    const Vec8Plan plan = vec8_plan(M, C);
+    at::Tensor partial = at::empty({plan.grid_x * 2 * C}, acc_opts);
+    tc_detail::dispatch_half(input.scalar_type(), [&](auto t) {
+      using T = decltype(t);
+      affine_only<T, float>(op, C, eps, gamma, beta, mean, var, a, b, stream);
+      const dim3 grid(unsigned(plan.grid_x), unsigned(plan.grid_y));
+      const T* yp = reinterpret_cast<const T*>(conv_out.const_data_ptr());
+      const T* gp = reinterpret_cast<const T*>(go.const_data_ptr());
+      check_launch(launch_kernel(bn_backward_sums_vec8_kernel<T>, grid, dim3(kVec8Threads),
+                                 vec8_smem_bytes(plan, 3), stream, yp, gp, mean.const_data_ptr<float>(),
+                                 a.const_data_ptr<float>(), b.const_data_ptr<float>(), M, C, relu, plan,
+                                 partial.mutable_data_ptr<float>()),
+                   op);
+      float* none = nullptr;
+      check_launch(launch_kernel(channel_finalize_kernel<float>, dim3(unsigned((C + 127) / 128)), dim3(128), 0, stream,
+                                 partial.const_data_ptr<float>(), plan.grid_x, M, C, Finalize::kBackward, eps,
+                                 ptr_or_null<float>(gamma), ptr_or_null<float>(beta), mean.mutable_data_ptr<float>(),
+                                 var.mutable_data_ptr<float>(), none, none, k[0].mutable_data_ptr<float>(),
+                                 k[1].mutable_data_ptr<float>(), k[2].mutable_data_ptr<float>(),
+                                 bn_grads[0].mutable_data_ptr<float>(), bn_grads[1].mutable_data_ptr<float>()),
+                   op);
+      check_launch(launch_kernel(bn_relu_backward_vec8_kernel<T>, grid, dim3(kVec8Threads), vec8_smem_bytes(plan, 6),
+                                 stream, yp, gp,
+                                 mean.const_data_ptr<float>(), a.const_data_ptr<float>(), b.const_data_ptr<float>(),
+                                 k[0].const_data_ptr<float>(), k[1].const_data_ptr<float>(),
+                                 k[2].const_data_ptr<float>(), M, C, relu, plan,
+                                 reinterpret_cast<T*>(grad_y.mutable_data_ptr())),
+                   op);
+    });
+  } else {
+    dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
+      using T = decltype(t);
+      using Acc = decltype(acc_v);
+      affine_only<T, Acc>(op, C, eps, gamma, beta, mean, var, a, b, stream);
+      reduce_and_finalize<T, Acc>(op, conv_out, &go, M, C, cuda_kernels::Partial::kBackward,
+                                  cuda_kernels::Finalize::kBackward, relu, eps, gamma, beta, mean, var, a, b, k, bn_grads,
+                                  stream);
+      check_launch(launch_kernel(cuda_kernels::bn_relu_backward_kernel<T, Acc>, dim3(elementwise_blocks(M * C)), dim3(256),
+                                 0, stream, reinterpret_cast<const T*>(conv_out.const_data_ptr()),
+                                 reinterpret_cast<const T*>(go.const_data_ptr()), mean.const_data_ptr<Acc>(),
+                                 a.const_data_ptr<Acc>(), b.const_data_ptr<Acc>(), k[0].const_data_ptr<Acc>(),
+                                 k[1].const_data_ptr<Acc>(), k[2].const_data_ptr<Acc>(), M, C, relu,
+                                 reinterpret_cast<T*>(grad_y.mutable_data_ptr())),
+                   op);
+    });
+  }
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options());
   const int64_t taps = int64_t(g.KH) * g.KW;
   const bool own_weight_grad =

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "cuda/kernels/bn_vec8.cuh"
 #include "cuda/kernels/conv_tc.cuh"
 
 namespace rk {
@@ -36,7 +37,7 @@ inline at::Tensor pack_weight(const char* op, const ConvGeom& g, const cuda_kern
                               const at::Tensor& weight, cudaStream_t stream) {
   const int64_t vectors = (g.C_out / cuda_kernels::kTcChannels) * int64_t(plan.ksteps) * 8 * 32;
   at::Tensor packed = at::empty({vectors * 2}, weight.options().dtype(at::kInt));
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous();  // OHWI: a fragment's k-pair is 4 adjacent bytes
   dispatch_half(weight.scalar_type(), [&](auto t) {
     using T = decltype(t);
     check(launch_kernel(cuda_kernels::conv_tc_pack_weight_kernel<T>, dim3(unsigned((vectors + 255) / 256)), dim3(256),
@@ -210,17 +211,19 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> co
   return {y, mean, var, a, b};
 }
 
-// out = relu?(y * a + b) for a channels_last y with C % 8 == 0, 16 bytes per thread.
+// out = relu?(y * a + b) for a channels_last float16/bfloat16 y with C % 8 == 0, 16 bytes per thread.
 inline at::Tensor normalize_relu_vec8(const char* op, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
                                       bool relu, cudaStream_t stream) {
   at::Tensor out = at::empty_like(y);
-  const int64_t vectors = y.numel() / 8;
-  if (vectors == 0) return out;
+  const int64_t C = y.size(1), M = y.numel() / (C > 0 ? C : 1);
+  if (y.numel() == 0) return out;
+  const cuda_kernels::Vec8Plan plan = cuda_kernels::vec8_plan(M, C);
   tc_detail::dispatch_half(y.scalar_type(), [&](auto t) {
     using T = decltype(t);
-    tc_detail::check(launch_kernel(cuda_kernels::normalize_relu_vec8_kernel<T>, dim3(unsigned((vectors + 255) / 256)),
-                                   dim3(256), 0, stream, reinterpret_cast<const T*>(y.const_data_ptr()),
-                                   a.const_data_ptr<float>(), b.const_data_ptr<float>(), vectors, y.size(1), relu,
+    tc_detail::check(launch_kernel(cuda_kernels::normalize_relu_vec8_kernel<T>,
+                                   dim3(unsigned(plan.grid_x), unsigned(plan.grid_y)), dim3(cuda_kernels::kVec8Threads),
+                                   cuda_kernels::vec8_smem_bytes(plan, 2), stream, reinterpret_cast<const T*>(y.const_data_ptr()), a.const_data_ptr<float>(),
+                                   b.const_data_ptr<float>(), M, C, relu, plan,
                                    reinterpret_cast<T*>(out.mutable_data_ptr())),
                      op);
   });

@@ -114,7 +114,9 @@ def layer_bounds(form: str, n: int, c: int, hw: int, stride: int, dtype: torch.d
     e = torch.empty((), dtype=dtype).element_size()
     out = (hw + 2 - 3) // stride + 1
     x, y, w = n * c * hw * hw * e, n * c * out * out * e, c * (c // GROUPS) * 9 * e
-    moved = {"inference": x + w + y, "training": x + w + 2 * y, "backward": 2 * y + x + w}[form]
+    # Training: out needs the statistics of every tile, so y (saved for the backward) is written and read back
+    # before out is written: x + w + 3y for any kernel sequence whose tiles do not all fit on chip at once.
+    moved = {"inference": x + w + y, "training": x + w + 3 * y, "backward": 2 * y + x + w}[form]
     macs = n * out * out * c * 9 * (c // GROUPS)  # the forward's, or (backward) the weight gradient's
     rate = gpu.tensor_f16_tflops if dtype in (torch.float16, torch.bfloat16) else gpu.tensor_tf32_tflops
     return moved / (gpu.dram_gbs * 1e3), 2 * macs / (rate * 1e6), moved

@@ -139,9 +139,10 @@ __host__ __device__ inline uint16_t bits16(T v) {
   return u;
 }
 
-// Packs the weight ([C_out][cpg][KH][KW], contiguous) into B fragments: out[((cb * ksteps + s) * 8 + j) * 32 + lane]
-// holds, for n8 tile j of channel block cb at k16 step s, the lane's two registers (k 2t, 2t+1 | 2t+8, 2t+9 of
-// column g = lane / 4, t = lane % 4). One thread per uint2; zeros where a k is no tap or another group's channel.
+// Packs the weight, given OHWI ([C_out][KH][KW][cpg], contiguous: a k-pair is 4 adjacent bytes), into B fragments:
+// out[((cb * ksteps + s) * 8 + j) * 32 + lane] holds, for n8 tile j of channel block cb at k16 step s, the lane's two
+// registers (k 2t, 2t+1 | 2t+8, 2t+9 of column g = lane / 4, t = lane % 4). One thread per uint2; zeros where a k
+// is no tap or another group's channel (a k-pair never straddles groups: they start at multiples of 4).
 template <typename T>
 __global__ void conv_tc_pack_weight_kernel(const T* __restrict__ w, ConvGeom g, TcPlan p, uint2* __restrict__ out) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -156,8 +157,8 @@ __global__ void conv_tc_pack_weight_kernel(const T* __restrict__ w, ConvGeom g, 
   const int64_t window = p.kw == 8 ? (co / 8) * 8 : group * cpg;
   const int q = p.kw / 16;  // k16 steps per tap for windows of 16+
   uint32_t reg[2] = {0, 0};
-  for (int e = 0; e < 4; ++e) {
-    const int k = 2 * t + (e & 1) + 8 * (e >> 1);
+  for (int e = 0; e < 2; ++e) {
+    const int k = 2 * t + 8 * e;
     int tap;
     int64_t ci;
     if (p.kw == 8) {
@@ -167,9 +168,9 @@ __global__ void conv_tc_pack_weight_kernel(const T* __restrict__ w, ConvGeom g, 
       tap = s / q;
       ci = window + 16 * (s % q) + k;
     }
-    uint16_t v = 0;
-    if (tap < p.taps && ci / cpg == group) v = bits16(w[(co * cpg + (ci - group * cpg)) * p.taps + tap]);
-    reg[e >> 1] |= uint32_t(v) << (16 * (e & 1));
+    if (tap < p.taps && ci / cpg == group) {
+      reg[e] = *reinterpret_cast<const uint32_t*>(w + (co * p.taps + tap) * cpg + (ci - group * cpg));
+    }
   }
   out[idx] = make_uint2(reg[0], reg[1]);
 }
@@ -445,36 +446,6 @@ __global__ void conv_tc_stats_finalize_kernel(const float2* __restrict__ partial
   mean[c] = float(mu);
   var[c] = float(m2 / count);
   bn_affine(mean[c], var[c], gamma, beta, c, eps, a, b);
-}
-
-// out = relu?(y * a + b), 8 channels (16 bytes) per thread; C % 8 == 0.
-template <typename T>
-__global__ void normalize_relu_vec8_kernel(const T* __restrict__ y, const float* __restrict__ a,
-                                           const float* __restrict__ b, int64_t vectors, int64_t C, bool relu,
-                                           T* __restrict__ out) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= vectors) return;
-  const int64_t c = (i * 8) % C;
-  const uint4 v = reinterpret_cast<const uint4*>(y)[i];
-  const float4 a0 = reinterpret_cast<const float4*>(a + c)[0], a1 = reinterpret_cast<const float4*>(a + c)[1];
-  const float4 b0 = reinterpret_cast<const float4*>(b + c)[0], b1 = reinterpret_cast<const float4*>(b + c)[1];
-  const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-  const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-  const uint32_t in[4] = {v.x, v.y, v.z, v.w};
-  uint32_t res[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    uint32_t packed = 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float z = tc_to_float<T>(from_bits16<T>(static_cast<uint16_t>(in[k] >> (16 * h)))) * av[2 * k + h] +
-                bv[2 * k + h];
-      if (relu && z < 0.f) z = 0.f;
-      packed |= uint32_t(bits16(tc_from_float<T>(z))) << (16 * h);
-    }
-    res[k] = packed;
-  }
-  reinterpret_cast<uint4*>(out)[i] = make_uint4(res[0], res[1], res[2], res[3]);
 }
 
 }  // namespace cuda_kernels
