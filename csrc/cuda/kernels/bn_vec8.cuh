@@ -85,6 +85,20 @@ __device__ __forceinline__ void load_channel_vectors(const float* const (&src)[C
   }
 }
 
+// Row r's 8 values of y at channel c, and of grad masked by the forward's ReLU (y * a + b > 0, recomputed as the
+// forward computed it: NaN masks).
+template <typename T>
+__device__ __forceinline__ void masked_row8(const T* y, const T* grad, int64_t r, int64_t C, int64_t c,
+                                            const float (&av)[8], const float (&bv)[8], bool relu, float (&v)[8],
+                                            float (&g)[8]) {
+  unpack8<T>(*reinterpret_cast<const uint4*>(y + r * C + c), v);
+  unpack8<T>(*reinterpret_cast<const uint4*>(grad + r * C + c), g);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    if (relu && !(v[k] * av[k] + bv[k] > 0.f)) g[k] = 0.f;
+  }
+}
+
 // out = relu?(y * a + b).
 template <typename T>
 __global__ void __launch_bounds__(kVec8Threads)
@@ -115,7 +129,7 @@ __global__ void __launch_bounds__(kVec8Threads)
 }
 
 // The backward's sums per channel over a block's rows: sum g and sum g * (y - mean), g = grad masked by the
-// forward's ReLU (y * a + b > 0, recomputed as the forward computed it). partial[(block * 2 + k) * C + c], the
+// forward's ReLU. partial[(block * 2 + k) * C + c], the
 // layout channel_finalize_kernel (Finalize::kBackward) reads with nblocks = grid.x.
 template <typename T>
 __global__ void __launch_bounds__(kVec8Threads, 2)  // <= 128 registers: the 16 sums and 24 constants stay in them
@@ -141,14 +155,12 @@ __global__ void __launch_bounds__(kVec8Threads, 2)  // <= 128 registers: the 16 
     const float(&bv)[8] = v3[2];
     const int64_t r1 = (int64_t(blockIdx.x) + 1) * p.rows < M ? (int64_t(blockIdx.x) + 1) * p.rows : M;
     for (int64_t r = int64_t(blockIdx.x) * p.rows + ty; r < r1; r += p.ty) {
-      float v[8], gv[8];
-      unpack8<T>(*reinterpret_cast<const uint4*>(y + r * C + c), v);
-      unpack8<T>(*reinterpret_cast<const uint4*>(grad + r * C + c), gv);
+      float v[8], gk[8];
+      masked_row8<T>(y, grad, r, C, c, av, bv, relu, v, gk);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        const float gk = relu && !(v[k] * av[k] + bv[k] > 0.f) ? 0.f : gv[k];
-        s0[k] += gk;
-        s1[k] += gk * (v[k] - mv[k]);
+        s0[k] += gk[k];
+        s1[k] += gk[k] * (v[k] - mv[k]);
       }
     }
   }
@@ -203,15 +215,11 @@ __global__ void __launch_bounds__(kVec8Threads)
   const float(&c3)[8] = v6[5];
   const int64_t r1 = (int64_t(blockIdx.x) + 1) * p.rows < M ? (int64_t(blockIdx.x) + 1) * p.rows : M;
   for (int64_t r = int64_t(blockIdx.x) * p.rows + ty; r < r1; r += p.ty) {
-    float v[8], gv[8];
-    unpack8<T>(*reinterpret_cast<const uint4*>(y + r * C + c), v);
-    unpack8<T>(*reinterpret_cast<const uint4*>(grad + r * C + c), gv);
+    float v[8], gk[8];
+    masked_row8<T>(y, grad, r, C, c, av, bv, relu, v, gk);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float gk = relu && !(v[k] * av[k] + bv[k] > 0.f) ? 0.f : gv[k];
-      gv[k] = c1[k] * gk - c2[k] - c3[k] * (v[k] - mv[k]);
-    }
-    *reinterpret_cast<uint4*>(grad_y + r * C + c) = pack8<T>(gv);
+    for (int k = 0; k < 8; ++k) gk[k] = c1[k] * gk[k] - c2[k] - c3[k] * (v[k] - mv[k]);
+    *reinterpret_cast<uint4*>(grad_y + r * C + c) = pack8<T>(gk);
   }
 }
 
