@@ -85,7 +85,7 @@ step "environment" env.txt 0 bash -c '
 export TORCH_CUDA_ARCH_LIST="9.0" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" NVCC_THREADS=1
 step "build (sm_90)" build.log 1 python -m pip install --no-deps --no-build-isolation -v -e .
 step "ptxas: no spills" ptxas.txt 1 python scripts/check_ptxas.py "$out/build.log" --require sm_90
-step "SASS instruction mix" sass.txt 1 python scripts/check_sass.py --arch sm_90 --json "$out/sass.json"
+step "SASS instruction mix" sass.txt 1 python scripts/check_sass.py --arch sm_90 --project-rules --json "$out/sass.json"
 
 # 2. The fused op on the device.
 step "tests/test_cuda.py" tests.txt 1 python -m pytest -q -ra tests/test_cuda.py --junitxml "$out/tests.xml"

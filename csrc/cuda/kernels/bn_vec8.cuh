@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kVec8Threads)
       v[k] = v[k] * av[k] + bv[k];
       if (relu && v[k] < 0.f) v[k] = 0.f;  // NaN passes, as torch.relu
     }
-    *reinterpret_cast<uint4*>(out + r * C + c) = pack8<T>(v);
+    __stwb(reinterpret_cast<uint4*>(out + r * C + c), pack8<T>(v));  // one 16-byte store (nvcc splits a plain one)
   }
 }
 
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kVec8Threads)
     masked_row8<T>(y, grad, r, C, c, av, bv, relu, v, gk);
 #pragma unroll
     for (int k = 0; k < 8; ++k) gk[k] = c1[k] * gk[k] - c2[k] - c3[k] * (v[k] - mv[k]);
-    *reinterpret_cast<uint4*>(grad_y + r * C + c) = pack8<T>(gk);
+    __stwb(reinterpret_cast<uint4*>(grad_y + r * C + c), pack8<T>(gk));
   }
 }
 

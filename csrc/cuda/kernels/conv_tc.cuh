@@ -134,9 +134,17 @@ inline const char* conv_tc_plan(const ConvGeom& g, bool half, TcPlan* plan) {
 template <typename T>
 __host__ __device__ inline uint16_t bits16(T v) {
   static_assert(sizeof(T) == 2, "16-bit type");
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half_as_ushort(v);
+  } else {
+    return __bfloat16_as_ushort(v);
+  }
+#else
   uint16_t u;
   memcpy(&u, &v, sizeof(u));
   return u;
+#endif
 }
 
 // Packs the weight, given OHWI ([C_out][KH][KW][cpg], contiguous: a k-pair is 4 adjacent bytes), into B fragments:
