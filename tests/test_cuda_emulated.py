@@ -18,6 +18,16 @@ if not emulator.available() and os.environ.get("CI"):  # CI must run every CUDA 
 pytestmark = pytest.mark.skipif(not emulator.available(), reason="resnext_kernels._emu (emulated CUDA) not built")
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 here is held to 1e-5: the kernels take it exactly, not as TF32 (PyTorch's default for convolutions,
+    which the tensor-core kernels follow: tests/test_cuda_tensor_core.py checks that form)."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
 def _emu_op():
     return torch.ops.resnext_kernels_emu.conv_bn_relu_infer
 

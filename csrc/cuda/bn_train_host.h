@@ -201,11 +201,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor k[3] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts), at::empty({C}, acc_opts)};
   at::Tensor bn_grads[2] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts)};  // gamma, beta
   at::Tensor grad_y = at::empty_like(conv_out);
-  if (tc_detail::is_half(input.scalar_type()) && C % 8 == 0) {  // 16-byte passes over y and grad
+  const at::ScalarType dt = input.scalar_type();
+  if ((dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat) && C % 8 == 0) {  // 16-byte passes over y, grad
     using namespace cuda_kernels;
     const Vec8Plan plan = vec8_plan(M, C);
     at::Tensor partial = at::empty({plan.grid_x * 2 * C}, acc_opts);
-    tc_detail::dispatch_half(input.scalar_type(), [&](auto t) {
+    tc_detail::dispatch_tc(input.scalar_type(), [&](auto t) {
       using T = decltype(t);
       affine_only<T, float>(op, C, eps, gamma, beta, mean, var, a, b, stream);
       const dim3 grid(unsigned(plan.grid_x), unsigned(plan.grid_y));

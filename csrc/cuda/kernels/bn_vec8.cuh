@@ -1,4 +1,5 @@
-// BatchNorm + ReLU passes over a channels_last float16/bfloat16 activation, 8 channels (16 bytes) per thread:
+// BatchNorm + ReLU passes over a channels_last float16/bfloat16/float32 activation, 8 channels (16 or 32 bytes) per
+// thread:
 // the training form's normalization, and the backward's per-channel sums and its elementwise part. Device code
 // only, torch-free (compiled by nvcc and by the emulator).
 //
@@ -45,21 +46,42 @@ inline size_t vec8_smem_bytes(const Vec8Plan& p, int vectors) {
   return vectors == 3 && reduction > staged ? reduction : staged;
 }
 
+// 8 consecutive elements at p (16-byte aligned) as floats: one 16-byte load for 16-bit types, two for float32.
 template <typename T>
-__device__ __forceinline__ void unpack8(const uint4 v, float (&f)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+__device__ __forceinline__ void load8v(const T* p, float (&f)[8]) {
+  if constexpr (sizeof(T) == 2) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-  for (int k = 0; k < 8; ++k) f[k] = tc_to_float<T>(from_bits16<T>(static_cast<uint16_t>(w[k / 2] >> (16 * (k % 2)))));
+    for (int k = 0; k < 8; ++k) {
+      f[k] = tc_to_float<T>(from_bits16<T>(static_cast<uint16_t>(w[k / 2] >> (16 * (k % 2)))));
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float4 v = reinterpret_cast<const float4*>(p)[h];
+      f[4 * h] = v.x;
+      f[4 * h + 1] = v.y;
+      f[4 * h + 2] = v.z;
+      f[4 * h + 3] = v.w;
+    }
+  }
 }
 
+// Rounds 8 floats to T and stores them at p with 16-byte stores (__stwb: nvcc keeps each one instruction).
 template <typename T>
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  uint32_t w[4];
+__device__ __forceinline__ void store8v(T* p, const float (&f)[8]) {
+  if constexpr (sizeof(T) == 2) {
+    uint32_t w[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    w[k] = uint32_t(bits16(tc_from_float<T>(f[2 * k]))) | (uint32_t(bits16(tc_from_float<T>(f[2 * k + 1]))) << 16);
+    for (int k = 0; k < 4; ++k) {
+      w[k] = uint32_t(bits16(tc_from_float<T>(f[2 * k]))) | (uint32_t(bits16(tc_from_float<T>(f[2 * k + 1]))) << 16);
+    }
+    __stwb(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+  } else {
+    __stwb(reinterpret_cast<float4*>(p), make_float4(f[0], f[1], f[2], f[3]));
+    __stwb(reinterpret_cast<float4*>(p) + 1, make_float4(f[4], f[5], f[6], f[7]));
   }
-  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // Stages `count` per-channel vectors (`src[v][c0 .. c0 + n)`) in shared memory with coalesced loads (one barrier),
@@ -91,8 +113,8 @@ template <typename T>
 __device__ __forceinline__ void masked_row8(const T* y, const T* grad, int64_t r, int64_t C, int64_t c,
                                             const float (&av)[8], const float (&bv)[8], bool relu, float (&v)[8],
                                             float (&g)[8]) {
-  unpack8<T>(*reinterpret_cast<const uint4*>(y + r * C + c), v);
-  unpack8<T>(*reinterpret_cast<const uint4*>(grad + r * C + c), g);
+  load8v<T>(y + r * C + c, v);
+  load8v<T>(grad + r * C + c, g);
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     if (relu && !(v[k] * av[k] + bv[k] > 0.f)) g[k] = 0.f;
@@ -118,13 +140,13 @@ __global__ void __launch_bounds__(kVec8Threads)
   const int64_t r1 = (int64_t(blockIdx.x) + 1) * p.rows < M ? (int64_t(blockIdx.x) + 1) * p.rows : M;
   for (int64_t r = int64_t(blockIdx.x) * p.rows + ty; r < r1; r += p.ty) {
     float v[8];
-    unpack8<T>(*reinterpret_cast<const uint4*>(y + r * C + c), v);
+    load8v<T>(y + r * C + c, v);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       v[k] = v[k] * av[k] + bv[k];
       if (relu && v[k] < 0.f) v[k] = 0.f;  // NaN passes, as torch.relu
     }
-    __stwb(reinterpret_cast<uint4*>(out + r * C + c), pack8<T>(v));  // one 16-byte store (nvcc splits a plain one)
+    store8v<T>(out + r * C + c, v);
   }
 }
 
@@ -219,7 +241,7 @@ __global__ void __launch_bounds__(kVec8Threads)
     masked_row8<T>(y, grad, r, C, c, av, bv, relu, v, gk);
 #pragma unroll
     for (int k = 0; k < 8; ++k) gk[k] = c1[k] * gk[k] - c2[k] - c3[k] * (v[k] - mv[k]);
-    __stwb(reinterpret_cast<uint4*>(grad_y + r * C + c), pack8<T>(gk));
+    store8v<T>(grad_y + r * C + c, gk);
   }
 }
 
