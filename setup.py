@@ -244,7 +244,10 @@ class BuildExt(BuildExtension):
         if special:
             ext.sources = [s for s in ext.sources if s not in special]
             args = ext.extra_compile_args
-            flags = {"cxx": list(args["cxx"]) + INSTRUMENT_FLAGS} if isinstance(args, dict) else list(args) + INSTRUMENT_FLAGS
+            if isinstance(args, dict):
+                flags = {"cxx": list(args["cxx"]) + INSTRUMENT_FLAGS}
+            else:
+                flags = list(args) + INSTRUMENT_FLAGS
             objects = self.compiler.compile(special, output_dir=self.build_temp, macros=ext.define_macros,
                                             include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=flags,
                                             depends=ext.depends)

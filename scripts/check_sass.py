@@ -34,7 +34,8 @@ COLUMNS = ("HMMA", "LDGSTS", "LDSM", "LDG.128", "LDG.64", "LDG.32", "STG.128", "
 
 def _load_sass():
     """resnext_kernels/emulator/sass.py, loaded by path: this check must not import torch or the build."""
-    spec = importlib.util.spec_from_file_location("rk_sass", os.path.join(ROOT, "resnext_kernels", "emulator", "sass.py"))
+    path = os.path.join(ROOT, "resnext_kernels", "emulator", "sass.py")
+    spec = importlib.util.spec_from_file_location("rk_sass", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -96,7 +96,8 @@ emu_batch=32
 step "emulator counters (x50.stage3, N=$emu_batch)" emulator.txt 0 python -m resnext_kernels.emulator profile \
   --models x50 --shapes stage3 --dtypes float16 --batch "$emu_batch" --ptxas-log "$out/build.log" \
   --json "$out/emulator.json"
-metrics=$(python -c "import sys; sys.path.insert(0, 'scripts'); import compare_ncu; print(','.join(compare_ncu.METRICS))")
+metrics=$(python -c "import sys; sys.path.insert(0, 'scripts'); import compare_ncu
+print(','.join(compare_ncu.METRICS))")
 if [ "$dry_run" = 1 ]; then
   step "ncu (dry run: counts written from the emulator's)" ncu_log.txt 0 \
     python scripts/compare_ncu.py --emu "$out/emulator.json" --fake-ncu "$out/ncu.csv"

@@ -239,10 +239,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
       using Acc = decltype(acc_v);
       affine_only<T, Acc>(op, C, eps, gamma, beta, mean, var, a, b, stream);
       reduce_and_finalize<T, Acc>(op, conv_out, &go, M, C, cuda_kernels::Partial::kBackward,
-                                  cuda_kernels::Finalize::kBackward, relu, eps, gamma, beta, mean, var, a, b, k, bn_grads,
-                                  stream);
-      check_launch(launch_kernel(cuda_kernels::bn_relu_backward_kernel<T, Acc>, dim3(elementwise_blocks(M * C)), dim3(256),
-                                 0, stream, reinterpret_cast<const T*>(conv_out.const_data_ptr()),
+                                  cuda_kernels::Finalize::kBackward, relu, eps, gamma, beta, mean, var, a, b, k,
+                                  bn_grads, stream);
+      check_launch(launch_kernel(cuda_kernels::bn_relu_backward_kernel<T, Acc>, dim3(elementwise_blocks(M * C)),
+                                 dim3(256), 0, stream, reinterpret_cast<const T*>(conv_out.const_data_ptr()),
                                  reinterpret_cast<const T*>(go.const_data_ptr()), mean.const_data_ptr<Acc>(),
                                  a.const_data_ptr<Acc>(), b.const_data_ptr<Acc>(), k[0].const_data_ptr<Acc>(),
                                  k[1].const_data_ptr<Acc>(), k[2].const_data_ptr<Acc>(), M, C, relu,

@@ -146,7 +146,9 @@ inline at::Tensor conv_tc_infer(const char* op, const ConvGeom& g, const cuda_ke
   if (y.numel() == 0) return y;
   const at::Tensor packed = tc_detail::PackedWeightCache::instance().get(op, g, plan, weight, stream);
   // The epilogue reads channel pairs as float2: 8-byte aligned vectors.
-  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 8 ? t.clone() : t; };
+  auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 8 ? t.clone() : t;
+  };
   const at::Tensor sc = aligned(scale), sh = aligned(shift);
   tc_detail::dispatch_tc(x.scalar_type(), [&](auto t) {
     tc_detail::launch_fwd<decltype(t), false>(op, g, plan, x, packed, sc.const_data_ptr<float>(),
@@ -183,7 +185,8 @@ inline at::Tensor conv_tc_data_grad(const char* op, const ConvGeom& g, const at:
                             .flip({3, 4})
                             .reshape({g.C_in, cpg_out, g.KH, g.KW})
                             .contiguous();
-  at::Tensor dx = at::empty({gd.N, gd.C_out, gd.OH, gd.OW}, grad_y.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor dx =
+      at::empty({gd.N, gd.C_out, gd.OH, gd.OW}, grad_y.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (dx.numel() == 0) return dx;
   const at::Tensor packed = tc_detail::pack_weight(op, gd, plan, wt, stream);  // changes every step: no cache
   tc_detail::dispatch_tc(grad_y.scalar_type(), [&](auto t) {
@@ -231,10 +234,11 @@ inline at::Tensor normalize_relu_vec8(const char* op, const at::Tensor& y, const
     using T = decltype(t);
     tc_detail::check(launch_kernel(cuda_kernels::normalize_relu_vec8_kernel<T>,
                                    dim3(unsigned(plan.grid_x), unsigned(plan.grid_y)), dim3(cuda_kernels::kVec8Threads),
-                                   cuda_kernels::vec8_smem_bytes(plan, 2), stream, reinterpret_cast<const T*>(y.const_data_ptr()), a.const_data_ptr<float>(),
+                                   cuda_kernels::vec8_smem_bytes(plan, 2), stream,
+                                   reinterpret_cast<const T*>(y.const_data_ptr()), a.const_data_ptr<float>(),
                                    b.const_data_ptr<float>(), M, C, relu, plan,
                                    reinterpret_cast<T*>(out.mutable_data_ptr())),
-                     op);
+                     op);;
   });
   return out;
 }

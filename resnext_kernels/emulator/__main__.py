@@ -4,9 +4,9 @@ CUDA kernels at the grouped 3x3 layers of ResNeXt-50 32x4d and ResNeXt-101 32x8d
 Each (shape, dtype, form) runs through the emulated ops twice, at N = 2 and N = 4, and every counter is
 extrapolated linearly to --batch: exact where an image is a whole number of every kernel's blocks and the batch a
 multiple of the images a block takes (two 7x7 images share a tensor-core CTA), as the kernels' work is then affine
-in N; otherwise off by less than one block per launch (the CUDA-core statistics kernels' 256-row blocks at 56x56,
-28x28, 7x7); --exact runs --batch itself instead (slow). Per kernel launch it prints the sector efficiency of global loads and stores (distinct bytes
-asked for / bytes of the sectors touched), shared-memory wavefronts per request and the share of them that bank
+in N; otherwise off by less than one block per launch (the statistics kernels' row blocks at 56x56, 28x28, 7x7);
+--exact runs --batch itself instead (slow). Per kernel launch it prints the sector efficiency of global loads and
+stores (distinct bytes asked for / bytes of the sectors touched), shared-memory wavefronts per request and the share of them that bank
 conflicts add, the launch's compulsory DRAM traffic, and the predicted time on a GPU (gpu_model) with the term that
 bounds it; per form, the sum over its kernels against the layer's compulsory bound (its tensors read and written
 once at the GPU's DRAM bandwidth) and its tensor-core bound (its multiply-adds at the dense fp16 or tf32 rate).
@@ -186,8 +186,8 @@ def run(args) -> int:
             json.dump({"batch": args.batch, "rows": rows, "summaries": summaries,
                        "gpus": {k: dataclasses.asdict(gpu_model.GPUS[k]) for k in gpus},
                        "ptxas_log": args.ptxas_log if ptxas else None}, f, indent=1)
-    print(f"\n({len(rows)} launches profiled in {time.time() - start:.0f} s; N={args.batch}"
-          f"{' exact' if args.exact else f', extrapolated from N={BASE_BATCHES[0]} and N={BASE_BATCHES[1]}'}; registers "
+    how = " exact" if args.exact else f", extrapolated from N={BASE_BATCHES[0]} and N={BASE_BATCHES[1]}"
+    print(f"\n({len(rows)} launches profiled in {time.time() - start:.0f} s; N={args.batch}{how}; registers "
           f"{'from ' + args.ptxas_log if ptxas else 'unknown (no ptxas report): occupancy from shared memory only'})")
     return 0
 

@@ -1,13 +1,13 @@
 // BatchNorm + ReLU passes over a channels_last float16/bfloat16/float32 activation, 8 channels (16 or 32 bytes) per
-// thread:
-// the training form's normalization, and the backward's per-channel sums and its elementwise part. Device code
-// only, torch-free (compiled by nvcc and by the emulator).
+// thread: the training form's normalization, and the backward's per-channel sums and its elementwise part. Device
+// code only, torch-free (compiled by nvcc and by the emulator).
 //
 // Layout: M rows (pixels) of C channels, C % 8 == 0. A thread owns one octet of channels and walks rows: its
 // per-channel constants are loaded once, and the threads of a warp read consecutive octets of one row (coalesced
 // 16-byte accesses). A block is tx octets x ty rows (tx * ty <= 256) over `rows` rows (about 8192 elements);
-// grid.x row blocks, grid.y octet blocks. The sums are reduced over a block's threads in a fixed order and written as one partial per (block,
-// channel), which channel_finalize_kernel merges in block order: deterministic, no atomics.
+// grid.x row blocks, grid.y octet blocks. The sums are reduced over a block's threads in a fixed order and written
+// as one partial per (block, channel), which channel_finalize_kernel merges in block order: deterministic, no
+// atomics.
 #pragma once
 
 #include <stdint.h>
@@ -42,7 +42,8 @@ inline Vec8Plan vec8_plan(int64_t M, int64_t C) {
 // Dynamic shared memory of a kernel that stages `vectors` per-channel vectors (and the sums' reduction: 16 floats
 // a thread).
 inline size_t vec8_smem_bytes(const Vec8Plan& p, int vectors) {
-  const size_t staged = size_t(vectors) * p.tx * 8 * sizeof(float), reduction = size_t(kVec8Threads) * 16 * sizeof(float);
+  const size_t staged = size_t(vectors) * p.tx * 8 * sizeof(float);
+  const size_t reduction = size_t(kVec8Threads) * 16 * sizeof(float);
   return vectors == 3 && reduction > staged ? reduction : staged;
 }
 
