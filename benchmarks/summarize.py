@@ -120,10 +120,11 @@ def describe_machine(m: dict) -> str:
     return f"{cpu}, {m['cores']} cores{isa}"
 
 
-def provenance(rec: dict) -> str:
+def provenance(rec: dict, extra: str = "") -> str:
+    """Machine, torch, commit, date, a link to the record (and ``extra``), then the exact command."""
     dirty = " with uncommitted changes" if rec.get("dirty") else ""
     return (f"{describe_machine(rec['machine'])}; torch {rec['torch']}; commit {rec['commit']}{dirty}, {rec['date']}; "
-            f"[record]({rec['_stem']}.md).\n`{rec['command']}`")
+            f"[record]({rec['_stem']}.md).{extra}\n`{rec['command']}`")
 
 
 def kernel_table(rec: dict) -> list[str]:
@@ -133,9 +134,12 @@ def kernel_table(rec: dict) -> list[str]:
     for r in rows:
         if r["variant"] == "fused":
             by_shape.setdefault(r["shape"], {})[r["mode"]] = r
+    peaks = rec.get("peaks") or {}
+    measured = (f" Machine at the start of the run: float32 `torch.mm` {peaks['gflops']['float32']:.0f} GFLOP/s, copy "
+                f"{peaks['gbs']:.1f} GB/s." if "float32" in peaks.get("gflops", {}) and "gbs" in peaks else "")
     lines = [f"ResNeXt-50 32x4d grouped 3x3 conv + BN + ReLU, float32, channels_last, N={rows[0]['N']}: ours in "
              "ms per call (training: forward + backward), median [min-max], and eager's and torch.compile's "
-             "median time over ours. " + provenance(rec), "",
+             "median time over ours. " + provenance(rec, measured), "",
              "| layer | path (inference) | inference ms | vs eager | vs compile | training ms | vs eager | "
              "vs compile |",
              "|---|---|---|---|---|---|---|---|"]

@@ -38,7 +38,8 @@ def _kernel_record(fused_ms, date="2026-01-01", time="10:00:00", commit="aaaaaaa
             rows.append(dict(case, dtype="bfloat16", variant="fused", median_ms=98.0, min_ms=98.0, max_ms=98.0))
     return {"schema": 1, "bench": "kernels", "date": date, "time": time, "commit": commit, "dirty": False,
             "command": "python benchmarks/bench_kernels.py --shapes x50", "environment": {},
-            "machine": _machine(kernel_isa), "torch": "2.0", "python": "3.11", "quick": quick, "rows": rows}
+            "machine": _machine(kernel_isa), "torch": "2.0", "python": "3.11", "quick": quick, "rows": rows,
+            "peaks": {"gflops": {"float32": 123.4}, "gbs": 45.6}}
 
 
 def _model_record(ours_ms, date="2026-01-01", commit="aaaaaaa"):
@@ -85,7 +86,8 @@ def test_latest_full_run_per_cpu_class(tmp_path, results):
             in avx512)
     assert "| stage 4, stride 2 | direct | 4.00 [3.60-4.80] |" in avx512
     assert "commit 2222222" in avx512 and "1111111" not in text and "3333333" not in text
-    assert "[record](results/b-new.md)" in avx512
+    assert "[record](results/b-new.md). Machine at the start of the run: float32 `torch.mm` 123 GFLOP/s, copy 45.6" \
+        in avx512
     # N=8 float32 only: one row per shape
     assert avx512.count("| stage ") == 2 and "99.0" not in text and "98.0" not in text
     assert "5.00 [4.50-6.00]" in avx2 and "capped to AVX2 on this AVX-512 CPU" in avx2
