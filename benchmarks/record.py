@@ -161,7 +161,8 @@ def relevant_environment() -> dict[str, str]:
 
 
 def command_line(script: str, argv: list[str]) -> str:
-    env = "".join(f"{k}={v} " for k, v in relevant_environment().items() if k.startswith("RESNEXT_KERNELS_"))
+    """The command as typed, with the recorded environment variables that were set in front of it."""
+    env = "".join(f"{k}={v} " for k, v in relevant_environment().items() if k != "LD_PRELOAD")
     return f"{env}python benchmarks/{script}" + "".join(f" {a}" for a in argv)
 
 
