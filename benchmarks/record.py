@@ -4,9 +4,8 @@ performance section from the JSON files).
 
     benchmarks/results/<machine>-<YYYY-MM-DD>-<commit>-<bench>.{md,json}
 
-<machine> is the GPU's name on CUDA, else the CPU's vendor, microarchitecture (where known) and the vector ISA the
-project's kernels ran with (``amd-zen4-avx512``; ``-avx2-kernels`` when RESNEXT_KERNELS_CPU_ISA capped them below
-the CPU's own). A second run with another command on the same machine, day and commit gets a numbered suffix; the
+<machine> is the GPU's name on CUDA, else the CPU's vendor, microarchitecture (where known) and vector ISA
+(``amd-zen4-avx512``), with ``-as-avx2`` when RESNEXT_KERNELS_CPU_ISA capped the project's kernels below it. A second run with another command on the same machine, day and commit gets a numbered suffix; the
 same command replaces its earlier record.
 
 The JSON record (``SCHEMA``): bench, date, time, commit (and whether the work tree had uncommitted changes), the
@@ -152,7 +151,7 @@ def machine_slug(m: dict) -> str:
         return _slug(m["gpu"] or "gpu")
     vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(m["vendor"], _slug(m["vendor"]))
     name = m["microarchitecture"] or _slug(m["cpu"])
-    isa = m["kernel_isa"] + ("" if m["kernel_isa"] == m["isa_class"] else "-kernels")
+    isa = m["isa_class"] + ("" if m["kernel_isa"] == m["isa_class"] else f"-as-{m['kernel_isa']}")
     return "-".join(p for p in (vendor, name, isa) if p)
 
 
