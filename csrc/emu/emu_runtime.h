@@ -4,7 +4,7 @@
 // Every CUDA thread of a block runs as a fiber (csrc/emu/emu_scheduler.cpp); blocks run one at a time, in
 // the order the current schedule says. __syncthreads and the warp functions are scheduling points where
 // the emulator checks that the block's threads agree (same barrier, same warp operation and mask); a
-// violation raises rk::emu::KernelError naming the kernel source file and line. See csrc/emu/README.md.
+// violation raises rk::emu::KernelError naming the kernel source file and line. See docs/emulator.md.
 #pragma once
 
 // CUDA's headers define these only when they are undefined (crt/host_defines.h): defining them first makes
