@@ -32,78 +32,6 @@ namespace rk {
 namespace cpu {
 namespace {
 
-// Fewest output pixels per partial sum, and the most partial-sum elements a call may allocate.
-constexpr int64_t kWgradChunkPixels = 1024;
-constexpr int64_t kWgradPartialBudget = int64_t(16) << 20;
-// Output channels per task in the generic path.
-constexpr int64_t kGenericBlock = 64;
-
-struct WgradPlan {
-  int64_t rows;            // output rows (n, oh)
-  int64_t rows_per_chunk;  // output rows per partial sum
-  int64_t n_chunks;
-  int64_t cb;              // output channels per task
-  int64_t n_cblocks;
-  int64_t lanes;           // floats per (column, ci) in E: cb (expand) or 1 (broadcast)
-  int64_t span;            // input columns one output row reads
-  int64_t weight_size;     // taps * cpg_in * C_out
-  int nv;                  // vectors per block (blocked paths); 0: generic path
-  bool broadcast;
-  int jt;                  // > 0: the channel-lane path, with jt output channels per register tile
-};
-
-template <class V>
-void plan_blocked(WgradPlan& p, const ConvGeom& g) {
-  constexpr int L = V::kLanes;
-  const int64_t cpg_out = g.C_out / g.groups, cpg_in = g.C_in / g.groups;
-  if (g.groups > 1 && cpg_in == cpg_out && cpg_in >= 2 && (L % cpg_in == 0 || cpg_in % L == 0) && g.C_in % L == 0 &&
-      g.KW == 3) {
-    // Channel-lane path (see wgrad_task_channel_lanes): 3 taps x jt output channels of accumulators.
-    p.jt = int(std::min<int64_t>(cpg_in, V::kAccRegs / 3 >= 8 ? 8 : 4));
-    p.nv = 1;
-    p.cb = L;
-    return;
-  }
-  if (g.groups == 1 || cpg_out >= L) {
-    if (cpg_out % L != 0) return;
-    p.broadcast = true;
-    p.nv = cpg_out % (2 * L) == 0 ? 2 : 1;
-  } else {
-    if (g.C_out % L != 0) return;
-    p.broadcast = false;
-    p.nv = g.C_out % (2 * L) == 0 ? 2 : 1;
-  }
-  p.cb = int64_t(p.nv) * L;
-}
-
-WgradPlan plan_wgrad(const ConvGeom& g, bool vectorizable, bool avx512) {
-  WgradPlan p{};
-  p.rows = g.N * g.OH;
-  const int64_t cpg_in = g.C_in / g.groups;
-  p.weight_size = int64_t(g.KH) * g.KW * cpg_in * g.C_out;
-  p.rows_per_chunk = std::max<int64_t>(1, (kWgradChunkPixels + g.OW - 1) / g.OW);
-  int64_t n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
-  const int64_t max_chunks = std::max<int64_t>(1, kWgradPartialBudget / std::max<int64_t>(p.weight_size, 1));
-  if (n_chunks > max_chunks) {
-    p.rows_per_chunk = (p.rows + max_chunks - 1) / max_chunks;
-    n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
-  }
-  p.rows_per_chunk = (p.rows + n_chunks - 1) / n_chunks;  // even chunks: tasks of one size balance across threads
-  p.n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
-  if (vectorizable && g.KH <= kMaxBlockedKernel && g.KW <= kMaxBlockedKernel) {
-    if (avx512) plan_blocked<Avx512Vec>(p, g);
-    else plan_blocked<Avx2Vec>(p, g);
-  }
-  if (p.nv == 0) {
-    p.broadcast = false;
-    p.cb = std::min<int64_t>(g.C_out, kGenericBlock);
-  }
-  p.n_cblocks = (g.C_out + p.cb - 1) / p.cb;
-  p.lanes = p.broadcast ? 1 : p.cb;
-  p.span = (g.OW - 1) * g.stride_w + int64_t(g.KW - 1) * g.dil_w + 1;
-  return p;
-}
-
 // Everything a task needs, fixed for one call.
 template <typename scalar_t, typename acc_t>
 struct WgradProblem {
@@ -470,10 +398,10 @@ void wgrad_task_generic(const WgradProblem<scalar_t, acc_t>& P, WgradScratch<acc
 }
 
 template <typename scalar_t, typename acc_t>
-void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor& gy, at::Tensor& grad_weight) {
+void weight_grad_typed(const ConvGeom& g, const WgradPlan& pl, const at::Tensor& x, const at::Tensor& gy,
+                       at::Tensor& grad_weight) {
   constexpr bool kFloatAcc = std::is_same_v<acc_t, float>;
   const CpuIsa isa = kFloatAcc ? detected_isa() : CpuIsa::kBaseline;
-  const WgradPlan pl = plan_wgrad(g, isa != CpuIsa::kBaseline, isa == CpuIsa::kAvx512);
   std::vector<acc_t> partial(pl.n_chunks * pl.weight_size, acc_t(0));
   const int64_t cpg_in = g.C_in / g.groups;
   std::vector<acc_t> zeros(pl.span * cpg_in * pl.lanes, acc_t(0));
@@ -529,7 +457,8 @@ void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& grad_y) {
+at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const WgradPlan& plan, const at::Tensor& input,
+                                const at::Tensor& grad_y) {
   at::Tensor grad_weight =
       at::empty({g.C_out, g.C_in / g.groups, g.KH, g.KW}, input.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_weight.numel() == 0) return grad_weight;
@@ -538,48 +467,15 @@ at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const at::Tensor& input, cons
   const at::Tensor gy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_weight_grad_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    weight_grad_typed<scalar_t, acc_t>(g, x, gy, grad_weight);
+    weight_grad_typed<scalar_t, acc_t>(g, plan, x, gy, grad_weight);
   });
   return grad_weight;
 }
 
-bool weight_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype) {
-  if (at::globalContext().deterministicAlgorithms()) return true;
-  // Where the channel-lane path runs with groups of 2-8 channels (ResNeXt-50 32x4d stages 1-2).
-  const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && detected_isa() != CpuIsa::kBaseline && g.groups > 1 &&
-         cpg_in == cpg_out && cpg_in >= 2 && cpg_in <= 8 && g.C_in % 16 == 0 && g.KW == 3;
-}
-
-namespace {
-
-// The stride-1 data gradient as a convolution of grad_y: input gy (OH x OW x C_out), output dx (H x W x C_in),
-// same kernel and dilation, padding dil * (K - 1) - pad (negative when the forward's padding exceeds the kernel's
-// reach: then it is not a plain convolution, and ATen runs).
-ConvGeom data_grad_geometry(const ConvGeom& g) {
-  ConvGeom t = g;
-  t.H = g.OH, t.W = g.OW, t.C_in = g.C_out;
-  t.OH = g.H, t.OW = g.W, t.C_out = g.C_in;
-  t.pad_h = g.dil_h * (g.KH - 1) - g.pad_h;
-  t.pad_w = g.dil_w * (g.KW - 1) - g.pad_w;
-  return t;
-}
-
-}  // namespace
-
-bool data_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype) {
-  const ConvGeom t = data_grad_geometry(g);
-  if (g.stride_h != 1 || g.stride_w != 1 || t.pad_h < 0 || t.pad_w < 0) return false;
-  // Measured against oneDNN's data gradient at ResNeXt-50 shapes, N = 8: the channel-lane kernel faster with 4
-  // channels per group (stage 1), even to slower with 8 and more; the F(4x4, 3x3) Winograd kernel 1.46x, 1.96x and
-  // 1.57x faster at stages 2, 3 and 4 on Zen 3 (AVX2), 1.16x, 1.16x and 1.36x on a Sapphire Rapids class AVX-512
-  // machine (F(2x2) was within noise of oneDNN there).
-  return (g.C_in / g.groups <= 4 && conv_uses_channel_lanes(t, dtype)) || conv_winograd_tile(t, dtype) == 4;
-}
-
-at::Tensor conv_data_grad_cpu(const ConvGeom& g, const at::Tensor& grad_y, const at::Tensor& weight) {
+at::Tensor conv_data_grad_cpu(const ConvGeom& g, const GradPlan& plan, const at::Tensor& grad_y,
+                              const at::Tensor& weight) {
   TORCH_INTERNAL_ASSERT(g.stride_h == 1 && g.stride_w == 1, "conv_data_grad_cpu: stride-1 convolutions only");
-  const ConvGeom t = data_grad_geometry(g);
+  const ConvGeom& t = plan.data_geom;
   // W'[group * c_in + i][j][kh][kw] = W[group * c_out + j][i][KH - 1 - kh][KW - 1 - kw]
   const int64_t G = g.groups, c_in = g.C_in / G, c_out = g.C_out / G;
   const at::Tensor w_t = weight.reshape({G, c_out, c_in, g.KH, g.KW})
@@ -587,7 +483,8 @@ at::Tensor conv_data_grad_cpu(const ConvGeom& g, const at::Tensor& grad_y, const
                              .flip({3, 4})
                              .reshape({g.C_in, c_out, g.KH, g.KW})
                              .contiguous();
-  return conv_affine_nhwc_cpu(t, grad_y, w_t, at::Tensor(), at::Tensor(), std::nullopt, /*relu=*/false);
+  return conv_affine_nhwc_cpu(plan.data_plan, t, grad_y, w_t, at::Tensor(), at::Tensor(), std::nullopt,
+                              /*relu=*/false);
 }
 
 }  // namespace cpu

@@ -14,111 +14,16 @@
 // ISA entry point (compiled with its own target attribute) gets code for its own vector width.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "common/conv_geometry.h"
+#include "cpu/conv_plan.h"
+#include "cpu/simd.h"
 
 namespace rk {
 namespace cpu {
 
-#define RK_ALWAYS_INLINE __attribute__((always_inline)) inline
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RK_X86_DISPATCH 1
-#else
-#define RK_X86_DISPATCH 0
-#endif
-
-// Compiles a plain function for AVX-512, AVX2 and baseline x86-64, picked at load time (GCC's target_clones).
-#if RK_X86_DISPATCH
-#define RK_CPU_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RK_CPU_ISA_CLONES
-#endif
-
-enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
-
-// The vector ISA the blocked kernels run with on this machine, detected once per process. The environment
-// variable RESNEXT_KERNELS_CPU_ISA (avx2 or baseline) caps it, so that tests on an AVX-512 machine can run the
-// AVX2 and portable code too (it never raises it above what the CPU supports).
-inline CpuIsa detected_isa() {
-#if RK_X86_DISPATCH
-  static const CpuIsa isa = [] {
-    CpuIsa best = __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
-                  : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
-                                                        : CpuIsa::kBaseline;
-    const char* cap = std::getenv("RESNEXT_KERNELS_CPU_ISA");
-    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) best = std::min(best, CpuIsa::kAvx2);
-    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) best = CpuIsa::kBaseline;
-    return best;
-  }();
-  return isa;
-#else
-  return CpuIsa::kBaseline;
-#endif
-}
-
-struct Avx512Vec {
-  typedef float vec __attribute__((vector_size(64)));
-  typedef int32_t ivec __attribute__((vector_size(64)));
-  static constexpr int kLanes = 16;
-  static constexpr int kAccRegs = 24;  // of 32 zmm registers
-  static constexpr int kMaxBroadcastVectors = 4;  // see Avx2Vec
-};
-struct Avx2Vec {
-  typedef float vec __attribute__((vector_size(32)));
-  typedef int32_t ivec __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
-  static constexpr int kAccRegs = 12;  // of 16 ymm registers
-  // Vectors of output channels a broadcast-operand microkernel (TP x NV accumulators, NV weight vectors shared by
-  // the TP pixels, one broadcast input) takes at most: 12 + 2 + 1 of the 16 ymm registers. With 4, the 12 + 4 + 1
-  // do not fit and the weights turn into reloads: at ResNeXt-50 stage 4 (32 channels per group, Zen 3) 2 vectors x
-  // 6 pixels ran the Winograd path 1.3-1.5x faster than 4 x 3.
-  static constexpr int kMaxBroadcastVectors = 2;
-};
-
-// dst[0..n) = src[0..n) for a pixel's few dozen channels, inlined: in 64-byte moves, then element by element. (As
-// std::copy it was a library memmove call per pixel: 14% of the samples of the broadcast path at ResNeXt-50's
-// stride-2 stage-4 block on a Zen 5.)
-template <typename T>
-RK_ALWAYS_INLINE void copy_channels(const T* __restrict src, T* __restrict dst, int64_t n) {
-  constexpr int64_t kChunk = 64 / int64_t(sizeof(T));
-  int64_t i = 0;
-  for (; i + kChunk <= n; i += kChunk) __builtin_memcpy(dst + i, src + i, 64);
-  for (; i < n; ++i) dst[i] = src[i];
-}
-
-template <class V>
-RK_ALWAYS_INLINE typename V::vec vload(const float* p) {
-  typename V::vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <class V>
-RK_ALWAYS_INLINE typename V::vec vload(const c10::BFloat16* p) {
-  typename V::vec v;
-  for (int i = 0; i < V::kLanes; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-}
-
-template <class V>
-RK_ALWAYS_INLINE void vstore(float* p, typename V::vec v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <class V>
-RK_ALWAYS_INLINE void vstore(c10::BFloat16* p, typename V::vec v) {
-  for (int i = 0; i < V::kLanes; ++i) p[i] = c10::BFloat16(v[i]);
-}
-
-// Largest kernel height/width the blocked path takes (its per-row tables are on the stack).
-constexpr int kMaxBlockedKernel = 16;
 // Most pixels a microkernel computes at once (sizes the source-pointer scratch).
 constexpr int kMaxPixelsPerBlock = 8;
 
@@ -154,33 +59,6 @@ struct BlockedProblem {
   // Winograd path: software prefetches of the next tile block's input and this block's output (WinogradPrefetch).
   bool prefetch;
 };
-
-// Output size from which the channel-lane path streams its output (BlockedProblem::stream): a few times an L2. An
-// output that fits the caches is better left there for the next layer, which reads it.
-constexpr int64_t kStreamOutputBytes = 4 << 20;
-
-// A non-temporal store of one 64-byte vector (p 64-byte aligned); a plain store elsewhere.
-template <class V>
-RK_ALWAYS_INLINE void vstream(float* p, typename V::vec v) {
-#if defined(__x86_64__)
-  if constexpr (sizeof(v) == 64) {
-    asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<typename V::vec*>(p)) : "v"(v));
-    return;
-  }
-#endif
-  vstore<V>(p, v);
-}
-template <class V>
-RK_ALWAYS_INLINE void vstream(c10::BFloat16* p, typename V::vec v) {
-  vstore<V>(p, v);
-}
-
-// Orders this thread's non-temporal stores before what follows (the end of a parallel task).
-RK_ALWAYS_INLINE void stream_fence() {
-#if defined(__x86_64__)
-  asm volatile("sfence" ::: "memory");
-#endif
-}
 
 // The packed weights of the block of output channels from co0 (a multiple of w_ci_stride, or inside its only block).
 template <typename scalar_t>
@@ -557,18 +435,6 @@ RK_ALWAYS_INLINE void blocked_rows(const BlockedProblem<scalar_t>& P, BlockedScr
       }
     }
   }
-}
-
-// Vectors per block for a block width (C_out in expand mode, C_out/groups in broadcast mode); 0 when the
-// width is not a multiple of the vector width (the generic path runs). Expand mode loads its inputs as FMA memory
-// operands, so it takes 4 on every ISA; broadcast mode at most V::kMaxBroadcastVectors.
-template <class V>
-inline int vectors_per_block(int64_t width, bool expand) {
-  for (int nv : {4, 2, 1}) {
-    if (!expand && nv > V::kMaxBroadcastVectors) continue;
-    if (width % (int64_t(nv) * V::kLanes) == 0) return nv;
-  }
-  return 0;
 }
 
 template <class V, typename scalar_t>

@@ -50,37 +50,12 @@
 #include "cpu/conv_lanes.h"
 #include "cpu/conv_winograd.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/conv_plan.h"
 
 
 namespace rk {
 namespace cpu {
 namespace {
-
-// Whether this is an Intel CPU: its tuning differs from AMD's in two places (the ATen routes of conv_runs_on_aten,
-// the Winograd path's software prefetch), measured on both.
-bool cpu_is_intel() {
-#if RK_X86_DISPATCH
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
-#else
-  return false;
-#endif
-}
-
-// Whether the Winograd path issues its software prefetches (WinogradPrefetch). Not on Intel CPUs, whose L2 streamer
-// follows the accesses, except where one channels_last input pixel spans a whole 4 KB page (1024 float32 channels),
-// since no hardware prefetcher crosses a page: on a Sapphire Rapids class Xeon (N = 8, 2 threads, interleaved
-// processes) they made ResNeXt-50's stage 4 1.04x faster in inference and 1.05x in training steps, ResNeXt-101's
-// stage 3 1.08x, its stage 4 even; at 512 channels (stage 3) they were even in inference and 0.98x in training.
-bool winograd_prefetches(const ConvGeom& g, size_t element_bytes) {
-  constexpr int64_t kPageBytes = 4096;
-  return !cpu_is_intel() || g.C_in * int64_t(element_bytes) >= kPageBytes;
-}
-
-// Narrowest group (in output channels) for which broadcasting inputs beats expanding them.
-constexpr int64_t kBroadcastMinWidth = 16;
-// Per-thread scratch budget (elements of the accumulation type) that sizes the column tiles.
-constexpr int64_t kScratchBudget = 256 * 1024;
 
 template <typename acc_t>
 RK_ALWAYS_INLINE void axpy(acc_t* __restrict acc, acc_t a, const acc_t* __restrict w, int64_t n) {
@@ -93,31 +68,6 @@ RK_ALWAYS_INLINE void fma_rows(acc_t* __restrict acc, const acc_t* __restrict x,
                                int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i] * w[i];
-}
-
-struct Tiling {
-  bool expand;       // expand narrow groups (see header comment) or broadcast
-  int64_t tile_ow;   // output columns per tile
-  int64_t span;      // input columns a tile reads: (tile_ow - 1) * stride_w + (KW - 1) * dil_w + 1
-  int64_t n_tiles;   // ceil(OW / tile_ow)
-  int64_t row_slots; // expanded input rows kept per thread: the (KH - 1) * dil_h + 1 rows one output row reads
-  int64_t acc_size;  // tile_ow * C_out
-  int64_t expand_size;
-};
-
-inline Tiling plan_tiling(const ConvGeom& g) {
-  const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
-  Tiling t{};
-  t.expand = g.groups > 1 && cpg_out < kBroadcastMinWidth;
-  t.row_slots = int64_t(g.KH - 1) * g.dil_h + 1;
-  // Per output column: the accumulator row, plus (expand) the cached expanded input columns.
-  const int64_t per_col = g.C_out + (t.expand ? t.row_slots * g.stride_w * cpg_in * g.C_out : 0);
-  t.tile_ow = std::clamp<int64_t>(kScratchBudget / std::max<int64_t>(per_col, 1), 1, g.OW);
-  t.n_tiles = (g.OW + t.tile_ow - 1) / t.tile_ow;
-  t.span = (t.tile_ow - 1) * g.stride_w + int64_t(g.KW - 1) * g.dil_w + 1;
-  t.acc_size = t.tile_ow * g.C_out;
-  t.expand_size = t.expand ? t.row_slots * t.span * cpg_in * g.C_out : 0;
-  return t;
 }
 
 // Computes output rows [row_begin, row_end) (row = n * OH + oh). `acc` and `ex` are the thread's scratch.
@@ -304,22 +254,6 @@ __attribute__((target("arch=x86-64-v3"))) void winograd_pack_avx2(const Winograd
 #undef RK_WINOGRAD_CASE
 #endif
 
-// Vectors per microkernel block on this machine for this problem, or 0 when the generic path must run.
-template <typename scalar_t>
-int blocked_vectors(const ConvGeom& g, const Tiling& tl) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    return 0;
-  } else {
-    if (g.KH > kMaxBlockedKernel || g.KW > kMaxBlockedKernel) return 0;
-    const int64_t width = tl.expand ? g.C_out : g.C_out / g.groups;
-    switch (detected_isa()) {
-      case CpuIsa::kAvx512: return vectors_per_block<Avx512Vec>(width, tl.expand);
-      case CpuIsa::kAvx2: return vectors_per_block<Avx2Vec>(width, tl.expand);
-      default: return 0;
-    }
-  }
-}
-
 // Calls NAME_avx512 or NAME_avx2 (the entry points above) for the detected ISA; callers have checked that a vector
 // path applies, so a build without x86 dispatch never gets here.
 #if RK_X86_DISPATCH
@@ -328,56 +262,6 @@ int blocked_vectors(const ConvGeom& g, const Tiling& tl) {
 #else
 #define RK_CALL_FOR_ISA(NAME, ...) TORCH_INTERNAL_ASSERT(false, "vector CPU path selected on a build without x86 dispatch")
 #endif
-
-// The group width the channel-lane path runs with for this problem on this machine, or 0 when it does not
-// apply (float64, CPUs without AVX2, other group shapes or kernel widths).
-template <typename scalar_t>
-int lane_group_width(const ConvGeom& g) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    return 0;
-  } else {
-    const int64_t c = g.C_in / g.groups;
-    const CpuIsa isa = detected_isa();
-    if (isa == CpuIsa::kBaseline || g.groups == 1 || g.C_out / g.groups != c || (c != 2 && c != 4 && c != 8) ||
-        g.KW != kLaneKernelWidth || g.KH > kMaxBlockedKernel) {
-      return 0;
-    }
-    const int L = isa == CpuIsa::kAvx512 ? Avx512Vec::kLanes : Avx2Vec::kLanes;
-    return g.C_in % L == 0 ? int(c) : 0;
-  }
-}
-
-// How the Winograd path (conv_winograd.h) runs a problem on this machine: the transform vector width (lanes; 0 when
-// the path does not apply) and the output tile size. It applies to float32/bfloat16 on AVX2/AVX-512, 3x3 kernels,
-// stride 1, dilation 1, and 8, 16, 32 or 64 channels per group in and out. AVX-512 transforms 16 channels at once
-// (two groups of 8 when the group count is even), otherwise 8. Both run F(4x4, 3x3) from kWinograd4MinTiles tiles
-// on. On AVX-512 (Sapphire Rapids class, 2 threads, N = 8, interleaved A/B) F(4x4) against F(2x2) measured 1.22x
-// faster at ResNeXt-50 stage 2, 1.10x at stage 3, 1.07x at stage 4 in inference (training steps 1.20x, 1.04x, 0.98x).
-struct WinogradPlan {
-  int lanes = 0;
-  int tile = 2;
-};
-
-template <typename scalar_t>
-WinogradPlan winograd_plan(const ConvGeom& g) {
-  WinogradPlan plan;
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    const int64_t cpg = g.C_in / g.groups;
-    const CpuIsa isa = detected_isa();
-    if (isa == CpuIsa::kBaseline || g.KH != 3 || g.KW != 3 || g.stride_h != 1 || g.stride_w != 1 || g.dil_h != 1 ||
-        g.dil_w != 1 || g.C_out != g.C_in || (cpg != 8 && cpg != 16 && cpg != 32 && cpg != 64)) {
-      return plan;
-    }
-    plan.lanes = isa == CpuIsa::kAvx2 ? 8 : cpg >= 16 || g.groups % 2 == 0 ? 16 : 8;
-    plan.tile = g.N * ((g.OH + 3) / 4) * ((g.OW + 3) / 4) >= kWinograd4MinTiles ? 4 : 2;
-  }
-  return plan;
-}
-
-template <typename scalar_t>
-int winograd_lanes(const ConvGeom& g) {
-  return winograd_plan<scalar_t>(g).lanes;
-}
 
 // wl[cb][kh][kw][j][lane] = weight[co][ci][kh][kw] * scale[co] for channel cb * L + lane = group * c + ci and
 // co = group * c + j.
@@ -432,35 +316,36 @@ std::vector<acc_t> pack_weight(const ConvGeom& g, const at::Tensor& weight, cons
 }
 
 template <typename scalar_t, typename acc_t>
-void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, const at::Tensor& weight,
+void conv_bn_relu_cpu_typed(const ConvPlan& plan, const at::Tensor& input_nhwc, const at::Tensor& weight,
                             const at::Tensor& scale, const at::Tensor& shift, const at::Tensor* residual_nhwc,
                             at::Tensor& out_nhwc, bool relu, acc_t* row_stats) {
+  const ConvGeom& g = plan.geom;
   const at::Tensor shift_c = shift.contiguous();
   const acc_t* sh = shift_c.data_ptr<acc_t>();
   const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
   std::vector<int64_t> src_channel(g.C_out);
   for (int64_t co = 0; co < g.C_out; ++co) src_channel[co] = (co / cpg_out) * cpg_in;
-  const Tiling tl = plan_tiling(g);
+  const Tiling& tl = plan.tiling;
   const scalar_t* in = input_nhwc.data_ptr<scalar_t>();
   scalar_t* out = out_nhwc.data_ptr<scalar_t>();
   const scalar_t* residual = residual_nhwc ? residual_nhwc->data_ptr<scalar_t>() : nullptr;
   // Grain: enough rows per task that a task does at least ~64k multiply-adds.
   const int64_t macs_per_row = g.OW * g.C_out * cpg_in * g.KH * g.KW;
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(macs_per_row, 1));
-  if (const WinogradPlan plan = winograd_plan<scalar_t>(g); plan.lanes > 0 && !residual) {
+  if (plan.path == ConvPath::kWinogradF4x4 || plan.path == ConvPath::kWinogradF2x2) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const at::Tensor scale_c = scale.contiguous();
       const WinogradPackArgs<scalar_t> pack{weight.data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
                                             weight.stride(2),          weight.stride(3), scale_c.data_ptr<float>()};
-      const bool f4 = plan.tile == 4;
-      const int points = f4 ? WinogradF4::kPoints : WinogradF2::kPoints;
-      const int64_t block = std::max<int64_t>(cpg_in, plan.lanes), blocks = g.C_in / block;
-      const int64_t ublock_floats = winograd_ublock_floats(points, cpg_in, plan.lanes);
+      const int tile = plan.path == ConvPath::kWinogradF4x4 ? 4 : 2;
+      const int points = tile == 4 ? WinogradF4::kPoints : WinogradF2::kPoints;
+      const int64_t block = std::max<int64_t>(cpg_in, plan.winograd_lanes), blocks = g.C_in / block;
+      const int64_t ublock_floats = winograd_ublock_floats(points, cpg_in, plan.winograd_lanes);
       std::vector<float> u;  // all blocks' U, image-major order only (see WinogradWeights)
-      if (f4 ? winograd_image_major<WinogradF4>(g) : winograd_image_major<WinogradF2>(g)) {
+      if (plan.winograd_image_major) {
         u.resize(blocks * ublock_floats);
         at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-          RK_CALL_FOR_ISA(winograd_pack, pack, plan.lanes, plan.tile, int(cpg_in), begin, end, u.data());
+          RK_CALL_FOR_ISA(winograd_pack, pack, plan.winograd_lanes, tile, int(cpg_in), begin, end, u.data());
         });
       }
       const WinogradWeights<scalar_t> W{u.empty() ? nullptr : u.data(), &pack};
@@ -468,31 +353,26 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       BlockedProblem<scalar_t> P{};
       P.g = &g, P.in = in, P.shift = sh, P.out = out, P.relu = relu;
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
-      P.prefetch = winograd_prefetches(g, sizeof(scalar_t));
+      P.prefetch = plan.prefetch;
       at::parallel_for(0, blocks * g.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> vbuf(points * kMaxWinogradTiles * block);
         std::vector<float> mbuf(points * kMaxWinogradTiles * block);
         std::vector<float> ubuf(u.empty() ? ublock_floats : 0);
-        RK_CALL_FOR_ISA(winograd_items, P, W, vbuf.data(), mbuf.data(), ubuf.data(), plan.lanes, plan.tile,
+        RK_CALL_FOR_ISA(winograd_items, P, W, vbuf.data(), mbuf.data(), ubuf.data(), plan.winograd_lanes, tile,
                         int(cpg_in), begin, end);
       });
       return;
     }
   }
-  if (const int c = lane_group_width<scalar_t>(g); c > 0) {
+  if (plan.path == ConvPath::kLanes) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      const int L = detected_isa() == CpuIsa::kAvx512 ? Avx512Vec::kLanes : Avx2Vec::kLanes;
+      const int c = plan.lane_group, L = plan.vec_lanes;
       const std::vector<float> wl = pack_lane_weight<scalar_t>(g, weight, scale, L);
       const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
       BlockedProblem<scalar_t> P{};
       P.g = &g, P.in = in, P.wp = wl.data(), P.shift = sh, P.out = out, P.residual = residual, P.relu = relu;
       P.zero_input = zero_input.data(), P.row_stats = row_stats;
-      // Streamed output (BlockedProblem::stream): interleaved A/B on a Sapphire Rapids class Xeon, N = 8, 2 threads:
-      // 1.04-1.25x faster at ResNeXt-50 stage 1, 1.02-1.04x at stage 2's stride-2 block; the whole ResNeXt-50 in
-      // eval 1.027-1.028x faster at N = 8, and 0.99x at N = 1, whose outputs the threshold keeps in cache.
-      P.stream = std::is_same_v<scalar_t, float> && L == Avx512Vec::kLanes && !row_stats && !residual &&
-                 reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
-                 out_nhwc.numel() * int64_t(sizeof(scalar_t)) >= kStreamOutputBytes;
+      P.stream = plan.stream && reinterpret_cast<uintptr_t>(out) % 64 == 0;
       at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
         std::vector<const scalar_t*> tbl(int64_t(g.KH) * g.OW * kLaneKernelWidth);
         RK_CALL_FOR_ISA(lane_rows, P, tbl.data(), c, begin, end);
@@ -500,13 +380,12 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       return;
     }
   }
-  const int nv = blocked_vectors<scalar_t>(g, tl);
+  const int nv = plan.vectors;
   // The broadcast path's weights in blocks of its nv vectors (see BlockedProblem::w_ci_stride); else one row per tap
   // and input channel.
-  const int64_t lanes = detected_isa() == CpuIsa::kAvx512 ? Avx512Vec::kLanes : Avx2Vec::kLanes;
-  const int64_t w_block = nv > 0 && !tl.expand ? nv * lanes : g.C_out;
+  const int64_t w_block = plan.weight_block;
   const std::vector<acc_t> wp = pack_weight<scalar_t, acc_t>(g, weight, scale, w_block);
-  if (nv > 0) {
+  if (plan.path == ConvPath::kBroadcast || plan.path == ConvPath::kExpand) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const std::vector<float> zero_expanded(tl.expand ? cpg_in * g.C_out : 0, 0.f);
       const std::vector<scalar_t> zero_input(g.C_in, scalar_t(0));
@@ -527,6 +406,8 @@ void conv_bn_relu_cpu_typed(const ConvGeom& g, const at::Tensor& input_nhwc, con
       return;
     }
   }
+  TORCH_INTERNAL_ASSERT(plan.path == ConvPath::kGeneric, "resnext_kernels (CPU kernel): path ", path_name(plan.path),
+                        " planned for ", plan.dtype);
   at::parallel_for(0, g.N * g.OH, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(tl.acc_size), ex(tl.expand_size);
     conv_rows(g, tl, in, wp.data(), sh, src_channel.data(), out, residual, relu, begin, end, acc.data(),
@@ -541,64 +422,6 @@ at::Tensor conv_bn_relu_infer_cpu(const at::Tensor& input, const at::Tensor& wei
                                              stride, padding, dilation, groups);
   const at::Tensor out = conv_affine_nhwc_cpu(g, input, weight, scale, shift, std::nullopt, relu);
   return out.contiguous(conv_output_memory_format(input, weight));
-}
-
-// Dense pointwise convolutions are GEMMs, which oneDNN blocks for the whole cache hierarchy (the blocked kernel has
-// no blocking of the reduction dimension): every 1x1 convolution of ResNeXt-50 (128-8192 KB of weights) measured
-// 0.69-0.96x of oneDNN's speed through the blocked kernel, so from 64 KB of weights they run through ATen.
-constexpr int64_t kPointwiseWeightBytesForAten = 64 * 1024;
-// For the same reason, convolutions that would take the broadcast path with more weights per channel block than an
-// L1 holds (KH * KW * C_in/groups * 16 floats, the AVX2 block of 2 vectors: 36 KB for a 3x3 kernel over 64 input
-// channels per group) run through ATen on AVX2. Measured on a Zen 3 (N=8, 2 threads, interleaved, two runs) against
-// oneDNN with BN folded, with the blocks' weights contiguous (pack_weight): dense 3x3 at 128 channels 28x28
-// 0.94-0.98x, 256 at 14x14 0.99-1.02x, 512 at 7x7 1.15-1.21x, 128 at stride 2 0.96-0.97x; 32 groups of 64 at
-// stride 2 (ResNeXt-101 32x8d stage 4's first block) 0.90-0.93x, stage 3's 0.98-1.01x; at 32 groups of 32 (18 KB,
-// ResNeXt-50's stage 4 first block) 1.03-1.07x, so those stay.
-constexpr int64_t kBroadcastBlockWeightBytesForAten = 32 * 1024;
-// On Intel CPUs with AVX-512 every convolution but a 1x1 that the broadcast path would take runs through ATen (the
-// smaller 1x1 convolutions, under kPointwiseWeightBytesForAten, were not measured there): on a Sapphire Rapids
-// class Xeon (N = 8, 2 threads, interleaved A/B) oneDNN with BN folded measured 1.07x and 1.09x faster at ResNeXt-50's
-// stride-2 blocks of stages 3 and 4 (training steps 1.10x, 1.01x), 1.47x and 1.93x at ResNeXt-101's, and 1.10-1.41x
-// on the dense 3x3 convolutions of ResNet-50. (On a Zen 4 the fused kernel had been 2x faster than eager at the
-// stride-2 stage-3 block, where oneDNN's grouped convolution was slow, so AMD CPUs keep it.) See cpu_is_intel.
-
-// RESNEXT_KERNELS_CPU_ATEN_ROUTES=off keeps every convolution on the project's kernels (to test or time them where
-// the routes above would hand them to oneDNN); the Python package rejects other values at import.
-bool aten_routes_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("RESNEXT_KERNELS_CPU_ATEN_ROUTES");
-    return v == nullptr || std::strcmp(v, "off") != 0;
-  }();
-  return enabled;
-}
-
-// Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16), which oneDNN's bfloat16 convolutions need
-// to be fast: without, they measured 4-7x slower than float32 on a Zen 3 (a 1x1 of 256 -> 1024 channels at 14x14:
-// 74 vs 10.5 ms; a grouped 3x3 at stride 2: 4-5x slower than the fused kernel, which widens to float32). Mirrored by
-// resnext_kernels.ops._cpu_native_bf16.
-bool cpu_has_native_bf16() {
-#if RK_X86_DISPATCH
-  static const bool native = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
-  return native;
-#else
-  return false;
-#endif
-}
-
-bool conv_runs_on_aten(const ConvGeom& g, at::ScalarType dtype) {
-  if (!aten_routes_enabled()) return false;
-  if (dtype != at::kFloat && !(dtype == at::kBFloat16 && cpu_has_native_bf16())) return false;
-  if (g.groups == 1 && g.KH == 1 && g.KW == 1 && g.pad_h == 0 && g.pad_w == 0 &&
-      g.C_in * g.C_out * int64_t(sizeof(float)) >= kPointwiseWeightBytesForAten) {
-    return true;
-  }
-  const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
-  const int64_t block_weight_bytes = int64_t(g.KH) * g.KW * cpg_in * 2 * Avx2Vec::kLanes * int64_t(sizeof(float));
-  const bool broadcast = winograd_lanes<float>(g) == 0 && lane_group_width<float>(g) == 0 &&
-                         cpg_out >= kBroadcastMinWidth && cpg_out % Avx2Vec::kLanes == 0;
-  const CpuIsa isa = detected_isa();
-  return broadcast && ((isa == CpuIsa::kAvx2 && block_weight_bytes > kBroadcastBlockWeightBytesForAten) ||
-                       (isa == CpuIsa::kAvx512 && cpu_is_intel() && g.KH * g.KW > 1));
 }
 
 // out = relu?(out * scale + shift + residual?) over rows [r0, r1) of C channels, in place (one pass over the output).
@@ -726,35 +549,22 @@ void fill_row_stats(const ConvGeom& g, const at::Tensor& out, float* row_stats) 
 
 }  // namespace
 
-int conv_winograd_tile(const ConvGeom& g, at::ScalarType dtype) {
-  if (dtype != at::kFloat && dtype != at::kBFloat16) return 0;
-  const WinogradPlan plan = winograd_plan<float>(g);  // the same for bfloat16
-  return plan.lanes > 0 ? plan.tile : 0;
-}
-
-bool conv_uses_channel_lanes(const ConvGeom& g, at::ScalarType dtype) {
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && winograd_lanes<float>(g) == 0 &&
-         lane_group_width<float>(g) > 0;
-}
-
-
-at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
-                                const at::Tensor& scale, const at::Tensor& shift,
+at::Tensor conv_affine_nhwc_cpu(const ConvPlan& plan, const ConvGeom& g, const at::Tensor& input,
+                                const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
                                 const std::optional<at::Tensor>& residual, bool relu, at::Tensor* row_stats) {
   TORCH_CHECK(input.device().is_cpu(), "resnext_kernels (CPU kernel): input must be a CPU tensor");
   const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
-              "resnext_kernels (CPU kernel): input dtype must be float32, float64 or bfloat16, got ", dtype,
-              " (resnext_kernels.ops routes other dtypes to ATen)");
-  if (conv_runs_on_aten(g, dtype) && input.numel() > 0) {
-    const std::optional<at::Tensor> res = residual;
-    if (res.has_value()) {
-      TORCH_CHECK(res->sizes() == at::IntArrayRef({g.N, g.C_out, g.OH, g.OW}) && res->scalar_type() == dtype,
-                  "resnext_kernels (CPU kernel): residual must have the output's shape and dtype ", dtype, ", got ",
-                  res->sizes(), " ", res->scalar_type());
-    }
+  TORCH_INTERNAL_ASSERT(plan.dtype == dtype && (plan.form == ConvForm::kTraining) == (row_stats != nullptr) &&
+                        (plan.form == ConvForm::kResidual) == residual.has_value());
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({g.N, g.C_out, g.OH, g.OW}) && residual->scalar_type() == dtype,
+                "resnext_kernels (CPU kernel): residual must have the output's shape [", g.N, ", ", g.C_out, ", ",
+                g.OH, ", ", g.OW, "] and dtype ", dtype, ", got ", residual->sizes(), " ", residual->scalar_type());
+  }
+  if (is_onednn(plan.path)) {
+    const at::Tensor res = residual.has_value() ? residual->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
     at::Tensor out = conv_on_aten(g, input.contiguous(at::MemoryFormat::ChannelsLast), weight, scale, shift,
-                                       res.has_value() ? &*res : nullptr, relu);
+                                  res.defined() ? &res : nullptr, relu);
     if (row_stats) {
       *row_stats = at::empty({g.N * g.OH, 3, g.C_out}, input.options().dtype(at::kFloat));
       AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "fill_row_stats", [&] {
@@ -766,22 +576,7 @@ at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, cons
   at::Tensor out = at::empty({g.N, g.C_out, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() > 0) {
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-    at::Tensor res;
-    if (residual.has_value()) {
-      TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == dtype,
-                  "resnext_kernels (CPU kernel): residual must have the output's shape ", out.sizes(), " and dtype ",
-                  dtype, ", got ", residual->sizes(), " ", residual->scalar_type());
-      res = residual->contiguous(at::MemoryFormat::ChannelsLast);
-    }
-    // A pointwise convolution (1x1, stride 1, no padding) is a GEMM over pixels: present each image as one
-    // row of H*W pixels (same NHWC memory), so pixel blocks are not cut at image rows and each weight
-    // block is reused across a whole image (at 7x7 this is 7x fewer passes over the weights).
-    ConvGeom gk = g;
-    // (Not with row statistics: their per-row sums must stay short, image rows, for accuracy.)
-    if (g.KH == 1 && g.KW == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 && !row_stats) {
-      gk.W = gk.OW = g.H * g.W;
-      gk.H = gk.OH = 1;
-    }
+    const at::Tensor res = residual.has_value() ? residual->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "conv_affine_nhwc_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       acc_t* stats = nullptr;
@@ -792,10 +587,20 @@ at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, cons
       const at::TensorOptions acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
       const at::Tensor sc = scale.defined() ? scale : at::ones({g.C_out}, acc_options);
       const at::Tensor sh = shift.defined() ? shift : at::zeros({g.C_out}, acc_options);
-      conv_bn_relu_cpu_typed<scalar_t, acc_t>(gk, x, weight, sc, sh, res.defined() ? &res : nullptr, out, relu, stats);
+      conv_bn_relu_cpu_typed<scalar_t, acc_t>(plan, x, weight, sc, sh, res.defined() ? &res : nullptr, out, relu,
+                                              stats);
     });
   }
   return out;
+}
+
+at::Tensor conv_affine_nhwc_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& weight,
+                                const at::Tensor& scale, const at::Tensor& shift,
+                                const std::optional<at::Tensor>& residual, bool relu, at::Tensor* row_stats) {
+  const ConvForm form = row_stats ? ConvForm::kTraining : residual.has_value() ? ConvForm::kResidual
+                                                                               : ConvForm::kInference;
+  return conv_affine_nhwc_cpu(plan_cpu_conv(g, input.scalar_type(), form), g, input, weight, scale, shift, residual,
+                              relu, row_stats);
 }
 
 }  // namespace cpu

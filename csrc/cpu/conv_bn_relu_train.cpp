@@ -328,8 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     });
   });
   at::Tensor grad_input, grad_weight;
-  const bool own_weight_grad = output_mask[1] && weight_grad_kernel_preferred(g, input.scalar_type());
-  const bool own_data_grad = output_mask[0] && data_grad_kernel_preferred(g, input.scalar_type());
+  const GradPlan plan = plan_cpu_conv_grads(g, input.scalar_type());
+  const bool own_weight_grad = output_mask[1] && plan.weight != WeightGradSource::kAten;
+  const bool own_data_grad = output_mask[0] && plan.data != DataGradSource::kAten;
   const bool aten_data = output_mask[0] && !own_data_grad, aten_weight = output_mask[1] && !own_weight_grad;
   if (aten_data || aten_weight) {
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation,
@@ -338,9 +339,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     if (aten_data) grad_input = std::get<0>(grads);
     if (aten_weight) grad_weight = std::get<1>(grads);
   }
-  if (own_data_grad) grad_input = conv_data_grad_cpu(g, grad_y, weight);
+  if (own_data_grad) grad_input = conv_data_grad_cpu(g, plan, grad_y, weight);
   if (output_mask[0]) grad_input = grad_input.contiguous(input.suggest_memory_format());
-  if (own_weight_grad) grad_weight = conv_weight_grad_cpu(g, input, grad_y);
+  if (own_weight_grad) grad_weight = conv_weight_grad_cpu(g, plan.wgrad, input, grad_y);
   if (output_mask[1]) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   const at::TensorOptions acc_options = input.options().dtype(acc_type_of(input.scalar_type()));
   auto empty = [&](const at::TensorOptions& o) { return at::empty({0}, o); };

@@ -24,9 +24,6 @@
 namespace rk {
 namespace cpu {
 
-// Kernel width the channel-lane path is unrolled for.
-constexpr int kLaneKernelWidth = 3;
-
 // One level of the transpose-add tree: within each block of 2B lanes, the first B lanes get x's pairs
 // (l, l + B) summed and the last B lanes get y's.
 template <class V, int B>

@@ -43,15 +43,6 @@
 namespace rk {
 namespace cpu {
 
-// 8-lane (ymm) vectors in AVX-512 code, which has 32 of them: for groups of 8 channels where their count is odd (two
-// groups of 8 otherwise share 16-lane vectors: winograd_paired).
-struct Avx512YmmVec {
-  typedef float vec __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
-  static constexpr int kAccRegs = 24;
-  static constexpr int kMaxBroadcastVectors = 4;  // of 32 registers, as Avx512Vec
-};
-
 // The two tile sizes: F(2x2, 3x3) (4x4 input tiles, 16 transform points) and F(4x4, 3x3) (6x6 input tiles, 36 points).
 struct WinogradF2 {
   static constexpr int kTile = 2, kPoints = 16;
@@ -59,13 +50,6 @@ struct WinogradF2 {
 struct WinogradF4 {
   static constexpr int kTile = 4, kPoints = 36;
 };
-// F(4x4) tiles (N * ceil(OH / 4) * ceil(OW / 4)) from which F(4x4, 3x3) runs instead of F(2x2, 3x3). Its GEMMs do
-// 1.78x fewer multiply-adds (36 per 16 outputs against 16 per 4), its weight transform 2.25x more (36 points per
-// kernel against 16), which a few tiles do not pay back. Measured on ResNeXt-50's 7x7 stage 4 (Zen 3, AVX2, 2
-// threads, interleaved A/B): F(2x2)/F(4x4) time 0.91 at N = 1 (4 tiles), 1.05 at N = 2, 1.14 at N = 4, 1.35 at N = 8;
-// at 14x14 (16 tiles per image) 1.31 at N = 1; 1.17-1.67 at the other ResNeXt-50 and 101 stride-1 stages, N = 1
-// and 8.
-constexpr int64_t kWinograd4MinTiles = 8;
 // Tiles per block at most.
 constexpr int kMaxWinogradTiles = 24;
 
@@ -79,16 +63,6 @@ inline constexpr float kWinograd4BT[6][6] = {
     {0, -2, -1, 2, 1, 0},       {0, 0.5f, -1, -0.5f, 1, 0},   {0, 1, -1.5f, -2, 1.5f, 1}};
 inline constexpr float kWinograd4AT[4][6] = {
     {1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0}, {0, 1, -1, 0.125f, -8, 1}};
-
-// Work-item order (see winograd_items): image-major while the transformed weights of all groups, 16 C_in C_out / groups
-// floats, fit in this many bytes (about an L2), group-major beyond. Measured on ResNeXt-50 (2 threads): the orders
-// tie at stages 2-3 (128 and 512 KB of U); at stage 4 (2 MB) group-major took 1.04 ms against image-major's 1.16.
-constexpr int64_t kImageMajorWeightBytes = 1024 * 1024;
-
-template <class F>
-inline bool winograd_image_major(const ConvGeom& g) {
-  return F::kPoints * g.C_in * (g.C_out / g.groups) * int64_t(sizeof(float)) <= kImageMajorWeightBytes;
-}
 
 // The weight transform's source: the conv weight read through its strides (a channels_last module's weight would
 // otherwise be copied on every call), and the folded BN scale per output channel.
@@ -644,7 +618,7 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
   constexpr int64_t UBLOCK = winograd_ublock_floats(NP, CPG, VT::kLanes);
   constexpr int GEMMS = PAIRED ? NP : NP * (CB / CPG);  // GEMM calls per tile block
   const int64_t tiles_w = (g.OW + S - 1) / S, tiles = ((g.OH + S - 1) / S) * tiles_w, blocks = g.C_out / CB;
-  const bool image_major = winograd_image_major<F>(g);
+  const bool image_major = W.packed != nullptr;  // the planner's choice (ConvPlan::winograd_image_major)
   // Equal blocks: 49 tiles at TB = 24 go as 17 + 16 + 16, not 24 + 24 + 1.
   const int64_t tile_blocks = (tiles + TB - 1) / TB, per_block = (tiles + tile_blocks - 1) / tile_blocks;
   int64_t ubuf_c0 = -1;  // the block whose U ubuf holds

@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "cuda/conv_bn_relu_host.h"
+#include "cuda/cuda_plan.h"
 #include "cuda/kernels/bn_train.cuh"
 #include "cuda/kernels/conv_wgrad.cuh"
 
@@ -209,9 +210,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
                  op);
   });
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options());
-  const int64_t taps = int64_t(g.KH) * g.KW;
   const bool own_weight_grad =
-      output_mask[1] && at::globalContext().deterministicAlgorithms() && (taps == 9 || taps == 1);
+      output_mask[1] && cuda_weight_grad_kernel(g, at::globalContext().deterministicAlgorithms());
   if (output_mask[0] || (output_mask[1] && !own_weight_grad)) {
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation, false, {0, 0},
                                           groups, {output_mask[0], output_mask[1] && !own_weight_grad, false});
