@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -114,8 +116,8 @@ class FusedGroupedConvBNReLU(nn.Module):
             conv_path = ops.explain(input, conv.weight, stride=conv.stride, padding=conv.padding,
                                     dilation=conv.dilation, groups=conv.groups, training=False, requires_grad=False)
             world = torch.distributed.get_world_size(group)
-            return ops.Decision(conv_path.path, f"synchronized BatchNorm over {world} ranks (resnext_kernels."
-                                                f"sync_batch_norm); the convolution: {conv_path.reason}")
+            return dataclasses.replace(conv_path, reason=f"synchronized BatchNorm over {world} ranks (resnext_kernels."
+                                                         f"sync_batch_norm); the convolution: {conv_path.reason}")
         return ops.explain(input, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                            groups=conv.groups, training=training)
 

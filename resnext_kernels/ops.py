@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,47 +41,45 @@ FORCE_ATEN_ENV = "RESNEXT_KERNELS_FORCE_ATEN"
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _force = threading.local()
-CPU_ISA_ENV = "RESNEXT_KERNELS_CPU_ISA"
 
 
-def _cpu_capability() -> str:
-    """torch's CPU capability, capped as the C++ kernels cap theirs by RESNEXT_KERNELS_CPU_ISA (avx2 or baseline:
-    run the AVX2 or portable kernels on a machine with more, e.g. to test them)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    limit = os.environ.get(CPU_ISA_ENV, "")
-    if limit in ("", "avx512"):
-        return capability
-    if limit == "avx2":
-        return "AVX2" if capability == "AVX512" else capability
-    if limit == "baseline":
-        return "DEFAULT"
-    raise ValueError(f"{CPU_ISA_ENV} must be one of avx512, avx2, baseline (or unset), got {limit!r}")
+class CpuConfig(NamedTuple):
+    """The CPU as the kernels see it (csrc/cpu/isa.h): the ISA they run (``"avx512"``, ``"avx2"`` or
+    ``"baseline"``, capped by ``RESNEXT_KERNELS_CPU_ISA``), the best the CPU has, its vendor, whether it multiplies
+    bfloat16 natively, and whether the oneDNN routes are on (``RESNEXT_KERNELS_CPU_ATEN_ROUTES``)."""
+
+    isa: str
+    supported_isa: str
+    vendor: str
+    native_bf16: bool
+    aten_routes: bool
 
 
-_CPU_CAPABILITY = _cpu_capability()
-CPU_ATEN_ROUTES_ENV = "RESNEXT_KERNELS_CPU_ATEN_ROUTES"
+@functools.lru_cache(maxsize=None)
+def cpu_config() -> CpuConfig:
+    return CpuConfig(*torch.ops.resnext_kernels._cpu_config())
 
 
-def _cpu_aten_routes() -> bool:
-    """Whether the CPU op may hand convolutions to oneDNN where that measured faster (conv_runs_on_aten);
-    RESNEXT_KERNELS_CPU_ATEN_ROUTES=off keeps every one on the project's kernels, to test or time them."""
-    value = os.environ.get(CPU_ATEN_ROUTES_ENV, "")
-    if value not in ("", "on", "off"):
-        raise ValueError(f"{CPU_ATEN_ROUTES_ENV} must be on or off (or unset), got {value!r}")
-    return value != "off"
-
-
-_CPU_ATEN_ROUTES = _cpu_aten_routes()
+cpu_config()  # at import: an unknown RESNEXT_KERNELS_CPU_* value is an error now, not at the first call
 
 IntPair = int | Sequence[int]
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """Which implementation a call runs (``"cpu"``, ``"cuda"`` or ``"aten"``) and why."""
+    """Which implementation a call runs (``"cpu"``, ``"cuda"`` or ``"aten"``) and why.
+
+    For the fused paths, :func:`explain` also names the kernel (``kernel``, e.g. ``"winograd_f4x4"``; the profiler
+    shows its scope ``resnext_kernels::<kernel>``), its parameters, and where the convolution's gradients come from
+    when autograd records the call (``data_grad``, ``weight_grad``, e.g. ``"dgrad_lanes"``, ``"wgrad_aten"``).
+    """
 
     path: str
     reason: str
+    kernel: str | None = None
+    params: Mapping[str, int] = dataclasses.field(default_factory=dict, hash=False)
+    data_grad: str | None = None
+    weight_grad: str | None = None
 
     @property
     def fused(self) -> bool:
@@ -201,14 +201,6 @@ def _check_bn_args(input: Tensor, c_out: int, running_mean: Tensor | None, runni
 # The dispatch decision
 # ----------------------------------------------------------------------------------------------------
 
-def _cuda_unsupported_reason(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair,
-                             dilation: IntPair) -> str | None:
-    """Mirror of the CUDA kernel's coverage rule (csrc/cuda/kernels/conv_bn_relu_fwd.cuh)."""
-    from . import _cuda_coverage
-    return _cuda_coverage.unsupported_reason(input, weight, _pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                             _pair(dilation, "dilation", 1))
-
-
 def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntPair = 1, dilation: IntPair = 1,
             groups: int = 1, training: bool = False, requires_grad: bool | None = None) -> Decision:
     """Tells which path :func:`conv_bn_relu` takes for these arguments, and why.
@@ -220,15 +212,68 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
     return _decide(input, weight, stride, padding, dilation, groups, training, requires_grad, detail=True)
 
 
+class _Plan(NamedTuple):
+    """A planner op's answer (torch.ops.resnext_kernels._plan_conv / _plan_cuda_conv)."""
+
+    path: str
+    reason: str
+    params: tuple[tuple[str, int], ...]
+    data_grad: str
+    weight_grad: str
+    grads_reason: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_cached(device: str, input_size: tuple[int, ...], weight_size: tuple[int, ...], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], groups: int, dtype: torch.dtype, training: bool,
+                 deterministic: bool) -> _Plan:
+    args = (list(input_size), list(weight_size), list(stride), list(padding), list(dilation), groups, dtype)
+    if device == "cpu":
+        r = torch.ops.resnext_kernels._plan_conv(*args, "training" if training else "inference")
+    else:
+        r = torch.ops.resnext_kernels._plan_cuda_conv(*args, training)
+    return _Plan(r[0], r[1], tuple(zip(r[2], r[3])), r[4], r[5], r[6])
+
+
+@torch.compiler.assume_constant_result
+def _plan(device: str, input_size: tuple[int, ...], weight_size: tuple[int, ...], stride: tuple[int, int],
+          padding: tuple[int, int], dilation: tuple[int, int], groups: int, dtype: torch.dtype,
+          training: bool) -> _Plan:
+    """The C++ planner's plan (cached per arguments); under torch.compile a constant of the trace."""
+    return _plan_cached(device, input_size, weight_size, stride, padding, dilation, groups, dtype, training,
+                        torch.are_deterministic_algorithms_enabled())
+
+
+def _plan_sizes(input: Tensor, weight: Tensor, exact: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The sizes to plan with. Under torch.compile the weight's are specialized (a layer's weight does not change
+    shape), and the input's too where ``exact``; otherwise the batch and image sizes are left unknown (-1), which
+    the CUDA planner treats as the smallest valid ones: its size-dependent limits (2^31 output tiles) are beyond any
+    GPU's memory, and the launcher still checks them."""
+    if not torch.compiler.is_compiling():
+        return tuple(input.shape), tuple(weight.shape)
+    from torch.fx.experimental.symbolic_shapes import guard_scalar
+    weight_size = tuple(guard_scalar(s) for s in weight.shape)
+    if exact:
+        return tuple(guard_scalar(s) for s in input.shape), weight_size
+    return (-1, guard_scalar(input.shape[1]), -1, -1), weight_size
+
+
+def _device_plan(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int], groups: int, training: bool, exact: bool) -> _Plan:
+    input_size, weight_size = _plan_sizes(input, weight, exact)
+    return _plan(input.device.type, input_size, weight_size, stride, padding, dilation, groups, input.dtype, training)
+
+
 def _decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
             dilation: tuple[int, int], groups: int, training: bool, requires_grad: bool | None,
             detail: bool) -> Decision:
-    """:func:`explain` for checked arguments; without ``detail`` the reason leaves out how the convolution and its
-    gradients run on CPU (text only: the path is the same), which the op itself does not need."""
+    """:func:`explain` for checked arguments; without ``detail`` only the path and the reason's first part (what the
+    op itself needs: on CPU no planner call, on CUDA the planner's coverage rule)."""
     forced = _reference_forced()
     if forced:
         return Decision("aten", forced)
     device = input.device.type
+    plan = None
     if device == "cpu":
         if input.dtype not in _CPU_DTYPES:
             return Decision("aten", f"the CPU kernels cover float32, float64 and bfloat16, not {input.dtype}")
@@ -239,9 +284,9 @@ def _decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tup
         if input.dtype not in _CUDA_DTYPES:
             return Decision("aten", f"the CUDA kernels cover float16, bfloat16, float32 and float64, "
                                     f"not {input.dtype}")
-        reason = _cuda_unsupported_reason(input, weight, stride, padding, dilation)
-        if reason is not None:
-            return Decision("aten", reason)
+        plan = _device_plan(input, weight, stride, padding, dilation, groups, training, exact=detail)
+        if plan.path == "aten":
+            return Decision("aten", f"the CUDA kernel does not cover this convolution: {plan.reason}")
     else:
         return Decision("aten", f"no fused kernel for device type {device!r}")
     if training:
@@ -250,140 +295,25 @@ def _decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tup
             return Decision("aten", f"batch statistics need more than 1 value per channel, got {pixels}; "
                                     "PyTorch's batch_norm handles (and reports) it")
         reason = "fused kernels, training form (batch statistics, fused BN+ReLU backward)"
-        if not detail:
-            return Decision(device, reason)
-        if not torch.compiler.is_compiling():
-            reason += "; " + _conv_grads_source(input, weight, stride, padding, dilation, groups)
-        return Decision(device, reason + _cpu_conv_note(input, weight, stride, padding, dilation, groups))
-    note = _cpu_conv_note(input, weight, stride, padding, dilation, groups) if detail else ""
-    if requires_grad is None:
-        requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-    if requires_grad:
-        return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue) with autograd: "
-                                "backward through the ReLU mask and the folded BN scale, conv gradients from "
-                                "ATen" + note)
-    return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)" + note)
-
-
-def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
-                   groups: int) -> str:
-    """How the CPU op computes the convolution itself, where it is not the direct fused kernel: mirrors
-    conv_runs_on_aten and winograd_plan (csrc/cpu/conv_bn_relu.cpp)."""
-    if input.device.type != "cpu":
-        return ""
-    kernel = tuple(weight.shape[2:])
-    aten_dtype = _CPU_ATEN_ROUTES and (input.dtype == torch.float32
-                                       or (input.dtype == torch.bfloat16 and _CPU_NATIVE_BF16))
-    if (aten_dtype and groups == 1 and kernel == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
-            and input.shape[1] * weight.shape[0] * 4 >= 64 * 1024):
-        return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM, then the BN "
-                "affine (and residual, ReLU) in one pass over its output (faster than the fused kernel there)")
-    winograd = _cpu_winograd(input.shape[1], weight.shape[0], groups, kernel, _pair(stride, "stride", 1),
-                             _pair(dilation, "dilation", 1), input.dtype)
-    cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
-    # kBroadcastBlockWeightBytesForAten: the AVX2 broadcast block's weights, KH * KW * cpg_in * 16 floats, over 32 KB
-    if (aten_dtype and _CPU_CAPABILITY == "AVX2" and not winograd and cpg_out >= 16
-            and cpg_out % 8 == 0 and kernel[0] * kernel[1] * cpg_in * 16 * 4 > 32 * 1024):
-        return ("; the convolution itself has more weights per block of 16 output channels than an L1 cache holds "
-                f"({kernel[0] * kernel[1] * cpg_in * 64 // 1024} KB): run by oneDNN, which blocks the reduction for "
-                "the caches, then the BN affine (and residual, ReLU) in one pass over its output (the fused kernel "
-                "measured 0.90-1.21x of its speed there)")
-    if (aten_dtype and _CPU_CAPABILITY == "AVX512" and _CPU_IS_INTEL and not winograd and cpg_out >= 16
-            and cpg_out % 8 == 0 and kernel != (1, 1)):
-        return ("; the convolution itself would take the fused kernel's broadcast path (16+ output channels per "
-                "group, a kernel larger than 1x1), where on Intel AVX-512 CPUs oneDNN measured 1.07-1.93x faster: "
-                "run by oneDNN, then the BN affine (and residual, ReLU) in one pass over its output")
-    if winograd:
-        p = _pair(padding, "padding", 0)
-        if _cpu_winograd_tile(input.shape[0], input.shape[2] + 2 * p[0] - 2, input.shape[3] + 2 * p[1] - 2) == 4:
-            return ("; the 3x3 convolution runs as Winograd F(4x4, 3x3): 4x fewer multiply-adds, with a float32 error "
-                    "a few times that of direct summation (about 1e-6 of the output's scale)")
-        return ("; the 3x3 convolution runs as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds, with results within a "
-                "few float32 rounding steps of direct summation")
-    return ""
-
-
-def _read_cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo (empty where there is none): read once, at import, not while
-    torch.compile traces."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
-_CPUINFO = _read_cpuinfo()
-# Whether the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16; mirrors cpu_has_native_bf16,
-# csrc/cpu/conv_bn_relu.cpp): only then do the bfloat16 convolutions the CPU op could hand to oneDNN go there.
-_CPU_NATIVE_BF16 = bool({"avx512_bf16", "amx_bf16"} & set(_CPUINFO.get("flags", "").split()))
-# Whether the CPU is an Intel one (mirrors cpu_is_intel, csrc/cpu/conv_bn_relu.cpp).
-_CPU_IS_INTEL = _CPUINFO.get("vendor_id") == "GenuineIntel"
-
-
-def _cpu_winograd_tile(batch: int, out_h: int, out_w: int) -> int:
-    """The output tile of the CPU Winograd path for a 3x3 stride-1 convolution with this batch and output size
-    (mirrors winograd_plan, csrc/cpu/conv_bn_relu.cpp): 4 from 8 F(4x4) tiles on (kWinograd4MinTiles), else 2."""
-    tiles = batch * ((out_h + 3) // 4) * ((out_w + 3) // 4)
-    return 4 if tiles >= 8 else 2
-
-
-def _cpu_winograd(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int], stride: Sequence[int],
-                  dilation: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether the CPU conv kernel runs its Winograd path (mirrors winograd_lanes, csrc/cpu/conv_bn_relu.cpp)."""
-    return (dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512")
-            and tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-            and channels_in == channels_out and channels_in // groups in (8, 16, 32, 64))
-
-
-def _cpu_channel_lanes(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int],
-                       dtype: torch.dtype) -> bool:
-    """Whether the CPU conv kernel runs its channel-lane path (mirrors conv_uses_channel_lanes, csrc/cpu, for the groups
-    of 2-4 channels it is asked about: the Winograd path, which takes precedence, starts at 8)."""
-    c = channels_in // groups
-    lanes = 16 if _CPU_CAPABILITY == "AVX512" else 8
-    return (dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1
-            and channels_out // groups == c and c in (2, 4, 8) and kernel[1] == 3 and kernel[0] <= 16
-            and channels_in % lanes == 0)
-
-
-def _conv_grads_source(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
-                       groups: int) -> str:
-    """Where the training backward takes the convolution's gradients from (mirrors the C++ backends)."""
-    if input.device.type != "cpu":
-        if torch.are_deterministic_algorithms_enabled() and weight.shape[2] * weight.shape[3] in (1, 9):
-            return ("conv weight gradient from the project's deterministic CUDA kernels "
-                    "(torch.use_deterministic_algorithms is on), data gradient from cuDNN")
-        return "conv data and weight gradients from cuDNN"
-    cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
-    kernel = (weight.shape[2], weight.shape[3])
-    if torch.are_deterministic_algorithms_enabled():
-        weight_source = "the project's deterministic CPU kernel (torch.use_deterministic_algorithms is on)"
-    elif (input.dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1
-            and cpg_in == cpg_out and 2 <= cpg_in <= 8 and input.shape[1] % 16 == 0 and kernel[1] == 3):
-        weight_source = ("the project's CPU kernel (groups of 2-8 channels, where it measured at least as fast as "
-                         "oneDNN)")
     else:
-        weight_source = "ATen (oneDNN)"
-    s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
-    transposable = s == (1, 1) and all(d[i] * (kernel[i] - 1) >= p[i] for i in (0, 1))
-    if (transposable and cpg_in <= 4
-            and _cpu_channel_lanes(weight.shape[0], input.shape[1], groups, kernel, input.dtype)):
-        data_source = ("the project's fused conv kernel run on grad_y (stride 1, groups of 2-4 channels, where it "
-                       "measured faster than oneDNN)")
-    elif (transposable and _cpu_winograd(weight.shape[0], input.shape[1], groups, kernel, s, d, input.dtype)
-            and _cpu_winograd_tile(input.shape[0], input.shape[2], input.shape[3]) == 4):  # its output: dx
-        data_source = ("the project's Winograd F(4x4, 3x3) kernel run on grad_y (stride 1, where it measured "
-                       "faster than oneDNN)")
+        if requires_grad is None:
+            requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+        reason = "fused kernel, inference form (BN folded into the conv epilogue)"
+        if requires_grad:
+            reason += (" with autograd: backward through the ReLU mask and the folded BN scale, conv gradients from "
+                       "ATen")
+    if not detail:
+        return Decision(device, reason)
+    plan = plan or _device_plan(input, weight, stride, padding, dilation, groups, training, exact=True)
+    reason += f"; {plan.path}: {plan.reason}"
+    if training:
+        data_grad, weight_grad = plan.data_grad, plan.weight_grad
+        reason += f"; {plan.grads_reason}"
+    elif requires_grad:
+        data_grad, weight_grad = "dgrad_aten", "wgrad_aten"  # _infer_backward
     else:
-        data_source = "ATen (oneDNN)"
-    return f"conv weight gradient from {weight_source}, data gradient from {data_source}"
+        data_grad = weight_grad = None
+    return Decision(device, reason, plan.path, dict(plan.params), data_grad, weight_grad)
 
 
 def _out_hw(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair) -> int:
@@ -572,6 +502,20 @@ def _infer_setup_context(ctx, inputs, output):
     ctx.conv_args = (stride, padding, dilation, groups, relu)
 
 
+@contextlib.contextmanager
+def _grad_scopes(data: bool, weight: bool) -> Iterator[None]:
+    """The profiler scopes of the gradient sources explain() names (dgrad_aten, wgrad_aten), while a profiler
+    records (the C++ backward opens the same)."""
+    if not torch.autograd._profiler_enabled():
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for name, on in (("resnext_kernels::dgrad_aten", data), ("resnext_kernels::wgrad_aten", weight)):
+            if on:
+                stack.enter_context(torch.autograd.profiler.record_function(name))
+        yield
+
+
 def _infer_backward(ctx, grad_out):
     """Eval-form backward (frozen statistics, e.g. fine-tuning with BatchNorm in eval mode):
     out = relu(conv(x, w) * scale + shift), so with g = grad_out masked by the ReLU,
@@ -583,9 +527,10 @@ def _infer_backward(ctx, grad_out):
     grad_input = grad_weight = grad_scale = grad_shift = None
     if need[0] or need[1]:
         grad_conv = (g.to(scale.dtype) * scale.view(1, -1, 1, 1)).to(input.dtype)
-        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_conv, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [need[0], need[1], False])
+        with _grad_scopes(need[0], need[1]):
+            grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad_conv, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [need[0], need[1], False])
     if need[2]:
         conv = F.conv2d(input, weight, None, stride, padding, dilation, groups)
         grad_scale = (g.to(scale.dtype) * conv.to(scale.dtype)).sum((0, 2, 3))

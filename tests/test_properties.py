@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from reference import rel_err
+from reference import cuda_plan, rel_err
 
 import resnext_kernels as rk
 from resnext_kernels import emulator
@@ -128,8 +128,7 @@ def _emulated_or_skip(x, wt, p):
     if not emulator.available():
         assert not os.environ.get("CI"), "CI must run the emulated CUDA kernels: resnext_kernels._emu is missing"
         pytest.skip("resnext_kernels._emu (emulated CUDA) not built")
-    reason = rk.ops._cuda_unsupported_reason(x, wt, p["stride"], p["padding"], p["dilation"])
-    assume(reason is None)
+    assume(cuda_plan(x, wt, p["stride"], p["padding"], p["dilation"], p["groups"])[0] == "cuda_direct")
     return torch.ops.resnext_kernels_emu
 
 

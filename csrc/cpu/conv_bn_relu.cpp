@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "common/conv_checks.h"
+#include "common/path_scope.h"
 #include "cpu/conv_blocked.h"
 #include "cpu/conv_lanes.h"
 #include "cpu/conv_winograd.h"
@@ -553,6 +554,7 @@ at::Tensor conv_affine_nhwc_cpu(const ConvPlan& plan, const ConvGeom& g, const a
                                 const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
                                 const std::optional<at::Tensor>& residual, bool relu, at::Tensor* row_stats) {
   TORCH_CHECK(input.device().is_cpu(), "resnext_kernels (CPU kernel): input must be a CPU tensor");
+  const PathScope scope(path_scope(plan.path));
   const auto dtype = input.scalar_type();
   TORCH_INTERNAL_ASSERT(plan.dtype == dtype && (plan.form == ConvForm::kTraining) == (row_stats != nullptr) &&
                         (plan.form == ConvForm::kResidual) == residual.has_value());

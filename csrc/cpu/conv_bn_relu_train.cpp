@@ -27,10 +27,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "common/conv_checks.h"
+#include "common/path_scope.h"
 #include "cpu/conv_blocked.h"
 #include "cpu/conv_cpu.h"
 
@@ -332,16 +334,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
   const bool own_weight_grad = output_mask[1] && plan.weight != WeightGradSource::kAten;
   const bool own_data_grad = output_mask[0] && plan.data != DataGradSource::kAten;
   const bool aten_data = output_mask[0] && !own_data_grad, aten_weight = output_mask[1] && !own_weight_grad;
-  if (aten_data || aten_weight) {
+  if (aten_data || aten_weight) {  // one call for both: a scope for each gradient it computes
+    std::optional<PathScope> data_scope, weight_scope;
+    if (aten_data) data_scope.emplace(grad_scope(DataGradSource::kAten));
+    if (aten_weight) weight_scope.emplace(grad_scope(WeightGradSource::kAten));
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation,
                                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
                                           {aten_data, aten_weight, false});
     if (aten_data) grad_input = std::get<0>(grads);
     if (aten_weight) grad_weight = std::get<1>(grads);
   }
-  if (own_data_grad) grad_input = conv_data_grad_cpu(g, plan, grad_y, weight);
+  if (own_data_grad) {
+    const PathScope scope(grad_scope(plan.data));
+    grad_input = conv_data_grad_cpu(g, plan, grad_y, weight);
+  }
   if (output_mask[0]) grad_input = grad_input.contiguous(input.suggest_memory_format());
-  if (own_weight_grad) grad_weight = conv_weight_grad_cpu(g, plan.wgrad, input, grad_y);
+  if (own_weight_grad) {
+    const PathScope scope(grad_scope(plan.weight));
+    grad_weight = conv_weight_grad_cpu(g, plan.wgrad, input, grad_y);
+  }
   if (output_mask[1]) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   const at::TensorOptions acc_options = input.options().dtype(acc_type_of(input.scalar_type()));
   auto empty = [&](const at::TensorOptions& o) { return at::empty({0}, o); };

@@ -14,8 +14,10 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
+#include <optional>
 #include <tuple>
 
+#include "common/path_scope.h"
 #include "cuda/conv_bn_relu_host.h"
 #include "cuda/cuda_plan.h"
 #include "cuda/kernels/bn_train.cuh"
@@ -151,6 +153,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor mean = at::empty({C}, acc_opts), var = at::empty({C}, acc_opts);
   at::Tensor a = at::empty({C}, acc_opts), b = at::empty({C}, acc_opts);
   at::Tensor out = at::empty_like(y);
+  const PathScope scope(kCudaBnStatsScope);
   dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
     using T = decltype(t);
     using Acc = decltype(acc_v);
@@ -194,6 +197,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor k[3] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts), at::empty({C}, acc_opts)};
   at::Tensor bn_grads[2] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts)};  // gamma, beta
   at::Tensor grad_y = at::empty_like(conv_out);
+  std::optional<PathScope> bn_scope(kCudaBnBackwardScope);
   dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
     using T = decltype(t);
     using Acc = decltype(acc_v);
@@ -212,13 +216,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options());
   const bool own_weight_grad =
       output_mask[1] && cuda_weight_grad_kernel(g, at::globalContext().deterministicAlgorithms());
+  bn_scope.reset();
   if (output_mask[0] || (output_mask[1] && !own_weight_grad)) {
+    std::optional<PathScope> data_scope, weight_scope;
+    if (output_mask[0]) data_scope.emplace(kAtenDgradScope);
+    if (output_mask[1] && !own_weight_grad) weight_scope.emplace(kAtenWgradScope);
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation, false, {0, 0},
                                           groups, {output_mask[0], output_mask[1] && !own_weight_grad, false});
     if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
     if (output_mask[1] && !own_weight_grad) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
   }
   if (own_weight_grad) {
+    const PathScope scope(kCudaWgradScope);
     dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
       grad_weight = weight_grad_cuda<decltype(t), decltype(acc_v)>(op, g, input, grad_y, stream);
     });

@@ -8,6 +8,8 @@
 #include <c10/util/Exception.h>
 
 #include "common/conv_checks.h"
+#include "common/path_scope.h"
+#include "cuda/cuda_plan.h"
 #include "cuda/kernels/conv_bn_relu_fwd.cuh"
 
 namespace rk {
@@ -42,6 +44,7 @@ inline at::Tensor conv_affine_nhwc_cuda(const char* op, const ConvGeom& g, const
   cuda_kernels::FwdPlan plan;
   const char* why = cuda_kernels::conv_bn_relu_fwd_plan(g, dtype == at::kDouble ? sizeof(double) : sizeof(float), &plan);
   TORCH_CHECK(why == nullptr, op, ": not covered: ", why ? why : "");
+  const PathScope scope(kCudaDirectScope);
   at::Tensor out = at::empty({g.N, g.C_out, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() > 0) {
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
