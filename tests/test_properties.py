@@ -141,7 +141,7 @@ def _op_args(p):
 def test_emulated_cuda_inference_matches_reference(p, dtype):
     x, wt, (mean, var, gamma, beta) = _tensors(p, dtype)
     E = _emulated_or_skip(x, wt, p)
-    scale, shift = rk.ops.fold_batch_norm(mean, var, gamma, beta, 1e-5, rk.ops._accumulation_dtype(dtype))
+    scale, shift = rk.ops.fold_batch_norm(mean, var, gamma, beta, 1e-5, rk._common.accumulation_dtype(dtype))
     with emulator.schedule("random", p["seed"] % 1000):
         out = E.conv_bn_relu_infer(x, wt, scale, shift, *_op_args(p))
     y = F.conv2d(x.double(), wt.double(), None, p["stride"], p["padding"], p["dilation"], p["groups"])

@@ -30,10 +30,5 @@ at::Tensor conv_affine_nhwc_cpu(const ConvPlan& plan, const ConvGeom& g, const a
 at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const WgradPlan& plan, const at::Tensor& input,
                                 const at::Tensor& grad_y);
 
-// Data gradient of a stride-1 convolution, dX = conv2d(grad_y, W flipped and transposed within each group), by the
-// forward kernel's plan for it (GradPlan::data_plan): a channels_last tensor of grad_y's dtype.
-at::Tensor conv_data_grad_cpu(const ConvGeom& g, const GradPlan& plan, const at::Tensor& grad_y,
-                              const at::Tensor& weight);
-
 }  // namespace cpu
 }  // namespace rk

@@ -19,7 +19,7 @@
 // Included by conv_bn_relu.cpp only (always_inline, compiled once per ISA entry point there).
 #pragma once
 
-#include "cpu/conv_blocked.h"
+#include "cpu/conv_problem.h"
 
 namespace rk {
 namespace cpu {
@@ -63,7 +63,7 @@ constexpr int lane_pixels_per_block() {
 // TP output pixels of one row x the L channels from c0: all taps, then the epilogue. src[kh * tbl_stride +
 // p * 3 + kw] points at the input pixel of (p, kh, kw) (channel 0) or at zeros.
 template <class V, int C, int TP, typename scalar_t>
-RK_ALWAYS_INLINE void lane_microkernel(const BlockedProblem<scalar_t>& P, const bool* row_ok,
+RK_ALWAYS_INLINE void lane_microkernel(const ConvProblem<scalar_t>& P, const bool* row_ok,
                                        const scalar_t* const* src, int64_t tbl_stride, int64_t c0, const float* w,
                                        scalar_t* out) {
   using vec = typename V::vec;
@@ -112,7 +112,7 @@ RK_ALWAYS_INLINE void lane_microkernel(const BlockedProblem<scalar_t>& P, const 
 
 // The microkernel on np (<= TP) pixels, as a block of exactly that width.
 template <class V, int C, int TP, typename scalar_t>
-RK_ALWAYS_INLINE void lane_microkernel_tail(int np, const BlockedProblem<scalar_t>& P, const bool* row_ok,
+RK_ALWAYS_INLINE void lane_microkernel_tail(int np, const ConvProblem<scalar_t>& P, const bool* row_ok,
                                             const scalar_t* const* src, int64_t tbl_stride, int64_t c0,
                                             const float* w, scalar_t* out) {
   if constexpr (TP > 1) {
@@ -126,13 +126,13 @@ RK_ALWAYS_INLINE void lane_microkernel_tail(int np, const BlockedProblem<scalar_
 // Computes output rows [row_begin, row_end) (row = n * OH + oh). P.wp is the lane-packed weight; tbl is the
 // thread's pointer table of KH * OW * 3 entries.
 template <class V, int C, typename scalar_t>
-RK_ALWAYS_INLINE void lane_rows(const BlockedProblem<scalar_t>& P, const scalar_t** tbl, int64_t row_begin,
+RK_ALWAYS_INLINE void lane_rows(const ConvProblem<scalar_t>& P, const scalar_t** tbl, int64_t row_begin,
                                 int64_t row_end) {
   constexpr int L = V::kLanes, KW = kLaneKernelWidth;
   constexpr int TP = lane_pixels_per_block<V, C>();
   const ConvGeom& g = *P.g;
   const int64_t C_in = g.C_in, C_out = g.C_out, tbl_stride = g.OW * KW;
-  bool row_ok[kMaxBlockedKernel];
+  bool row_ok[kMaxVectorKernel];
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t n = row / g.OH, oh = row % g.OH;
     const int64_t ih0 = oh * g.stride_h - g.pad_h;
@@ -155,7 +155,7 @@ RK_ALWAYS_INLINE void lane_rows(const BlockedProblem<scalar_t>& P, const scalar_
     // Each channel block prefetches its lines of those rows spread over its pixel blocks, a few pixels each: issued
     // all at once, on a Sapphire Rapids class Xeon the prefetches stalled on full fill buffers (a sixth of the
     // kernel's samples), and spreading them measured 1.06-1.31x faster at stage 1, 1.14x at stage 2's stride-2 block.
-    int64_t next_rows[kMaxBlockedKernel];
+    int64_t next_rows[kMaxVectorKernel];
     int n_next = 0;
     for (int32_t kh = 0; kh < g.KH && oh + 1 < g.OH; ++kh) {
       const int64_t ih = ih0 + g.stride_h + int64_t(kh) * g.dil_h;
@@ -183,7 +183,7 @@ RK_ALWAYS_INLINE void lane_rows(const BlockedProblem<scalar_t>& P, const scalar_
 }
 
 template <class V, typename scalar_t>
-RK_ALWAYS_INLINE void lane_rows_dispatch(const BlockedProblem<scalar_t>& P, const scalar_t** tbl, int c,
+RK_ALWAYS_INLINE void lane_rows_dispatch(const ConvProblem<scalar_t>& P, const scalar_t** tbl, int c,
                                          int64_t row_begin, int64_t row_end) {
   switch (c) {
     case 2: return lane_rows<V, 2>(P, tbl, row_begin, row_end);

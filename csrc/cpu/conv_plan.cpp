@@ -77,7 +77,7 @@ int winograd_lanes(const ConvGeom& g, CpuIsa isa, int* tile) {
 int lane_group_width(const ConvGeom& g, CpuIsa isa) {
   const int64_t c = g.C_in / g.groups;
   if (isa == CpuIsa::kBaseline || g.groups == 1 || g.C_out / g.groups != c || (c != 2 && c != 4 && c != 8) ||
-      g.KW != kLaneKernelWidth || g.KH > kMaxBlockedKernel) {
+      g.KW != kLaneKernelWidth || g.KH > kMaxVectorKernel) {
     return 0;
   }
   return g.C_in % isa_lanes(isa) == 0 ? int(c) : 0;
@@ -111,7 +111,7 @@ int vectors_per_block(int64_t width, bool expand) {
 }
 
 int blocked_vectors(const ConvGeom& g, const Tiling& tl, CpuIsa isa) {
-  if (g.KH > kMaxBlockedKernel || g.KW > kMaxBlockedKernel) return 0;
+  if (g.KH > kMaxVectorKernel || g.KW > kMaxVectorKernel) return 0;
   const int64_t width = tl.expand ? g.C_out : g.C_out / g.groups;
   switch (isa) {
     case CpuIsa::kAvx512: return vectors_per_block<Avx512Vec>(width, tl.expand);
@@ -198,7 +198,7 @@ WgradPlan plan_wgrad(const ConvGeom& g, at::ScalarType dtype) {
   }
   p.rows_per_chunk = (p.rows + n_chunks - 1) / n_chunks;  // even chunks: tasks of one size balance across threads
   p.n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
-  if (isa != CpuIsa::kBaseline && g.KH <= kMaxBlockedKernel && g.KW <= kMaxBlockedKernel) {
+  if (isa != CpuIsa::kBaseline && g.KH <= kMaxVectorKernel && g.KW <= kMaxVectorKernel) {
     if (isa == CpuIsa::kAvx512) plan_wgrad_vectors<Avx512Vec>(p, g);
     else plan_wgrad_vectors<Avx2Vec>(p, g);
   }
@@ -343,7 +343,7 @@ std::string describe(const ConvPlan& p) {
   return std::to_string(p.tiling.expand ? g.C_out : cpg_out) + " output channels per " +
          (p.tiling.expand ? std::string("row") : std::string("group")) + " (not a multiple of " +
          std::to_string(p.vec_lanes) + ")" +
-         (g.KH > kMaxBlockedKernel || g.KW > kMaxBlockedKernel ? " or a kernel larger than 16" : "") +
+         (g.KH > kMaxVectorKernel || g.KW > kMaxVectorKernel ? " or a kernel larger than 16" : "") +
          ": the portable kernel";
 }
 

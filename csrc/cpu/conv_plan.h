@@ -40,7 +40,7 @@ namespace rk {
 namespace cpu {
 
 // Largest kernel height/width the vector kernels take (their per-row tables are on the stack).
-constexpr int kMaxBlockedKernel = 16;
+constexpr int kMaxVectorKernel = 16;
 // Kernel width the lanes path is unrolled for.
 constexpr int kLaneKernelWidth = 3;
 // Output size from which the lanes path streams its output past the caches (ConvProblem::stream): a few times an

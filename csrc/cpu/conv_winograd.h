@@ -38,7 +38,7 @@
 // Included by conv_bn_relu.cpp only (always_inline, compiled once per ISA entry point there).
 #pragma once
 
-#include "cpu/conv_blocked.h"
+#include "cpu/conv_problem.h"
 
 namespace rk {
 namespace cpu {
@@ -307,7 +307,7 @@ RK_ALWAYS_INLINE void winograd_gemm_paired_tail(int nt, const float* v, const fl
 // columns carries over to the next tile. Input rows outside the image read as zeros (a zero stride into zero_input),
 // and so do columns outside it.
 template <class V, int TB, int CB, bool ILV, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+RK_ALWAYS_INLINE void winograd_input_transform(const ConvProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                int64_t tiles_w, int64_t t0, int nt, float* vbuf) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
@@ -363,7 +363,7 @@ RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P
 // The output transforms' epilogue for the `cols` pixels y of output row oy of image n from column ox0, channels
 // ch..ch+L: + shift, ReLU, store, and the training form's row statistics.
 template <class V, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, const typename V::vec* y, int cols,
+RK_ALWAYS_INLINE void winograd_store_row(const ConvProblem<scalar_t>& P, const typename V::vec* y, int cols,
                                          typename V::vec shift, int64_t n, int64_t oy, int64_t ox0, int64_t ch) {
   using vec = typename V::vec;
   const ConvGeom& g = *P.g;
@@ -384,7 +384,7 @@ RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, cons
 
 // Step 3 for the same tiles: y = A^T m A + shift (ReLU), stored where inside the output.
 template <class V, int TB, int CB, bool ILV, typename scalar_t, class Prefetch>
-RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+RK_ALWAYS_INLINE void winograd_output_transform(const ConvProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                 int64_t tiles_w, int64_t t0, int nt, const float* mbuf,
                                                 const Prefetch& pf, int step0) {
   using vec = typename V::vec;
@@ -450,7 +450,7 @@ RK_ALWAYS_INLINE void winograd_apply(const float (&m)[R][C], const vec* x, vec* 
 // go to a ring of six slots in L1 (six columns of six vectors do not fit the registers with the rest), and each
 // of the tile's six rows is then transformed from the six slots it spans.
 template <class V, int TB, int CB, bool ILV, typename scalar_t>
-RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+RK_ALWAYS_INLINE void winograd4_input_transform(const ConvProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                 int64_t tiles_w, int64_t t0, int nt, float* vbuf) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
@@ -505,7 +505,7 @@ RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& 
 // winograd_output_transform. A^T goes down the six columns of m first (into 4 x 6 vectors in L1), then along the
 // four resulting rows.
 template <class V, int TB, int CB, bool ILV, typename scalar_t, class Prefetch>
-RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+RK_ALWAYS_INLINE void winograd4_output_transform(const ConvProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                  int64_t tiles_w, int64_t t0, int nt, const float* mbuf,
                                                  const Prefetch& pf, int step0) {
   using vec = typename V::vec;
@@ -549,10 +549,10 @@ RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>&
 // alone (interleaved A/B), where the prefetch instructions had stalled on full miss buffers. On a Sapphire Rapids
 // class Xeon, whose L2 streamer follows these accesses, the same prefetches cost time instead (without them:
 // 1.03-1.11x faster at stage 2, 1.03-1.04x at stage 3 in inference), so Intel CPUs run without them, except where
-// an input pixel spans a whole page (BlockedProblem::prefetch, winograd_prefetches in conv_bn_relu.cpp).
+// an input pixel spans a whole page (ConvProblem::prefetch, winograd_prefetches in conv_bn_relu.cpp).
 template <int S, int CB, typename scalar_t>
 struct WinogradPrefetch {
-  const BlockedProblem<scalar_t>* P;
+  const ConvProblem<scalar_t>* P;
   int64_t tiles_w;
   int64_t in_n, in_c0, in_t0;  // next block: image, channels, first tile
   int in_nt;                   // its tiles (0: none)
@@ -604,7 +604,7 @@ struct WinogradPrefetch {
 // vbuf and mbuf hold F::kPoints * TB * CB floats each, ubuf winograd_ublock_floats (the block's U when W.packed is
 // null).
 template <class F, class VT, class VG, int CPG, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const WinogradWeights<scalar_t>& W, float* vbuf,
+RK_ALWAYS_INLINE void winograd_items(const ConvProblem<scalar_t>& P, const WinogradWeights<scalar_t>& W, float* vbuf,
                                      float* mbuf, float* ubuf, int64_t begin, int64_t end) {
   constexpr int NV = std::min(VG::kMaxBroadcastVectors, CPG / VG::kLanes);
   constexpr int TB = winograd_tiles_per_block<VG, NV>();

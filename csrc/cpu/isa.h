@@ -27,6 +27,16 @@
 #define RK_CPU_ISA_CLONES
 #endif
 
+// Calls NAME_avx512 or NAME_avx2 (a path's ISA entry points) for the detected ISA; callers have checked that a
+// vector path applies, so a build without x86 dispatch never gets here.
+#if RK_X86_DISPATCH
+#define RK_CALL_FOR_ISA(NAME, ...) \
+  (::rk::cpu::detected_isa() == ::rk::cpu::CpuIsa::kAvx512 ? NAME##_avx512(__VA_ARGS__) : NAME##_avx2(__VA_ARGS__))
+#else
+#define RK_CALL_FOR_ISA(NAME, ...) \
+  TORCH_INTERNAL_ASSERT(false, "vector CPU path selected on a build without x86 dispatch")
+#endif
+
 namespace rk {
 namespace cpu {
 

@@ -25,8 +25,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/conv_blocked.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/simd.h"
 
 namespace rk {
 namespace cpu {
@@ -470,21 +470,6 @@ at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const WgradPlan& plan, const 
     weight_grad_typed<scalar_t, acc_t>(g, plan, x, gy, grad_weight);
   });
   return grad_weight;
-}
-
-at::Tensor conv_data_grad_cpu(const ConvGeom& g, const GradPlan& plan, const at::Tensor& grad_y,
-                              const at::Tensor& weight) {
-  TORCH_INTERNAL_ASSERT(g.stride_h == 1 && g.stride_w == 1, "conv_data_grad_cpu: stride-1 convolutions only");
-  const ConvGeom& t = plan.data_geom;
-  // W'[group * c_in + i][j][kh][kw] = W[group * c_out + j][i][KH - 1 - kh][KW - 1 - kw]
-  const int64_t G = g.groups, c_in = g.C_in / G, c_out = g.C_out / G;
-  const at::Tensor w_t = weight.reshape({G, c_out, c_in, g.KH, g.KW})
-                             .transpose(1, 2)
-                             .flip({3, 4})
-                             .reshape({g.C_in, c_out, g.KH, g.KW})
-                             .contiguous();
-  return conv_affine_nhwc_cpu(plan.data_plan, t, grad_y, w_t, at::Tensor(), at::Tensor(), std::nullopt,
-                              /*relu=*/false);
 }
 
 }  // namespace cpu
