@@ -86,7 +86,7 @@ def test_channels_per_group(channels):
     assert rel_err(out, ref) <= 1e-12
 
 
-# Shapes of the channel-lane path (groups of 2, 4 or 8 channels in and out, channel count a multiple of the
+# Shapes of the lanes path (groups of 2, 4 or 8 channels in and out, channel count a multiple of the
 # vector width, 3-wide kernel): (N, C, H, W, channels per group, kernel height, stride, padding, dilation).
 # Widths are chosen so that a row ends in a partial pixel block.
 LANE_CASES = [
@@ -104,7 +104,7 @@ LANE_CASES = [
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "affine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", LANE_CASES, ids=lambda c: "x".join(map(str, c)).replace(" ", ""))
-def test_channel_lane_path_shapes(case, dtype, relu):
+def test_lanes_path_shapes(case, dtype, relu):
     n, ch, h, w_, c, kh, stride, padding, dilation = case
     x = torch.randn(n, ch, h, w_).to(dtype).contiguous(memory_format=torch.channels_last)
     wt = (torch.randn(ch, c, kh, 3) / (c * kh * 3) ** 0.5).to(dtype)
@@ -233,8 +233,8 @@ def test_resnext50_stage_shapes(channels, size, stride):
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "affine"])
-def test_channel_lane_path_streams_large_outputs(relu):
-    """Outputs of 4 MB and more leave the channel-lane kernel through non-temporal stores on AVX-512
+def test_lanes_path_streams_large_outputs(relu):
+    """Outputs of 4 MB and more leave the lanes kernel through non-temporal stores on AVX-512
     (kStreamOutputBytes); every element must still land, in both epilogues, and the input stay as it was."""
     x = torch.randn(3, 128, 56, 56).contiguous(memory_format=torch.channels_last)  # 4.8 MB of output
     x_before = x.clone()

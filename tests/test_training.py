@@ -394,7 +394,7 @@ def test_explain_names_the_weight_gradient_source(deterministic_algorithms):
 
 
 # (C, channels per group, kernel (KH, KW), padding, dilation, N, H, W, source): stride-1 shapes of the data-gradient
-# kernels (the fused forward kernel run on grad_y: its channel-lane path, "lanes", or its F(4x4, 3x3) Winograd path,
+# kernels (the fused forward kernel run on grad_y: its lanes path, "lanes", or its F(4x4, 3x3) Winograd path,
 # "winograd"), and neighbours that must stay with ATen.
 DATA_GRAD_CASES = [
     (64, 4, (3, 3), (1, 1), (1, 1), 2, 9, 10, "lanes"),

@@ -1,37 +1,14 @@
-// CPU kernel of conv_bn_relu_infer: grouped KxK convolution + folded BatchNorm + optional ReLU in one
-// pass over NHWC data.
-//
-// How it works
-//   * The weight is packed once per call into wp[kh][kw][ci][co] (ci local to the group, co over all
-//     output channels) in the accumulation type, with the BN scale folded in; the accumulator of an
-//     output pixel starts at the BN shift, so the epilogue is only the optional ReLU and the store.
-//   * Work items are output rows (n, oh), split across threads by at::parallel_for; a row is processed
-//     in column tiles sized so that a thread's scratch stays cache-sized.
-//   * Winograd path (conv_winograd.h): 3x3, stride 1, dilation 1, 8-64 channels per group in and out, no residual,
-//     as F(2x2, 3x3) or F(4x4, 3x3) with 2.25x or 4x fewer multiply-adds; it takes precedence over the below.
-//   * Channel-lane path (conv_lanes.h): groups of 2, 4 or 8 channels in and out with a 3-wide kernel put input
-//     channels in the vector lanes and reorder the sums per output pixel; it takes precedence over the below.
-//   * Dense 1x1 convolutions with >= kPointwiseWeightBytesForAten of weights, on AVX2 broadcast-path convolutions
-//     with > kBroadcastBlockWeightBytesForAten of weights per channel block, and on Intel AVX-512 CPUs all
-//     broadcast-path convolutions go to ATen (oneDNN), BN folded (conv_runs_on_aten).
-//   * Otherwise vectorization runs across output channels (contiguous in NHWC and in wp), in one of two ways:
-//       broadcast: when a group has >= kBroadcastMinWidth output channels (dense and wide groups), each
-//                  input value is broadcast and multiplied into its group's slice of the accumulator;
-//       expand:    when groups are narrow and the lane path does not apply (depthwise, 3 per group), the input
-//                  columns of the tile are first expanded to e[ci][co] = x[group(co) * cpg_in + ci], so
-//                  that the inner loop runs over all C_out channels with no per-group bookkeeping.
-//   * Blocked path (float32/bfloat16 on AVX-512 or AVX2 machines, block widths a multiple of the vector
-//     width): a microkernel keeps TP output pixels x NV vectors of output channels in registers over all
-//     taps and input channels (GCC vector extensions; TP*NV is sized to the ISA's register file), so each
-//     multiply-add costs at most one load. Expanded input rows are cached per thread and reused by the
-//     next output rows (stride 1 reads each input row KH times).
-//   * Generic path (float64, baseline CPUs, other widths): the same arithmetic with the accumulator in
-//     memory, compiled for AVX-512 / AVX2 / baseline with GCC's target_clones.
-//   * Optionally a residual tensor (same shape as the output) is added before the ReLU, which fuses a
-//     bottleneck's "+ shortcut, ReLU" into its last convolution.
-// Runtime ISA dispatch: __builtin_cpu_supports picks the AVX-512 (x86-64-v4) or AVX2 (x86-64-v3) build of
-// the blocked path once per process. Accumulation is float for float32/bfloat16 and double for float64.
-// All indexing is 64-bit.
+// CPU kernel of conv_bn_relu_infer, and conv_affine_nhwc_cpu, the fused convolution every CPU op runs: grouped KxK
+// convolution + per-channel affine (folded BatchNorm) + optional residual + optional ReLU, NHWC, one pass over the
+// output. The planner (conv_plan.h) picks the path; this file runs it inside a profiler scope of the path's name:
+//   * the oneDNN routes (conv_onednn.cpp): oneDNN's convolution, then the affine, residual and ReLU in one pass;
+//   * winograd_f4x4 / winograd_f2x2 (conv_winograd.h), lanes (conv_lanes.h), broadcast and expand (conv_broadcast.h,
+//     conv_expand.h over conv_microkernel.h): float32/bfloat16 vector kernels, one build per ISA (AVX-512, AVX2)
+//     picked at run time (isa.h), accumulating in float;
+//   * generic (conv_generic.cpp): the portable kernel, accumulating in double for float64.
+// Every path packs the weight with the BN scale folded in and starts each accumulator at the BN shift, so the
+// epilogue is the residual, the ReLU and the store; the training form's per-row statistics come from the same
+// epilogue (row_stats.h). Work is split over output rows by at::parallel_for. All indexing is 64-bit.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>

@@ -7,10 +7,9 @@
 //           and read once in the forward.
 // Backward: one pass forms the ReLU mask from (y, a, b) exactly as the forward did and reduces
 //           sum(g) and sum(g * xhat) per channel; a second pass writes
-//           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's data
-//           gradient from conv_data_grad_cpu (the fused forward kernel on grad_y) where data_grad_kernel_preferred
-//           says so, its weight gradient from conv_weight_grad_cpu where weight_grad_kernel_preferred says so
-//           (both conv_backward.cpp), else from ATen (oneDNN).
+//           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's gradients
+//           come from where plan_cpu_conv_grads says (conv_plan.h): the data gradient from the forward kernel run
+//           on grad_y (conv_data_grad) or ATen, the weight gradient from conv_wgrad.cpp or ATen.
 //
 // Determinism: each output row's statistics are computed by one thread in a fixed order, and rows are merged in
 // row order; the backward's per-channel reductions run over fixed blocks of kStatBlock pixels merged in float64
@@ -44,9 +43,8 @@ namespace {
 constexpr int64_t kStatBlock = 256;  // pixels per partial reduction
 
 // Row kernels of the BN + ReLU passes: one NHWC pixel row of C channels, plain functions over restrict pointers
-// with the ReLU switch a template parameter, so the loops vectorize and the ReLU mask is a vector select. (Written
-// inline in the dispatch lambdas, with the mask as a run-time branch, they compiled to scalar code that
-// mispredicted on every other random sign and ran 10-25x slower than ATen's batch_norm.)
+// with the ReLU switch a template parameter, so the loops vectorize and the ReLU mask is a vector select (a run-time
+// branch on the mask compiles to scalar code that mispredicts on random signs).
 template <bool kRelu, typename scalar_t, typename acc_t>
 void normalize_relu_row(const scalar_t* __restrict y, const acc_t* __restrict a, const acc_t* __restrict b,
                         scalar_t* __restrict out, int64_t C) {

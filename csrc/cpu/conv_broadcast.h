@@ -103,11 +103,9 @@ RK_ALWAYS_INLINE void broadcast_rows(const ConvProblem<scalar_t>& P, Microkernel
   // With groups, the band's input is first copied into S.packed, one part per group ([group][row][iw][cpg_in], see
   // broadcast_packed_group_elements), and the table points into group 0's part; a channel block adds its group's
   // offset (the microkernel's src_offset). In place, a band's pixels are C_in elements apart (4 KB at 1024
-  // channels), so the 30-odd pixels one block of a stride-2 row reads fell into one or two L1 sets and were
-  // refetched from L2 for every input channel. Interleaved A/B (N=8, 2 threads): 1.10-1.12x faster at ResNeXt-50
-  // stage 4's stride-2 block, 1.02-1.16x at stage 3's. The copy reads the band pixel by pixel, in memory order:
-  // copied one group at a time, each of its pixels was a line 2-4 KB from the last, which no prefetcher follows
-  // across pages, and the copy took 41% of the kernel's samples at ResNeXt-50 stage 3's stride-2 block (Zen 3).
+  // channels), so the 30-odd pixels one block of a stride-2 row reads fall into one or two L1 sets and are refetched
+  // from L2 for every input channel. The copy reads the band pixel by pixel, in memory order: copied one group at a
+  // time, each of its pixels would be a line 2-4 KB from the last, which no prefetcher follows across pages.
   scalar_t* packed = static_cast<scalar_t*>(S.packed);
   const int64_t group_elems = packed ? broadcast_packed_group_elements<scalar_t>(g) : 0;
   const scalar_t* zeros = packed ? packed + group_elems - cpg_in : P.zero_input;

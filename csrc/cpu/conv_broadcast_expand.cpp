@@ -85,12 +85,7 @@ void run(const ConvCall& c) {
 }  // namespace
 
 void run_broadcast_expand(const ConvCall& c) {
-  if (c.input.scalar_type() == at::kFloat) {
-    run<float>(c);
-  } else {
-    TORCH_INTERNAL_ASSERT(c.input.scalar_type() == at::kBFloat16);
-    run<c10::BFloat16>(c);
-  }
+  dispatch_vector_dtype(c.input.scalar_type(), [&](auto t) { run<decltype(t)>(c); });
 }
 
 }  // namespace cpu

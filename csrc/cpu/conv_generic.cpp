@@ -98,7 +98,7 @@ RK_ALWAYS_INLINE void conv_rows_impl(const ConvGeom& g, const Tiling& tl, const 
         } else {
           for (int64_t co = 0; co < C_out; ++co) o[co] = static_cast<scalar_t>(a[co]);
         }
-        if (row_stats) {  // as accumulate_row_stats (conv_blocked.h): deviations from the row's first pixel
+        if (row_stats) {  // as accumulate_row_stats_of (conv_problem.h): deviations from the row's first pixel
           acc_t* st = row_stats + row * 3 * C_out;
           const bool first = ow0 + t == 0;
           for (int64_t co = 0; co < C_out; ++co) {

@@ -63,9 +63,7 @@ void run(const ConvCall& c) {
   P.g = &g, P.in = c.input.data_ptr<scalar_t>(), P.wp = wl.data(), P.shift = shift.data_ptr<float>(), P.out = out;
   P.residual = c.residual ? c.residual->data_ptr<scalar_t>() : nullptr, P.relu = c.relu;
   P.zero_input = zero_input.data(), P.row_stats = static_cast<float*>(c.row_stats);
-  // Streamed output (ConvProblem::stream): interleaved A/B on a Sapphire Rapids class Xeon, N = 8, 2 threads:
-  // 1.04-1.25x faster at ResNeXt-50 stage 1, 1.02-1.04x at stage 2's stride-2 block; the whole ResNeXt-50 in
-  // eval 1.027-1.028x faster at N = 8, and 0.99x at N = 1, whose outputs the threshold keeps in cache.
+  // Streamed output (ConvProblem::stream) where the plan says so and the output is 64-byte aligned.
   P.stream = plan.stream && reinterpret_cast<uintptr_t>(out) % 64 == 0;
   const int group = plan.lane_group;
   at::parallel_for(0, g.N * g.OH, row_grain(g), [&](int64_t begin, int64_t end) {
@@ -77,12 +75,7 @@ void run(const ConvCall& c) {
 }  // namespace
 
 void run_lanes(const ConvCall& c) {
-  if (c.input.scalar_type() == at::kFloat) {
-    run<float>(c);
-  } else {
-    TORCH_INTERNAL_ASSERT(c.input.scalar_type() == at::kBFloat16);
-    run<c10::BFloat16>(c);
-  }
+  dispatch_vector_dtype(c.input.scalar_type(), [&](auto t) { run<decltype(t)>(c); });
 }
 
 }  // namespace cpu

@@ -48,10 +48,9 @@ RK_DEFINE_AFFINE_ROWS(c10::BFloat16)
 }  // namespace
 
 // relu?(conv(x, weight) * scale + shift + residual?) through ATen (oneDNN), channels_last; scale and shift undefined:
-// the bare convolution. The BN affine, residual and ReLU are one pass over the output after the convolution. (With
-// the scale folded into a copy of the weight and the shift as oneDNN's bias, the fold was a pass over the weights
-// on every call, 4.7 MB at ResNeXt-101's stride-2 stage-4 block, more than its output, and the ReLU a pass of its
-// own.)
+// the bare convolution. The BN affine, residual and ReLU are one pass over the output after the convolution: folding
+// the scale into a copy of the weight would be a pass over the weights on every call (at wide layers more bytes than
+// the output), and oneDNN's ReLU a pass of its own.
 at::Tensor conv_on_aten(const ConvGeom& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                         const at::Tensor& shift, const at::Tensor* residual, bool relu) {
   at::Tensor out = at::convolution(x, weight.to(x.scalar_type()), std::nullopt, {g.stride_h, g.stride_w},

@@ -165,7 +165,7 @@ void plan_wgrad_vectors(WgradPlan& p, const ConvGeom& g) {
   const int64_t cpg_out = g.C_out / g.groups, cpg_in = g.C_in / g.groups;
   if (g.groups > 1 && cpg_in == cpg_out && cpg_in >= 2 && (L % cpg_in == 0 || cpg_in % L == 0) && g.C_in % L == 0 &&
       g.KW == 3) {
-    // The lanes kernel (wgrad_task_channel_lanes): 3 taps x jt output channels of accumulators.
+    // The lanes kernel (wgrad_task_lanes, conv_wgrad.cpp): 3 taps x jt output channels of accumulators.
     p.jt = int(std::min<int64_t>(cpg_in, V::kAccRegs / 3 >= 8 ? 8 : 4));
     p.nv = 1;
     p.cb = L;

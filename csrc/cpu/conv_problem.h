@@ -32,10 +32,10 @@ struct ConvProblem {
   const scalar_t* zero_input;  // C_in zeros
   float* row_stats;            // when not null: per output row, [pivot | sum(y - pivot) | sum((y - pivot)^2)] x C_out
   // Floats between the weight rows of consecutive input channels: C_out (expand mode: a row holds every output
-  // channel), or the broadcast path's block of NV vectors, whose weights are then contiguous. (With rows C_out floats
-  // apart, a block's KH * KW * cpg_in rows were 4 KB apart at 1024 channels: all in one L1 set, and in 16 of L2's.)
+  // channel), or the broadcast path's block of NV vectors, whose weights are then contiguous (rows C_out floats apart
+  // would put a block's KH * KW * cpg_in rows 4 KB apart at 1024 channels: all in one L1 set).
   int64_t w_ci_stride;
-  // Channel-lane path, AVX-512, float32 inference form (no statistics, no residual), output of at least
+  // Lanes path, AVX-512, float32 inference form (no statistics, no residual), output of at least
   // kStreamOutputBytes at a 64-byte aligned address: each 16-float output vector, one whole cache line, is written
   // with a non-temporal store (no read-for-ownership of the line; see lane_rows).
   bool stream;

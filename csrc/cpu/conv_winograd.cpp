@@ -129,12 +129,7 @@ void run(const ConvCall& c) {
 
 void run_winograd(const ConvCall& c) {
   TORCH_INTERNAL_ASSERT(c.residual == nullptr, "the Winograd path takes no residual");
-  if (c.input.scalar_type() == at::kFloat) {
-    run<float>(c);
-  } else {
-    TORCH_INTERNAL_ASSERT(c.input.scalar_type() == at::kBFloat16);
-    run<c10::BFloat16>(c);
-  }
+  dispatch_vector_dtype(c.input.scalar_type(), [&](auto t) { run<decltype(t)>(c); });
 }
 
 }  // namespace cpu

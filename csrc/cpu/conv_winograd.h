@@ -6,13 +6,13 @@
 //   Y = A^T [ (G w G^T) .* (B^T d B) ] A
 // with B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1] and
 // A^T = [1 1 1 0; 0 1 -1 -1]. The weight transform U = G w G^T (BN scale folded in) is done once per call
-// (winograd_pack_group). Per point p of the 4x4 transform domain, the products summed over a
+// (winograd_pack_block). Per point p of the 4x4 transform domain, the products summed over a
 // group's input channels are a small GEMM, M_p[tile][co] = sum_ci V_p[tile][ci] U_p[ci][co]: the direct
 // convolution's 9 multiply-adds per (output pixel, ci, co) become 4 (2.25x fewer), for the price of the input and
 // output transforms (adds only). All transform coefficients are 0, +-1 and 1/2, so the results stay within a few
 // float32 rounding steps of the direct sum (the tests hold both to the same float64 reference tolerances).
 //
-// F(4x4, 3x3) (WinogradF4, from kWinograd4MinTiles tiles on) computes a 4x4 block of outputs from a 6x6
+// F(4x4, 3x3) (WinogradF4, from 8 tiles on: the planner's choice, conv_plan.cpp) computes a 4x4 block of outputs from a 6x6
 // block of inputs with 36 multiplies per channel pair instead of 144: 2.25 per output instead of F(2x2)'s 4, 4x
 // fewer than direct. Its matrices (kWinograd4BT, kWinograd4AT, and G in winograd_weight_apply) come from the points
 // 0, 1, -1, 1/2, -2 and infinity; its float32 error is a few times direct summation's (1-2e-6 of the output scale
@@ -25,17 +25,14 @@
 //   2. GEMMs (winograd_gemm): per point p, group and NV vectors of output channels, a register-blocked TB x NV
 //      microkernel (each V value broadcast, each U vector shared by the TB tiles) -> mbuf[p][tile][c]; on AVX-512,
 //      two groups of 8 share 16-lane GEMMs (winograd_gemm_paired, channels interleaved; see winograd_paired);
-//   3. output transform (winograd_output_transform, winograd4_output_transform) with the blocked path's epilogue
+//   3. output transform (winograd_output_transform, winograd4_output_transform) with the vector paths' epilogue
 //      (winograd_store_row): shift, ReLU, store of the outputs inside the image, and row statistics for the
 //      training form (a row's tiles come in order, so the first one sets the pivot). No residual: a call with one
 //      takes the other paths (the bottleneck adds it to its last, 1x1, convolution).
 // While a block's GEMMs and output transform run, software prefetches bring in the next block's input windows and
-// this block's output lines (WinogradPrefetch): interleaved A/B, N=8, 2 threads, inference: 1.10-1.15x faster at
-// ResNeXt-50 stage 2, 1.18-1.22x at stage 3, 1.09-1.11x at stage 4.
-// Per-phase timing of F(2x2) at ResNeXt-50 stage 3 (one thread, N=8, phases skipped one at a time): the GEMMs take
-// about 60% of the time, the two transforms about 30%, the weight transform and setup about 10%.
+// this block's output lines (WinogradPrefetch). The GEMMs take most of the time, the two transforms most of the rest.
 //
-// Included by conv_bn_relu.cpp only (always_inline, compiled once per ISA entry point there).
+// Included by conv_winograd.cpp only (always_inline, compiled once per ISA entry point there).
 #pragma once
 
 #include "cpu/conv_problem.h"
@@ -53,9 +50,9 @@ struct WinogradF4 {
 // Tiles per block at most.
 constexpr int kMaxWinogradTiles = 24;
 
-// F(4x4, 3x3) from the interpolation points 0, 1, -1, 1/2, -2 and infinity. Against the common 0, +-1, +-2 this
-// measured 2-3x less float32 error (1-2e-6 of the output scale at 8-64 channels per group, direct summation
-// 3-9e-7; the +-2 set 3-5e-6), for a few more adds in the input transform (its rows are not pairwise symmetric).
+// F(4x4, 3x3) from the interpolation points 0, 1, -1, 1/2, -2 and infinity: 2-3x less float32 error than the
+// common 0, +-1, +-2 (1-2e-6 of the output scale at 8-64 channels per group against 3-5e-6; direct summation
+// 3-9e-7), for a few more adds in the input transform (its rows are not pairwise symmetric).
 // B^T and A^T hold only values exact in binary; G (the weight transform, winograd_weight_apply)
 // has thirds and fifteenths.
 inline constexpr float kWinograd4BT[6][6] = {
@@ -76,8 +73,8 @@ struct WinogradPackArgs {
 // The transformed weights U, block by block (a block: the CB channels winograd_items works on at a time; see
 // winograd_ublock_floats): packed for all blocks before the work (image-major order, where every thread needs every
 // block), or transformed block by block by the thread that works on the block (group-major order), into its own
-// buffer: no pass writing and re-reading all groups' U (2 MB of F(2x2) U at ResNeXt-50's stage 4, where this
-// measured 0.98-1.02 against 1.05-1.17 ms in an interleaved A/B).
+// buffer: no pass writing and re-reading all groups' U (2 MB of F(2x2) U at ResNeXt-50's stage 4). The planner picks
+// the order (ConvPlan::winograd_image_major); WinogradWeights::packed is set exactly in image-major order.
 template <typename scalar_t>
 struct WinogradWeights {
   const float* packed;                   // all blocks, or null
@@ -86,12 +83,11 @@ struct WinogradWeights {
 
 // Floats from one point's [CIN][COUT] block of U to the next's: one cache line more than the block, so that the
 // alpha^2 stores of one vector of (ci, co) pairs in winograd_pack_block go to different L1 sets (with 32 channels
-// per group a 4 KB stride had put all 36 of them in one set).
+// per group a 4 KB stride would put all 36 of them in one set).
 constexpr int64_t winograd_point_stride(int64_t cin, int64_t cout) { return cin * cout + 16; }
 
 // Paired groups: with 8 channels per group and 16-lane vectors (AVX-512), the two groups of a block share 16-lane
-// GEMMs instead of running 8-lane ones each (half the FMAs where a 512-bit FMA is as fast as a 256-bit one, as on
-// Zen 5: stage 2 of ResNeXt-50, N=8, float32, inference 1.17x faster, data gradient 1.09x, training forward 1.05x).
+// GEMMs instead of running 8-lane ones each (half the FMAs, a gain where a 512-bit FMA is as fast as a 256-bit one).
 // Channels are then interleaved in the transform domain, lane 2 i + s = channel i of the block's group s: the input
 // transform stores V that way, so the two groups' values of one input channel are adjacent and one 64-bit broadcast
 // gives the GEMM its multiplier (a, b, a, b, ...); U holds [ci][2 co + s]; the output transform de-interleaves its
@@ -160,8 +156,8 @@ RK_ALWAYS_INLINE void winograd_weight_apply(vec x0, vec x1, vec x2, vec* y) {
 // interleaved lane order (winograd_paired). The kernels of a chunk of input channels are first gathered into
 // k[ci][tap][co] through the weight's strides (consecutive ci innermost: contiguous reads of a channels_last weight),
 // then transformed in registers on vectors of L output channels: G down the kernel's three columns, then along the
-// alpha resulting rows, each point stored once. (It had been a loop of out-of-line calls on one row of CPG values
-// each: 29% of the samples at ResNeXt-50's stage 4 on a Zen 5, where F(4x4) transforms 1024 x 32 kernels per call.)
+// alpha resulting rows, each point stored once (F(4x4) transforms 1024 x 32 kernels per call at ResNeXt-50's stage 4:
+// no out-of-line call per row).
 template <class F, class V, int CIN, int COUT, bool ILV, typename scalar_t>
 RK_ALWAYS_INLINE void winograd_pack_block(const WinogradPackArgs<scalar_t>& a, int64_t co0, float* __restrict u) {
   using vec = typename V::vec;
@@ -541,15 +537,12 @@ RK_ALWAYS_INLINE void winograd4_output_transform(const ConvProblem<scalar_t>& P,
 // Software prefetch while a tile block's GEMMs and output transform run: the input windows of the next block's tiles
 // and the output pixels of this block's, the channels [c0, c0 + CB) of each pixel. In channels_last a tile's pixels
 // are C_in (C_out) floats apart, and a 6-row window crosses a 4 KB page every few pixels, which the hardware
-// prefetchers do not follow: in a profile at ResNeXt-50 stage 2 the first touches of input and output lines took a
-// fifth of the kernel's time.
+// prefetchers do not follow, so the first touches of input and output lines would stall the kernel.
 // The work is cut into units, one output row of a this-block tile or one input row of a next-block tile, spread
-// evenly over the points' GEMMs and the output transform's tiles (step(k) issues the k-th share). Spreading the
-// next block's input over the output transform too measured 1.03-1.06x faster at stage 2 than over the GEMMs
-// alone (interleaved A/B), where the prefetch instructions had stalled on full miss buffers. On a Sapphire Rapids
-// class Xeon, whose L2 streamer follows these accesses, the same prefetches cost time instead (without them:
-// 1.03-1.11x faster at stage 2, 1.03-1.04x at stage 3 in inference), so Intel CPUs run without them, except where
-// an input pixel spans a whole page (ConvProblem::prefetch, winograd_prefetches in conv_bn_relu.cpp).
+// evenly over the points' GEMMs and the output transform's tiles (step(k) issues the k-th share): issued over the
+// GEMMs alone, the prefetch instructions stall on full miss buffers. Intel CPUs, whose L2 streamer follows these
+// accesses, measured faster without them, except where an input pixel spans a whole page (ConvProblem::prefetch,
+// set by the planner).
 template <int S, int CB, typename scalar_t>
 struct WinogradPrefetch {
   const ConvProblem<scalar_t>* P;

@@ -33,7 +33,8 @@ PlanResult plan_conv(at::IntArrayRef input_size, at::IntArrayRef weight_size, at
   if (form_name == "inference") form = cpu::ConvForm::kInference;
   else if (form_name == "residual") form = cpu::ConvForm::kResidual;
   else if (form_name == "training") form = cpu::ConvForm::kTraining;
-  else TORCH_CHECK(false, op, ": form must be 'inference', 'residual' or 'training', got '", std::string(form_name), "'");
+  else TORCH_CHECK(false, op, ": form must be 'inference', 'residual' or 'training', got '", std::string(form_name),
+                   "'");
   const cpu::ConvPlan plan = cpu::plan_cpu_conv(g, dtype, form);
   PlanResult r;
   std::get<0>(r) = cpu::path_name(plan.path);
@@ -74,7 +75,8 @@ PlanResult plan_cuda_conv(at::IntArrayRef input_size, at::IntArrayRef weight_siz
   const ConvGeom g = make_conv_geometry(op, in, weight_size, stride, padding, dilation, groups);
   PlanResult r;
   cuda_kernels::FwdPlan plan;
-  const char* why = cuda_kernels::conv_bn_relu_fwd_plan(g, dtype == at::kDouble ? sizeof(double) : sizeof(float), &plan);
+  const size_t acc_bytes = dtype == at::kDouble ? sizeof(double) : sizeof(float);
+  const char* why = cuda_kernels::conv_bn_relu_fwd_plan(g, acc_bytes, &plan);
   if (why != nullptr) {
     std::get<0>(r) = "aten";
     std::get<1>(r) = why;

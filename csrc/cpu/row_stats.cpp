@@ -12,7 +12,7 @@ namespace rk {
 namespace cpu {
 namespace {
 
-// The row statistics the blocked kernel's epilogue computes (accumulate_row_stats, conv_blocked.h), in one pass
+// The row statistics the vector paths' epilogues compute (accumulate_row_stats_of, conv_problem.h), in one pass
 // over a finished channels_last output: per output row and channel, the pivot (the row's first value), and the
 // sums of the row's deviations from it and of their squares. Channels in blocks of kRowStatChannels, whose sums
 // stay in registers over the row's pixels (each channel's summation order is the row's pixel order).
@@ -82,8 +82,8 @@ void merge_row_stats_typed(const stat_t* p, int64_t rows, int64_t C, int64_t wid
                            std::vector<double>& mean, std::vector<double>& var) {
   const double nb = double(width), inv_nb = 1.0 / nb;
   // Rows outer, channels inner (contiguous, vectorized); each channel's arithmetic is the same sequence as a loop
-  // over rows for that channel alone. The per-row factors are hoisted out of the channel loop (the divisions in
-  // it had cost as much as the batch's normalize pass at 7x7).
+  // over rows for that channel alone. The per-row factors are hoisted out of the channel loop (divisions in it cost
+  // as much as the batch's normalize pass at 7x7).
   at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
     std::vector<double> mu(c1 - c0, 0.0), m2(c1 - c0, 0.0);
     double* __restrict mu_p = mu.data();
