@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_dtype_tolerance, random_bn, reference_conv_affine_relu, rel_err
+from reference import assert_dtype_tolerance, cuda_plan, random_bn, reference_conv_affine_relu, rel_err
 from test_conv_bn_relu import EDGE_CASES, _make
 from test_models import BLOCK_CASES, _block_pair
 
 import resnext_kernels as rk
-from resnext_kernels import _cuda_coverage, emulator
+from resnext_kernels import emulator
 
 if not emulator.available() and os.environ.get("CI"):  # CI must run every CUDA kernel: never skip there
     raise ImportError("resnext_kernels._emu (the emulated CUDA build) is missing; CI requires it")
@@ -93,16 +93,16 @@ def test_emulated_results_identical_across_schedules():
     (3, 1, 1, torch.float32), (7, 2, 1, torch.float32), (7, 2, 4, torch.float32), (9, 4, 8, torch.float64),
     (15, 1, 8, torch.float32), (3, 16, 1, torch.float64),
 ])
-def test_coverage_rule_mirror_matches_cpp(k, stride, dilation, dtype):
-    """The Python dispatch's copy of the coverage rule agrees with the kernel's planner; uncovered cases are
-    refused by the launcher with the same reason."""
+def test_cuda_planner_op_matches_the_launcher(k, stride, dilation, dtype):
+    """The planner op explain() asks (built into every build) gives the emulated launcher's coverage verdict;
+    uncovered cases are refused by the launcher with the same reason."""
     size = (k - 1) * dilation + 1
     x = torch.randn(1, 4, size, size, dtype=dtype)
     wt = torch.randn(4, 4, k, k, dtype=dtype)
     args = ([stride] * 2, [0, 0], [dilation] * 2, 1)
     cpp = torch.ops.resnext_kernels_emu.cuda_unsupported_reason(x, wt, *args) or None
-    py = _cuda_coverage.unsupported_reason(x, wt, (stride, stride), (0, 0), (dilation, dilation))
-    assert cpp == py
+    path, reason = cuda_plan(x, wt, *args)
+    assert (path, reason) == ("aten", cpp) if cpp is not None else path == "cuda_direct"
     if cpp is not None:
         scale, shift = _scale_shift(4, dtype)
         with pytest.raises(RuntimeError, match="not covered"):
@@ -318,7 +318,7 @@ def test_emulated_cuda_bottleneck_routes_uncovered_grouped_conv_to_cudnn_path():
     library path (no kernel launch) and the result is still exact."""
     ref, ours = _block_pair((64, 16, 16, 4, 16, 1, True), torch.float64)
     x = torch.randn(1, 64, 34, 34, dtype=torch.float64)
-    assert rk.ops._cuda_unsupported_reason(x[:, :16], ours.conv2.weight, 16, 1, 1) is not None
+    assert cuda_plan(x[:, :16], ours.conv2.weight, 16, 1, 1, ours.conv2.groups)[0] == "aten"
     launches = emulator.launch_stats()["launches"]
     with torch.no_grad():
         out = torch.ops.resnext_kernels_emu.bottleneck_infer(*_block_args(ours, x))

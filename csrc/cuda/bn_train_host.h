@@ -14,9 +14,12 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
+#include <optional>
 #include <tuple>
 
+#include "common/path_scope.h"
 #include "cuda/conv_bn_relu_host.h"
+#include "cuda/cuda_plan.h"
 #include "cuda/kernels/bn_train.cuh"
 #include "cuda/kernels/conv_wgrad.cuh"
 
@@ -158,6 +161,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor mean = at::empty({C}, acc_opts), var = at::empty({C}, acc_opts);
   at::Tensor a = at::empty({C}, acc_opts), b = at::empty({C}, acc_opts);
   at::Tensor out = at::empty_like(y);
+  const PathScope scope(kCudaBnStatsScope);
   dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
     using T = decltype(t);
     using Acc = decltype(acc_v);
@@ -201,6 +205,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor k[3] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts), at::empty({C}, acc_opts)};
   at::Tensor bn_grads[2] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts)};  // gamma, beta
   at::Tensor grad_y = at::empty_like(conv_out);
+  std::optional<PathScope> bn_scope(kCudaBnBackwardScope);
   const at::ScalarType dt = input.scalar_type();
   if ((dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat) && C % 8 == 0) {  // 16-byte passes over y, grad
     using namespace cuda_kernels;
@@ -251,20 +256,28 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
     });
   }
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options());
-  const int64_t taps = int64_t(g.KH) * g.KW;
   const bool own_weight_grad =
-      output_mask[1] && at::globalContext().deterministicAlgorithms() && (taps == 9 || taps == 1);
+      output_mask[1] && cuda_weight_grad_kernel(g, at::globalContext().deterministicAlgorithms());
+  bn_scope.reset();
   // The data gradient on the tensor cores where they cover it (stride 1: the forward kernel on grad_y).
-  const at::Tensor tc_grad_input = output_mask[0] ? conv_tc_data_grad(op, g, grad_y, weight, stream) : at::Tensor();
+  at::Tensor tc_grad_input;
+  if (output_mask[0]) {
+    const PathScope scope(kCudaTcDgradScope);
+    tc_grad_input = conv_tc_data_grad(op, g, grad_y, weight, stream);
+  }
   if (tc_grad_input.defined()) grad_input = tc_grad_input.contiguous(input.suggest_memory_format());
   const bool aten_grad_input = output_mask[0] && !tc_grad_input.defined();
   if (aten_grad_input || (output_mask[1] && !own_weight_grad)) {
+    std::optional<PathScope> data_scope, weight_scope;
+    if (aten_grad_input) data_scope.emplace(kAtenDgradScope);
+    if (output_mask[1] && !own_weight_grad) weight_scope.emplace(kAtenWgradScope);
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation, false, {0, 0},
                                           groups, {aten_grad_input, output_mask[1] && !own_weight_grad, false});
     if (aten_grad_input) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
     if (output_mask[1] && !own_weight_grad) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
   }
   if (own_weight_grad) {
+    const PathScope scope(kCudaWgradScope);
     dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
       grad_weight = weight_grad_cuda<decltype(t), decltype(acc_v)>(op, g, input, grad_y, stream);
     });
