@@ -101,7 +101,8 @@ class _Plan(NamedTuple):
 @functools.lru_cache(maxsize=4096)
 def _plan_cached(device: str, input_size: tuple[int, ...], weight_size: tuple[int, ...], stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int], groups: int, dtype: torch.dtype, training: bool,
-                 deterministic: bool) -> _Plan:
+                 deterministic: bool, allow_tf32: bool) -> _Plan:
+    """The planner's answer; deterministic and allow_tf32 are part of the key because the plans read them."""
     args = (list(input_size), list(weight_size), list(stride), list(padding), list(dilation), groups, dtype)
     if device == "cpu":
         r = torch.ops.resnext_kernels._plan_conv(*args, "training" if training else "inference")
@@ -116,7 +117,7 @@ def plan(device: str, input_size: tuple[int, ...], weight_size: tuple[int, ...],
           training: bool) -> _Plan:
     """The C++ planner's plan (cached per arguments); under torch.compile a constant of the trace."""
     return _plan_cached(device, input_size, weight_size, stride, padding, dilation, groups, dtype, training,
-                        torch.are_deterministic_algorithms_enabled())
+                        torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.allow_tf32)
 
 
 def _plan_sizes(input: Tensor, weight: Tensor, exact: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -88,7 +88,8 @@ def test_unknown_vendor_value_is_a_clear_error():
 # The emulated CUDA path: the CUDA launchers run on CPU tensors through the emulator, against the CUDA planner op
 # ----------------------------------------------------------------------------------------------------
 
-CUDA_SCOPES = {"cuda_direct", "cuda_bn_stats", "cuda_bn_backward", "wgrad_cuda", "dgrad_aten", "wgrad_aten"}
+CUDA_SCOPES = {"cuda_direct", "cuda_tc", "cuda_bn_stats", "cuda_bn_backward", "wgrad_cuda", "dgrad_cuda_tc",
+               "dgrad_aten", "wgrad_aten"}
 
 
 def _cuda_scopes(fn) -> list[str]:
@@ -129,3 +130,37 @@ def test_emulated_cuda_path_runs_what_the_planner_names(kernel, dilation, determ
         assert seen == sorted(["cuda_bn_backward", data_grad, weight_grad])
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(not emulator.available(), reason="resnext_kernels._emu (emulated CUDA) not built")
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "no-tf32"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_emulated_tensor_core_path_runs_what_the_planner_names(dtype, stride, tf32):
+    """Groups of 4 over 64-channel blocks: the tensor cores for 16-bit types, and for float32 where TF32 is allowed
+    (else the direct kernel); the stride-1 data gradient on them too."""
+    E = torch.ops.resnext_kernels_emu
+    x = torch.randn(2, 128, 9, 8).to(dtype)
+    wt = torch.randn(128, 4, 3, 3).to(dtype)
+    args = ([stride] * 2, [1, 1], [1, 1], 32)
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        r = torch.ops.resnext_kernels._plan_cuda_conv(list(x.shape), list(wt.shape), *args, x.dtype, True)
+        path, data_grad, weight_grad = r[0], r[4], r[5]
+        tensor_cores = dtype != torch.float32 or tf32
+        assert path == ("cuda_tc" if tensor_cores else "cuda_direct")
+        assert data_grad == ("dgrad_cuda_tc" if tensor_cores and stride == 1 else "dgrad_aten")
+        assert weight_grad == "wgrad_aten"
+        scale, shift = torch.rand(128) + 0.5, torch.randn(128)
+        assert _cuda_scopes(lambda: E.conv_bn_relu_infer(x, wt, scale, shift, *args, True)) == [path]
+        out = []
+        assert _cuda_scopes(lambda: out.append(E.conv_bn_relu_train(x, wt, None, None, 1e-5, *args, True))) == sorted(
+            [path, "cuda_bn_stats"])
+        _, conv_out, mean, var = out[0]
+        g = torch.randn_like(conv_out)
+        seen = _cuda_scopes(lambda: E.conv_bn_relu_train_backward(g, x, wt, conv_out, mean, var, None, None, 1e-5,
+                                                                   *args, True, [True, True, True]))
+        assert seen == sorted(["cuda_bn_backward", data_grad, weight_grad])
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed

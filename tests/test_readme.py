@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_SUFFIXES = (".py", ".cpp", ".h", ".cuh", ".cu", ".sh")
 # Variables the project reads but does not own: set by torchrun, by the sanitizer runtimes, or Python's own.
-NOT_OURS = {"LOCAL_RANK", "ASAN_OPTIONS", "UBSAN_OPTIONS", "PYTHONPATH", "OMP_NUM_THREADS"}
+NOT_OURS = {"LOCAL_RANK", "ASAN_OPTIONS", "UBSAN_OPTIONS", "PYTHONPATH", "OMP_NUM_THREADS", "TMPDIR"}
 READS = [
     re.compile(r"""(?:environ(?:\.get|\.setdefault)?\(?\[?|getenv\(|_env_flag\()\s*["']([A-Z][A-Z0-9_]+)["']"""),
     re.compile(r"\$\{([A-Z][A-Z0-9_]+):-"),  # shell defaults

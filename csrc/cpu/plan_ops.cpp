@@ -82,19 +82,38 @@ PlanResult plan_cuda_conv(at::IntArrayRef input_size, at::IntArrayRef weight_siz
     std::get<1>(r) = why;
     return r;
   }
-  std::get<0>(r) = kCudaDirectScope + sizeof("resnext_kernels::") - 1;
-  std::get<1>(r) = "the project's direct kernel: 8x8 output pixels x 32 output channels per block, input tile and "
-                   "weights staged in shared memory";
-  std::get<2>(r) = {"ci_tile", "smem_bytes"};
-  std::get<3>(r) = {plan.ci_tile, int64_t(plan.smem_bytes)};
+  constexpr size_t skip = sizeof("resnext_kernels::") - 1;
+  const int elem = cuda_kernels::conv_tc_elem_bytes(dtype == at::kHalf || dtype == at::kBFloat16, dtype == at::kFloat,
+                                                    at::globalContext().allowTF32CuDNN());
+  cuda_kernels::TcPlan tc;
+  const char* tc_why = cuda_kernels::conv_tc_plan(g, elem, &tc);
+  if (tc_why == nullptr) {
+    std::get<0>(r) = kCudaTcScope + skip;
+    std::get<1>(r) = std::string("the project's tensor-core kernel (implicit GEMM on mma.sync, ") +
+                     (elem == 4 ? "TF32" : "16-bit") + " operands, fp32 accumulation): " +
+                     std::to_string(tc.tn * tc.th * tc.tw) + " output pixels x 64 channels per CTA";
+    std::get<2>(r) = {"tile_h", "tile_w", "images", "ksteps", "smem_bytes"};
+    std::get<3>(r) = {tc.th, tc.tw, tc.tn, tc.ksteps, int64_t(tc.smem_bytes)};
+  } else {
+    std::get<0>(r) = kCudaDirectScope + skip;
+    std::get<1>(r) = std::string("the project's direct kernel (CUDA cores; ") + tc_why + "): 8x8 output pixels x 32 "
+                     "output channels per block, input tile and weights staged in shared memory";
+    std::get<2>(r) = {"ci_tile", "smem_bytes"};
+    std::get<3>(r) = {plan.ci_tile, int64_t(plan.smem_bytes)};
+  }
   if (training) {
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     const bool own = cuda_weight_grad_kernel(g, deterministic);
-    std::get<4>(r) = kAtenDgradScope + sizeof("resnext_kernels::") - 1;
-    std::get<5>(r) = (own ? kCudaWgradScope : kAtenWgradScope) + sizeof("resnext_kernels::") - 1;
-    std::get<6>(r) = own ? "conv weight gradient from the project's deterministic CUDA kernels "
-                           "(torch.use_deterministic_algorithms is on), data gradient from cuDNN"
-                         : "conv data and weight gradients from cuDNN";
+    ConvGeom gd;
+    cuda_kernels::TcPlan dplan;
+    const bool tc_dgrad = cuda_kernels::conv_tc_data_grad_plan(g, elem, &gd, &dplan) == nullptr;
+    std::get<4>(r) = (tc_dgrad ? kCudaTcDgradScope : kAtenDgradScope) + skip;
+    std::get<5>(r) = (own ? kCudaWgradScope : kAtenWgradScope) + skip;
+    std::get<6>(r) = std::string("conv weight gradient from ") +
+                     (own ? "the project's deterministic CUDA kernels (torch.use_deterministic_algorithms is on)"
+                          : "cuDNN") +
+                     ", data gradient from " +
+                     (tc_dgrad ? "the tensor-core kernel on grad_y (stride 1: each group's kernel transposed)" : "cuDNN");
   }
   return r;
 }

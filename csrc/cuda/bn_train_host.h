@@ -151,8 +151,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   cuda_kernels::TcPlan tc;
   if (conv_tc_unsupported_reason(g, input.scalar_type(), &tc) == nullptr) {
     // Tensor cores: the statistics come from the convolution's epilogue, y is read once more to normalize.
+    std::optional<PathScope> conv_scope(kCudaTcScope);
     auto [y, mean, var, a, b] =
         conv_tc_train(op, g, tc, input.contiguous(at::MemoryFormat::ChannelsLast), weight, gamma, beta, eps, stream);
+    conv_scope.reset();
+    const PathScope scope(kCudaBnStatsScope);
     const at::Tensor out = normalize_relu_vec8(op, y, a, b, relu, stream);
     return {out.contiguous(conv_output_memory_format(input, weight)), y, mean, var};
   }
@@ -260,13 +263,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
       output_mask[1] && cuda_weight_grad_kernel(g, at::globalContext().deterministicAlgorithms());
   bn_scope.reset();
   // The data gradient on the tensor cores where they cover it (stride 1: the forward kernel on grad_y).
-  at::Tensor tc_grad_input;
-  if (output_mask[0]) {
+  ConvGeom gd;
+  cuda_kernels::TcPlan dplan;
+  const bool tc_grad_input =
+      output_mask[0] && conv_tc_data_grad_unsupported_reason(g, input.scalar_type(), &gd, &dplan) == nullptr;
+  if (tc_grad_input) {
     const PathScope scope(kCudaTcDgradScope);
-    tc_grad_input = conv_tc_data_grad(op, g, grad_y, weight, stream);
+    grad_input = conv_tc_data_grad(op, g, gd, dplan, grad_y, weight, stream).contiguous(input.suggest_memory_format());
   }
-  if (tc_grad_input.defined()) grad_input = tc_grad_input.contiguous(input.suggest_memory_format());
-  const bool aten_grad_input = output_mask[0] && !tc_grad_input.defined();
+  const bool aten_grad_input = output_mask[0] && !tc_grad_input;
   if (aten_grad_input || (output_mask[1] && !own_weight_grad)) {
     std::optional<PathScope> data_scope, weight_scope;
     if (aten_grad_input) data_scope.emplace(kAtenDgradScope);

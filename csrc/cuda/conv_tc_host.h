@@ -23,12 +23,9 @@ inline void check(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// Element bytes of the tensor-core path for a dtype: 2 (float16, bfloat16), 4 (float32 as TF32, where PyTorch
-// allows TF32 for convolutions, as cuDNN would use it), 0 (none).
 inline int elem_bytes(at::ScalarType t) {
-  if (t == at::kHalf || t == at::kBFloat16) return 2;
-  if (t == at::kFloat && at::globalContext().allowTF32CuDNN()) return 4;
-  return 0;
+  return cuda_kernels::conv_tc_elem_bytes(t == at::kHalf || t == at::kBFloat16, t == at::kFloat,
+                                          at::globalContext().allowTF32CuDNN());
 }
 
 template <typename F>
@@ -157,34 +154,22 @@ inline at::Tensor conv_tc_infer(const char* op, const ConvGeom& g, const cuda_ke
   return y;
 }
 
-// The data gradient of a stride-1 convolution on the tensor cores, or an undefined tensor where they do not cover
-// it: dx = conv(grad_y, w') with w' each group's transposed, flipped kernel and padding KH - 1 - pad (channels_last).
-inline at::Tensor conv_tc_data_grad(const char* op, const ConvGeom& g, const at::Tensor& grad_y,
+// The tensor-core plan of a stride-1 convolution's data gradient (geometry in `gd`), or the reason there is none.
+inline const char* conv_tc_data_grad_unsupported_reason(const ConvGeom& g, at::ScalarType dtype, ConvGeom* gd,
+                                                        cuda_kernels::TcPlan* plan) {
+  return cuda_kernels::conv_tc_data_grad_plan(g, tc_detail::elem_bytes(dtype), gd, plan);
+}
+
+// dx = conv(grad_y, w') on the tensor cores, w' each group's transposed, flipped kernel (channels_last), for the
+// plan conv_tc_data_grad_unsupported_reason gave.
+inline at::Tensor conv_tc_data_grad(const char* op, const ConvGeom& g, const ConvGeom& gd,
+                                    const cuda_kernels::TcPlan& plan, const at::Tensor& grad_y,
                                     const at::Tensor& weight, cudaStream_t stream) {
-  if (g.stride_h != 1 || g.stride_w != 1 || g.dil_h != 1 || g.dil_w != 1 || g.pad_h > g.KH - 1 ||
-      g.pad_w > g.KW - 1) {
-    return at::Tensor();
-  }
-  ConvGeom gd = g;
-  gd.H = g.OH;
-  gd.W = g.OW;
-  gd.C_in = g.C_out;
-  gd.OH = g.H;
-  gd.OW = g.W;
-  gd.C_out = g.C_in;
-  gd.pad_h = g.KH - 1 - g.pad_h;
-  gd.pad_w = g.KW - 1 - g.pad_w;
-  cuda_kernels::TcPlan plan;
-  if (conv_tc_unsupported_reason(gd, grad_y.scalar_type(), &plan) != nullptr ||
-      conv_out_size(gd.H, gd.KH, 1, gd.pad_h, 1) != gd.OH || conv_out_size(gd.W, gd.KW, 1, gd.pad_w, 1) != gd.OW) {
-    return at::Tensor();
-  }
   const int64_t groups = g.groups, cpg_in = g.C_in / groups, cpg_out = g.C_out / groups;
   const at::Tensor wt = weight.reshape({groups, cpg_out, cpg_in, g.KH, g.KW})
                             .transpose(1, 2)
                             .flip({3, 4})
-                            .reshape({g.C_in, cpg_out, g.KH, g.KW})
-                            .contiguous();
+                            .reshape({g.C_in, cpg_out, g.KH, g.KW});
   at::Tensor dx =
       at::empty({gd.N, gd.C_out, gd.OH, gd.OW}, grad_y.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (dx.numel() == 0) return dx;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "cuda/kernels/conv_bn_relu_fwd_plan.h"
+#include "cuda/kernels/conv_tc_plan.h"
 
 namespace rk {
 
@@ -19,7 +20,8 @@ constexpr const char* kAtenWgradScope = "resnext_kernels::wgrad_aten";
 
 // Whether the training backward takes the weight gradient from the deterministic kernels of kernels/conv_wgrad.cuh
 // (1x1 and 3x3 kernels) rather than cuDNN: under torch.use_deterministic_algorithms(True) only, since they have not
-// been timed against cuDNN on a GPU. The data gradient always comes from cuDNN.
+// been timed against cuDNN on a GPU. The data gradient comes from the tensor-core kernel where
+// cuda_kernels::conv_tc_data_grad_plan covers it, else from cuDNN.
 inline bool cuda_weight_grad_kernel(const ConvGeom& g, bool deterministic) {
   const int64_t taps = int64_t(g.KH) * g.KW;
   return deterministic && (taps == 9 || taps == 1);

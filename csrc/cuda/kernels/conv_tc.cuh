@@ -35,118 +35,12 @@
 
 #include "../../common/conv_geometry.h"
 #include "bn_train.cuh"
+#include "conv_tc_plan.h"
 #include "ptx.cuh"
 #include "rk_launch.cuh"
 
 namespace rk {
 namespace cuda_kernels {
-
-constexpr int kTcThreads = 128;
-constexpr int kTcChannels = 64;       // output channels of a CTA (and the input channels it reads)
-constexpr int kTcMaxPixels = 128;     // output pixels of a CTA: 8 m16 tiles
-// Bytes of shared memory per tile pixel: its 64 channels + 16 bytes that shift consecutive pixels by 4 banks.
-constexpr int tc_pitch(int elem_bytes) { return 64 * elem_bytes + 16; }
-// Bytes per pixel of the epilogue's staging tile: a lane (g, t) stores channels 2t, 2t+1 of pixel g (+8), as one
-// word (16-bit) or 8 bytes (float32: half-warp phases): conflict-free when pixels are 36 (or 72) words apart.
-constexpr int tc_stage_pitch(int elem_bytes) { return elem_bytes == 2 ? 144 : 288; }
-constexpr size_t kTcMaxSmem = 64 * 1024;  // over 48 KiB the launcher raises the kernel's limit (sm_80+: 163 KiB)
-
-struct TcPlan {
-  int th, tw;            // output tile of one image
-  int tn;                // images per CTA (small images: a whole image is one tile); tn * th * tw <= 128
-  int in_th, in_tw;      // input tile of one image, with its halo
-  int planes, plane_w;   // 2 column planes at stride 2, else 1; shared-memory pixels per plane row
-  int img_px;            // shared-memory pixels per image
-  int kw;                // input channels of an n8 tile's window: 8 (groups of 4, 8) or the group size
-  int ksteps;            // k16 steps of an n8 tile
-  int chunk_steps;       // k16 steps whose B fragments are staged in shared memory together (one tap's)
-  int taps;              // KH * KW: 9 or 1
-  int elem_bytes;        // 2 (float16/bfloat16) or 4 (float32 as TF32)
-  int pitch;             // tc_pitch(elem_bytes)
-  int64_t tiles_h, tiles_w, grid_x, grid_y;
-  int smem_pixels;       // tn images' input tiles + the zero pixel
-  size_t b_offset;       // where the two B chunk buffers start in shared memory
-  size_t smem_bytes;
-};
-
-// The reason the tensor-core kernels do not cover a problem, or nullptr with `plan` filled. elem_bytes: 2 for
-// float16/bfloat16, 4 for float32 with TF32 allowed, 0 otherwise (float32 without TF32 and float64 run the
-// CUDA-core kernel).
-inline const char* conv_tc_plan(const ConvGeom& g, int elem_bytes, TcPlan* plan) {
-  if (elem_bytes != 2 && elem_bytes != 4) {
-    return "the tensor-core kernels take float16, bfloat16, and float32 where TF32 is allowed "
-           "(torch.backends.cudnn.allow_tf32)";
-  }
-  if (!((g.KH == 3 && g.KW == 3) || (g.KH == 1 && g.KW == 1))) return "the tensor-core kernels take 3x3 and 1x1";
-  if (g.dil_h != 1 || g.dil_w != 1) return "the tensor-core kernels take dilation 1";
-  if (g.stride_h != g.stride_w || g.stride_h > 2) return "the tensor-core kernels take stride 1 or 2 (equal)";
-  const int64_t cpg = g.C_in / g.groups;
-  if (g.C_in != g.C_out) return "the tensor-core kernels take as many output channels as input channels";
-  if (g.C_out % kTcChannels != 0) return "the tensor-core kernels take channel counts that are multiples of 64";
-  if (cpg != 4 && cpg != 8 && cpg != 16 && cpg != 32 && cpg != 64) {
-    return "the tensor-core kernels take groups of 4, 8, 16, 32 or 64 channels";
-  }
-  TcPlan p{};
-  p.taps = g.KH * g.KW;
-  p.elem_bytes = elem_bytes;
-  p.pitch = tc_pitch(elem_bytes);
-  p.kw = cpg <= 8 ? 8 : int(cpg);
-  // k steps of one tap (16-bit: windows of 8 take two taps a k16 step, the tenth tap a zero pixel)
-  p.chunk_steps = elem_bytes == 4 ? p.kw / 8 : (p.kw == 8 ? 1 : p.kw / 16);
-  p.ksteps = elem_bytes == 2 && p.kw == 8 ? (p.taps + 1) / 2 : p.taps * p.chunk_steps;
-  const int s = g.stride_h;
-  p.planes = s == 2 ? 2 : 1;
-  // Tile width: a multiple of 8, so the 8 rows of every ldmatrix (8 consecutive tile pixels) lie in one tile row
-  // of one image, at consecutive shared-memory rows 4 banks apart: conflict-free. The whole row up to 32 pixels
-  // (columns past the image are computed and dropped), else 16 or 8, whichever leaves fewer such columns.
-  int tw;
-  if (g.OW <= 32) {
-    tw = int((g.OW + 7) / 8 * 8);
-  } else {
-    const int64_t waste16 = (g.OW + 15) / 16 * 16 - g.OW, waste8 = (g.OW + 7) / 8 * 8 - g.OW;
-    tw = waste16 <= waste8 ? 16 : 8;
-  }
-  // Height: as many rows as fit 128 pixels, evened out over the image; small images: several per CTA, so that a
-  // CTA's weights serve up to 128 pixels. Then fewer until the tiles fit the shared memory.
-  int th = kTcMaxPixels / tw;
-  if (th > g.OH) th = int(g.OH);
-  const int64_t bands = (g.OH + th - 1) / th;
-  th = int((g.OH + bands - 1) / bands);
-  int tn = th == g.OH && tw >= g.OW ? int(kTcMaxPixels / (th * tw)) : 1;
-  if (tn > g.N) tn = int(g.N);
-  if (tn < 1) tn = 1;
-  const size_t b_bytes = 2 * size_t(p.chunk_steps) * 8 * 32 * sizeof(uint2);  // double-buffered B chunk
-  for (;;) {
-    p.th = th;
-    p.tw = tw;
-    p.tn = tn;
-    p.in_th = (th - 1) * s + g.KH;
-    p.in_tw = (tw - 1) * s + g.KW;
-    p.plane_w = p.planes == 2 ? (p.in_tw + 1) / 2 : p.in_tw;
-    p.img_px = p.planes * p.in_th * p.plane_w;
-    p.smem_pixels = tn * p.img_px + 1;
-    p.b_offset = size_t(p.smem_pixels) * p.pitch;
-    const size_t staging = size_t(tn) * th * tw * tc_stage_pitch(elem_bytes);
-    const size_t used = p.b_offset + b_bytes;
-    p.smem_bytes = (used > staging ? used : staging) + 2 * kTcThreads * sizeof(float);
-    if (p.smem_bytes <= kTcMaxSmem) break;
-    if (tn > 1) {
-      --tn;
-    } else if (th > 1) {
-      --th;
-    } else {
-      return "the tensor-core kernel's input tile does not fit 64 KiB of shared memory";
-    }
-  }
-  p.tiles_h = (g.OH + p.th - 1) / p.th;
-  p.tiles_w = (g.OW + p.tw - 1) / p.tw;
-  p.grid_x = (g.N + p.tn - 1) / p.tn * p.tiles_h * p.tiles_w;
-  p.grid_y = g.C_out / kTcChannels;
-  if (p.grid_x > 2147483647LL) return "more than 2^31 - 1 output tiles (a grid.x limit)";
-  if (p.grid_y > 65535) return "more than 65535 blocks of 64 channels (a grid.y limit)";
-  *plan = p;
-  return nullptr;
-}
 
 template <typename T>
 __host__ __device__ inline uint16_t bits16(T v) {
