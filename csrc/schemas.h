@@ -55,3 +55,11 @@
   "_plan_cuda_conv(int[] input_size, int[] weight_size, int[] stride, int[] padding, int[] dilation, "           \
   "int groups, ScalarType dtype, bool training) -> (str path, str reason, str[] param_names, int[] param_values, " \
   "str data_grad, str weight_grad, str grads_reason)"
+
+// The run-time choice between the project's CUDA kernels and cuDNN for a problem (csrc/cuda/backend_choice.h):
+// backend ("ours", "cudnn", or "" before the first call times it), both times in ms (-1: not timed), reason.
+// form: 0 inference, 1 training forward, 2 training backward. In CUDA builds (and the emulated namespace) only.
+#define RK_SCHEMA_CUDA_BACKEND                                                                                    \
+  "_cuda_backend(int form, int device, int[] input_size, int[] weight_size, int[] stride, int[] padding, "       \
+  "int[] dilation, int groups, ScalarType dtype, bool channels_last, bool relu) -> (str backend, float ours_ms, " \
+  "float library_ms, str reason)"

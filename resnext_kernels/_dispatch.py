@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _build_info
-from ._common import out_pixels
+from ._common import out_pixels, suggest_memory_format
 
 FORCE_ATEN_ENV = "RESNEXT_KERNELS_FORCE_ATEN"
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -54,6 +54,9 @@ class Decision:
     For the fused paths, :func:`explain` also names the kernel (``kernel``, e.g. ``"winograd_f4x4"``; the profiler
     shows its scope ``resnext_kernels::<kernel>``), its parameters, and where the convolution's gradients come from
     when autograd records the call (``data_grad``, ``weight_grad``, e.g. ``"dgrad_lanes"``, ``"wgrad_aten"``).
+    On CUDA, ``backend`` is the run-time choice for the problem: ``"ours"`` (the kernel named), ``"cudnn"`` (cuDNN
+    and ATen's BatchNorm measured faster; scope ``resnext_kernels::cudnn``), or None before the first call times
+    them (``RESNEXT_KERNELS_CUDA_BACKEND`` forces one).
     """
 
     path: str
@@ -62,6 +65,7 @@ class Decision:
     params: Mapping[str, int] = dataclasses.field(default_factory=dict, hash=False)
     data_grad: str | None = None
     weight_grad: str | None = None
+    backend: str | None = None
 
     @property
     def fused(self) -> bool:
@@ -189,4 +193,22 @@ def decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tupl
         data_grad, weight_grad = "dgrad_aten", "wgrad_aten"  # _infer_backward
     else:
         data_grad = weight_grad = None
-    return Decision(device, reason, conv_plan.path, dict(conv_plan.params), data_grad, weight_grad)
+    backend = None
+    if device == "cuda":
+        backend, choice = cuda_backend(input, weight, stride, padding, dilation, groups, training)
+        reason += f"; run-time choice against cuDNN: {choice}"
+    return Decision(device, reason, conv_plan.path, dict(conv_plan.params), data_grad, weight_grad, backend)
+
+
+def cuda_backend(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int], groups: int, training: bool, relu: bool = True,
+                 ops=None) -> tuple[str | None, str]:
+    """The run-time choice of a CUDA problem (csrc/cuda/backend_choice.h): ("ours" | "cudnn" | None, why). ``ops``:
+    the op namespace that holds the choices (torch.ops.resnext_kernels; the emulated one in tests)."""
+    ops = ops or torch.ops.resnext_kernels
+    channels_last = suggest_memory_format(input) == torch.channels_last  # as the op's key takes it
+    device = input.device.index if input.device.index is not None else -1
+    backend, _, _, why = ops._cuda_backend(1 if training else 0, device, list(input.shape), list(weight.shape),
+                                           list(stride), list(padding), list(dilation), groups, input.dtype,
+                                           channels_last, relu)
+    return backend or None, why
