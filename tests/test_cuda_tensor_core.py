@@ -42,6 +42,7 @@ CASES = [  # (N, C, H, W, groups, kernel, stride, padding, channels_last)
     (1, 64, 11, 11, 1, 3, 2, 1, True),      # one group of 64, stride 2, odd size
     (2, 128, 8, 8, 32, 1, 1, 0, True),      # 1x1
     (1, 192, 40, 36, 48, 3, 1, 1, True),    # three channel blocks, several tiles per image
+    (1, 2048, 3, 3, 32, 3, 1, 1, True),     # ResNeXt-101's widest layer: 64 per group, > 48 KiB of BN staging
 ]
 
 

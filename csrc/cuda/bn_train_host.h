@@ -233,8 +233,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
                                  k[1].mutable_data_ptr<float>(), k[2].mutable_data_ptr<float>(),
                                  bn_grads[0].mutable_data_ptr<float>(), bn_grads[1].mutable_data_ptr<float>()),
                    op);
-      check_launch(launch_kernel(bn_relu_backward_vec8_kernel<T>, grid, dim3(kVec8Threads), vec8_smem_bytes(plan, 6),
-                                 stream, yp, gp,
+      const size_t smem6 = vec8_smem_bytes(plan, 6);  // above 48 KiB at 2048 channels a block
+      if (smem6 > 48 * 1024) check_launch(set_max_dynamic_smem(bn_relu_backward_vec8_kernel<T>, smem6), op);
+      check_launch(launch_kernel(bn_relu_backward_vec8_kernel<T>, grid, dim3(kVec8Threads), smem6, stream, yp, gp,
                                  mean.const_data_ptr<float>(), a.const_data_ptr<float>(), b.const_data_ptr<float>(),
                                  k[0].const_data_ptr<float>(), k[1].const_data_ptr<float>(),
                                  k[2].const_data_ptr<float>(), M, C, relu, plan,

@@ -90,8 +90,11 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int 
 // Runs `body` (the kernel with its arguments bound) for every thread of the grid. `kernel` identifies the kernel
 // for the counters (its symbol names the launch record); [params, params + param_bytes) is the copy of the
 // kernel arguments, which the kernel may read without it being a memory access. Throws KernelError.
+// As on a GPU, a launch with more than 48 KiB of dynamic shared memory fails unless the kernel's limit was raised
+// to at least that (cudaFuncAttributeMaxDynamicSharedMemorySize); no kernel gets more than 227 KiB.
 void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
               const void* kernel = nullptr, const void* params = nullptr, size_t param_bytes = 0);
+void raise_dynamic_smem_limit(const void* kernel, size_t bytes);  // throws KernelError above 227 KiB
 
 // ---- tensor-core and asynchronous-copy instructions (csrc/cuda/kernels/ptx.cuh; csrc/emu/emu_ptx.cpp) ----
 enum class Collective : int { kMmaF16 = 0, kMmaBF16 = 1, kMmaTF32 = 2, kLdmatrix = 3 };
@@ -150,9 +153,9 @@ inline cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 
   return cudaSuccess;
 }
 
-// Raising the dynamic shared-memory limit is a no-op for the emulator (it allocates what is asked).
 template <typename... KernelArgs>
-inline cudaError_t set_max_dynamic_smem(void (*)(KernelArgs...), size_t) {
+inline cudaError_t set_max_dynamic_smem(void (*kernel)(KernelArgs...), size_t bytes) {
+  emu::raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernel), bytes);
   return cudaSuccess;
 }
 

@@ -39,10 +39,13 @@ inline Vec8Plan vec8_plan(int64_t M, int64_t C) {
   return p;
 }
 
+// Words of shared memory a staged per-channel vector of n channels takes (see load_channel_vectors).
+__host__ __device__ constexpr int vec8_staged_words(int n) { return n + 32; }
+
 // Dynamic shared memory of a kernel that stages `vectors` per-channel vectors (and the sums' reduction: 16 floats
 // a thread).
 inline size_t vec8_smem_bytes(const Vec8Plan& p, int vectors) {
-  const size_t staged = size_t(vectors) * p.tx * 8 * sizeof(float);
+  const size_t staged = size_t(vectors) * vec8_staged_words(p.tx * 8) * sizeof(float);
   const size_t reduction = size_t(kVec8Threads) * 16 * sizeof(float);
   return vectors == 3 && reduction > staged ? reduction : staged;
 }
@@ -85,21 +88,26 @@ __device__ __forceinline__ void store8v(T* p, const float (&f)[8]) {
   }
 }
 
-// Stages `count` per-channel vectors (`src[v][c0 .. c0 + n)`) in shared memory with coalesced loads (one barrier),
-// then gives each thread its octet's 8 values of each: dst[v][k] = src[v][c + k].
+// Stages `count` per-channel vectors (`src[v][c0 .. c0 + n)`, n a multiple of 8) in shared memory with coalesced
+// loads (one barrier), then gives each thread its octet's 8 values of each: dst[v][k] = src[v][c + k]. A vector is
+// stored as two halves (channels 0-3 of every octet, then 4-7) whose starts differ by 16 banks: a warp's staging
+// stores and each 8-lane phase of the 16-byte reads (128 consecutive bytes) are free of bank conflicts.
 template <int COUNT>
 __device__ __forceinline__ void load_channel_vectors(const float* const (&src)[COUNT], int64_t c0, int n,
                                                      float* smem, int64_t c, float (&dst)[COUNT][8]) {
+  const int upper = n / 2 + ((16 - n / 2) & 31), stride = vec8_staged_words(n);
 #pragma unroll
   for (int v = 0; v < COUNT; ++v)
-    for (int i = threadIdx.x; i < n; i += blockDim.x) smem[v * n + i] = src[v][c0 + i];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      smem[v * stride + ((i >> 2) & 1) * upper + (i >> 3) * 4 + (i & 3)] = src[v][c0 + i];
+    }
   __syncthreads();
-  const int off = int(c - c0);
+  const int off = int(c - c0) / 2;  // the octet's first word in each half
 #pragma unroll
   for (int v = 0; v < COUNT; ++v) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // 16-byte reads: 8 lanes of a phase hit at most 2 words a bank
-      const float4 q = *reinterpret_cast<const float4*>(smem + v * n + off + 4 * h);
+    for (int h = 0; h < 2; ++h) {
+      const float4 q = *reinterpret_cast<const float4*>(smem + v * stride + h * upper + off);
       dst[v][4 * h] = q.x;
       dst[v][4 * h + 1] = q.y;
       dst[v][4 * h + 2] = q.z;
