@@ -21,23 +21,22 @@ def _train_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _train_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
-    input, weight, conv_out, mean, var, bn_weight, bn_bias = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if grad_out is None:  # the output itself was not used in the loss
-        return (None,) * 10
-    mask = [need[0], need[1], need[2] or need[3]]
-    grad_input, grad_weight, grad_gamma, grad_beta = torch.ops.resnext_kernels.conv_bn_relu_train_backward(
-        grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias, *ctx.conv_bn_args, mask)
-    return (grad_input if need[0] else None,
-            grad_weight if need[1] else None,
-            grad_gamma.to(bn_weight.dtype) if need[2] else None,
-            grad_beta.to(bn_bias.dtype) if need[3] else None,
-            None, None, None, None, None, None)
-
-
-torch.library.register_autograd("resnext_kernels::conv_bn_relu_train", _train_backward,
-                                setup_context=_train_setup_context)
+def _train_backward_of(namespace: str):
+    """The training form's backward, through ``namespace``'s backward op (the real one or the emulated one)."""
+    def backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
+        input, weight, conv_out, mean, var, bn_weight, bn_bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_out is None:  # the output itself was not used in the loss
+            return (None,) * 10
+        mask = [need[0], need[1], need[2] or need[3]]
+        grad_input, grad_weight, grad_gamma, grad_beta = getattr(torch.ops, namespace).conv_bn_relu_train_backward(
+            grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias, *ctx.conv_bn_args, mask)
+        return (grad_input if need[0] else None,
+                grad_weight if need[1] else None,
+                grad_gamma.to(bn_weight.dtype) if need[2] else None,
+                grad_beta.to(bn_bias.dtype) if need[3] else None,
+                None, None, None, None, None, None)
+    return backward
 
 
 def _infer_setup_context(ctx, inputs, output):
@@ -86,15 +85,21 @@ def _infer_backward(ctx, grad_out):
     return grad_input, grad_weight, grad_scale, grad_shift, None, None, None, None, None
 
 
-torch.library.register_autograd("resnext_kernels::conv_bn_relu_infer", _infer_backward,
-                                setup_context=_infer_setup_context)
-
-
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("resnext_kernels::conv_bn_relu_train_backward: double backward (gradients of gradients) "
                        "of the fused conv+BN+ReLU is not supported; for higher-order gradients run the ATen path "
                        "(resnext_kernels.ops.force_reference())")
 
 
-torch.library.register_autograd("resnext_kernels::conv_bn_relu_train_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+def register(namespace: str) -> None:
+    """Registers the autograd formulas of ``namespace``'s ops (resnext_kernels, or the emulated resnext_kernels_emu
+    when resnext_kernels.emulator.cuda_on_cpu() first needs them)."""
+    torch.library.register_autograd(f"{namespace}::conv_bn_relu_train", _train_backward_of(namespace),
+                                    setup_context=_train_setup_context)
+    torch.library.register_autograd(f"{namespace}::conv_bn_relu_infer", _infer_backward,
+                                    setup_context=_infer_setup_context)
+    torch.library.register_autograd(f"{namespace}::conv_bn_relu_train_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+register("resnext_kernels")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from ._common import accumulation_dtype, autocast_tensors, fold_batch_norm
+from ._dispatch import op_namespace
 
 
 def bottleneck_inference(input: Tensor, convs_bns: Sequence[tuple[Tensor, Tensor, Tensor, Tensor | None,
@@ -18,7 +18,7 @@ def bottleneck_inference(input: Tensor, convs_bns: Sequence[tuple[Tensor, Tensor
     bn bias, eps) for conv1, conv2, conv3; ``downsample`` the same for the projection shortcut, or None.
     Autocast casts the input and the conv weights like it casts conv2d."""
     args = bottleneck_infer_args(input, convs_bns, downsample, stride=stride, groups=groups, dilation=dilation)
-    return torch.ops.resnext_kernels.bottleneck_infer(*args)
+    return op_namespace(input).bottleneck_infer(*args)
 
 
 def bottleneck_infer_args(input: Tensor, convs_bns, downsample, *, stride: int, groups: int,

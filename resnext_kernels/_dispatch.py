@@ -25,6 +25,7 @@ FORCE_ATEN_ENV = "RESNEXT_KERNELS_FORCE_ATEN"
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _force = threading.local()
+_emulate = threading.local()
 
 
 class CpuConfig(NamedTuple):
@@ -73,14 +74,21 @@ class Decision:
 
 
 @contextlib.contextmanager
-def force_reference(enabled: bool = True) -> Iterator[None]:
-    """Within the block (in this thread), every fused op runs the ATen reference sequence instead."""
-    previous = getattr(_force, "enabled", False)
-    _force.enabled = enabled
+def _thread_flag(flag: threading.local, enabled: bool) -> Iterator[None]:
+    """Sets ``flag.enabled`` in this thread for the block, then restores it."""
+    previous = getattr(flag, "enabled", False)
+    flag.enabled = enabled
     try:
         yield
     finally:
-        _force.enabled = previous
+        flag.enabled = previous
+
+
+@contextlib.contextmanager
+def force_reference(enabled: bool = True) -> Iterator[None]:
+    """Within the block (in this thread), every fused op runs the ATen reference sequence instead."""
+    with _thread_flag(_force, enabled):
+        yield
 
 
 def reference_forced() -> str | None:
@@ -89,6 +97,28 @@ def reference_forced() -> str | None:
     if os.environ.get(FORCE_ATEN_ENV, "0") not in ("", "0"):
         return f"forced by the environment variable {FORCE_ATEN_ENV}"
     return None
+
+
+@contextlib.contextmanager
+def emulate_cuda(enabled: bool = True) -> Iterator[None]:
+    """Within the block (in this thread), fused ops on CPU tensors run the CUDA path under the CUDA-on-CPU emulator
+    (``torch.ops.resnext_kernels_emu``): the CUDA planner's decision, the CUDA host launchers and kernels, their
+    autograd formulas. See resnext_kernels.emulator.cuda_on_cpu."""
+    with _thread_flag(_emulate, enabled):
+        yield
+
+
+def emulating(input: Tensor) -> bool:
+    """Whether a call on ``input`` runs the emulated CUDA path (emulate_cuda() is on and the tensor is on the CPU)."""
+    return getattr(_emulate, "enabled", False) and input.device.type == "cpu"
+
+
+def op_namespace(input: Tensor):
+    """The op library a call on ``input`` runs: torch.ops.resnext_kernels, or the emulated CUDA one."""
+    if emulating(input):
+        from . import emulator  # noqa: F401  (registers torch.ops.resnext_kernels_emu, its fakes and autograd)
+        return torch.ops.resnext_kernels_emu
+    return torch.ops.resnext_kernels
 
 
 class _Plan(NamedTuple):
@@ -141,7 +171,8 @@ def _plan_sizes(input: Tensor, weight: Tensor, exact: bool) -> tuple[tuple[int, 
 def _device_plan(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
                  dilation: tuple[int, int], groups: int, training: bool, exact: bool) -> _Plan:
     input_size, weight_size = _plan_sizes(input, weight, exact)
-    return plan(input.device.type, input_size, weight_size, stride, padding, dilation, groups, input.dtype, training)
+    device = "cuda" if emulating(input) else input.device.type
+    return plan(device, input_size, weight_size, stride, padding, dilation, groups, input.dtype, training)
 
 
 def decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
@@ -152,13 +183,13 @@ def decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tupl
     forced = reference_forced()
     if forced:
         return Decision("aten", forced)
-    device = input.device.type
+    device = "cuda" if emulating(input) else input.device.type
     conv_plan = None
     if device == "cpu":
         if input.dtype not in CPU_DTYPES:
             return Decision("aten", f"the CPU kernels cover float32, float64 and bfloat16, not {input.dtype}")
     elif device == "cuda":
-        if not _build_info.WITH_CUDA:
+        if not _build_info.WITH_CUDA and not emulating(input):
             return Decision("aten", "resnext_kernels was built without CUDA kernels "
                                     "(see `python -m resnext_kernels.info`)")
         if input.dtype not in CUDA_DTYPES:
@@ -204,8 +235,8 @@ def cuda_backend(input: Tensor, weight: Tensor, stride: tuple[int, int], padding
                  dilation: tuple[int, int], groups: int, training: bool, relu: bool = True,
                  ops=None) -> tuple[str | None, str]:
     """The run-time choice of a CUDA problem (csrc/cuda/backend_choice.h): ("ours" | "cudnn" | None, why). ``ops``:
-    the op namespace that holds the choices (torch.ops.resnext_kernels; the emulated one in tests)."""
-    ops = ops or torch.ops.resnext_kernels
+    the op namespace that holds the choices (by default op_namespace(input))."""
+    ops = ops or op_namespace(input)
     channels_last = suggest_memory_format(input) == torch.channels_last  # as the op's key takes it
     device = input.device.index if input.device.index is not None else -1
     backend, _, _, why = ops._cuda_backend(1 if training else 0, device, list(input.shape), list(weight.shape),

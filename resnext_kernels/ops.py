@@ -26,7 +26,8 @@ from torch import Tensor
 from . import _autograd  # noqa: F401  (registers the autograd formulas)
 from ._bottleneck import bottleneck_infer_args, bottleneck_inference
 from ._common import accumulation_dtype, autocast_tensors, fold_batch_norm, out_pixels
-from ._dispatch import FORCE_ATEN_ENV, CpuConfig, Decision, cpu_config, decide, force_reference  # noqa: F401
+from ._dispatch import (FORCE_ATEN_ENV, CpuConfig, Decision, cpu_config, decide, force_reference,  # noqa: F401
+                        op_namespace)
 from ._fake import (_bottleneck_infer_fake, _conv_bn_relu_infer_fake,  # noqa: F401  (resnext_kernels.emulator)
                     _conv_bn_relu_train_backward_fake, _conv_bn_relu_train_fake)
 
@@ -177,14 +178,14 @@ def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, run
         return F.relu(y) if relu else y
     args = (list(stride_p), list(padding_p), list(dilation_p), groups, relu)
     if training:
-        out, _, mean, var = torch.ops.resnext_kernels.conv_bn_relu_train(x, w, bn_weight, bn_bias, float(eps), *args)
+        out, _, mean, var = op_namespace(x).conv_bn_relu_train(x, w, bn_weight, bn_bias, float(eps), *args)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, momentum,
                                   x.shape[0] * out_pixels(x, w, stride_p, padding_p, dilation_p))
         return out
     scale, shift = fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps,
                                    accumulation_dtype(x.dtype))
-    return torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, *args)
+    return op_namespace(x).conv_bn_relu_infer(x, w, scale, shift, *args)
 
 
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,

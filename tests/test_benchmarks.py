@@ -47,7 +47,9 @@ def _record(out_dir, bench, n_rows):
         rec = json.load(f)
     assert rec["schema"] == 1 and rec["bench"] == bench and rec["quick"] is True
     assert f"-{rec['date']}-{rec['commit']}-{bench}.json" in paths[0]
-    assert rec["command"].startswith(f"python benchmarks/bench_{'kernels' if bench == 'kernels' else 'model'}.py")
+    env = "".join(f"{k}={v} " for k, v in rec["environment"].items() if k != "LD_PRELOAD")
+    assert "RESNEXT_KERNELS_REQUIRE_EMULATOR" not in rec["environment"]
+    assert rec["command"].startswith(env + f"python benchmarks/bench_{'kernels' if bench == 'kernels' else 'model'}.py")
     m = rec["machine"]
     assert m["device"] == "cpu" and m["cores"] >= 1 and m["cpu"] and m["kernel_isa"] and m["isa_class"]
     assert rec["torch"] and len(rec["rows"]) == n_rows

@@ -1,6 +1,7 @@
 """Every CUDA kernel of the project, run through the CUDA-on-CPU emulator (the same host launcher and kernel
 source a GPU runs) under several schedules, against float64 references."""
 
+import copy
 import os
 
 import pytest
@@ -333,3 +334,60 @@ def test_emulated_cuda_bottleneck_opcheck():
     with torch.no_grad():
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _block_args(ours, x))
     torch.library.opcheck(torch.ops.resnext_kernels_emu.bottleneck_infer.default, args)
+
+
+# (inplanes, planes, stride, groups, base_width, dilation, projection): 64-channel grouped convs of 4 channels a
+# group, which the tensor-core kernels take in 16-bit types.
+TRAINING_BLOCKS = [(128, 32, 1, 16, 8, 1, False), (64, 32, 2, 16, 8, 1, True)]
+
+
+def _training_step(block, x, grad):
+    x = x.detach().clone().requires_grad_()
+    out = block(x)
+    out.backward(grad)
+    grads = {"input": x.grad, **{name: p.grad for name, p in block.named_parameters()}}
+    return out.detach(), grads, {name: b.clone() for name, b in block.named_buffers()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TRAINING_BLOCKS, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_block_training_step_matches_torchvision(case, dtype):
+    """One training step of FusedResNeXtBlock run by the CUDA code under the emulator (emulator.cuda_on_cpu():
+    the CUDA planner, launchers, kernels and autograd formulas), against torchvision's Bottleneck in float64: the
+    output, every gradient and the running statistics. bfloat16: no worse than torchvision's own bfloat16 step."""
+    ref, ours = _block_pair(case, torch.float64)
+    ref.train()
+    ours.train().to(dtype)
+    own = copy.deepcopy(ref).to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, case[0], 8, 8, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    out_shape = (2, case[1] * 4, 8 // case[2], 8 // case[2])
+    grad = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    with emulator.cuda_on_cpu():
+        assert rk.ops.explain(torch.empty(2, 64, 8, 8, dtype=dtype), ours.conv2.weight, stride=case[2],
+                              groups=case[3], training=True).path == "cuda"
+        results = []
+        records = emulator.profile(lambda: results.append(_training_step(ours, x.to(dtype), grad.to(dtype))))
+    kernels = {r.kernel.split("<")[0].split("::")[-1] for r in records}
+    assert {"conv_tc_fwd_kernel", "bn_relu_backward_vec8_kernel"} <= kernels if dtype == torch.bfloat16 else \
+        {"conv_bn_relu_fwd_kernel", "bn_relu_backward_kernel"} <= kernels
+    out, grads, buffers = results[0]
+    ref_out, ref_grads, ref_buffers = _training_step(ref, x, grad)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    if dtype == torch.float64:
+        bound = {name: 1e-12 for name in ("out", *ref_grads, *ref_buffers)}
+    else:
+        own_out, own_grads, own_buffers = _training_step(own, x.to(dtype), grad.to(dtype))
+        eps = torch.finfo(dtype).eps
+        bound = {"out": 1.5 * rel_err(own_out, ref_out) + 4 * eps}
+        bound.update({k: 1.5 * rel_err(own_grads[k], ref_grads[k]) + 4 * eps for k in ref_grads})
+        bound.update({k: 1.5 * rel_err(own_buffers[k], ref_buffers[k]) + 4 * eps for k in ref_buffers
+                      if ref_buffers[k].is_floating_point()})
+    assert rel_err(out, ref_out) <= bound["out"]
+    for name, want in ref_grads.items():
+        assert rel_err(grads[name], want) <= bound[name], name
+    for name, want in ref_buffers.items():
+        if want.is_floating_point():
+            assert rel_err(buffers[name], want) <= bound[name], name
+        else:
+            assert torch.equal(buffers[name], want), name  # num_batches_tracked

@@ -126,9 +126,9 @@ def test_training_forward_and_backward_match_float64(case, dtype):
     gen, x, wt, conv = _inputs(case, dtype, seed=1)
     c = wt.shape[0]
     gamma, beta = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.2
+    results = []
     with emulator.schedule("random", 5):
-        records = emulator.profile(lambda: results.append(E.conv_bn_relu_train(x, wt, gamma, beta, 1e-5, *conv,
-                                                                              True))) if (results := []) == [] else []
+        records = emulator.profile(lambda: results.append(E.conv_bn_relu_train(x, wt, gamma, beta, 1e-5, *conv, True)))
     out, y, mean, var = results[0]
     assert "conv_tc_fwd_kernel" in _kernels(records) and "conv_tc_stats_finalize_kernel" in _kernels(records)
     grad = torch.randn(out.shape, generator=gen).to(dtype)
