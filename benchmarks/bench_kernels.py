@@ -19,18 +19,23 @@ median / row median (> 1: the row is faster); GFLOP/s and GB/s by the models of 
 training step); pct_peak_* = the fraction of the machine peaks measured at start (``torch.mm`` GFLOP/s in
 the row's dtype, ``y.copy_(x)`` GB/s), or given with --peak-gflops / --peak-gbs.
 
-Results: benchmarks/results/kernels_<mode>_<device>.{csv,md,png,json} (json: environment and peaks).
+Path of each fused row: ``explain()``'s decision (path and reason), and the ``resnext_kernels::`` profiler scopes
+one step opens other than the operators themselves (the kernels that ran, where the code names them).
+
+Results: the run's record, benchmarks/results/<machine>-<date>-<commit>-kernels.{md,json} (record.py; not with
+--quick unless --results-dir is given), and scratch files in --out (default benchmarks/out/):
+kernels_<mode>_<device>.{csv,png}.
 
 usage: python benchmarks/bench_kernels.py [--quick] [--mode inference|training|all] [--batches 1,8]
             [--dtypes float32,bfloat16] [--layouts channels_last,nchw] [--shapes x50] [--compile | --no-compile]
-            [--all] [--lift-batch-cap] [--peak-gflops G] [--peak-gbs B] [--cpu] [--out DIR]
+            [--all] [--lift-batch-cap] [--peak-gflops G] [--peak-gbs B] [--cpu] [--out DIR] [--results-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -43,6 +48,7 @@ import resnext_kernels as rk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine_peak  # noqa: E402
+import record  # noqa: E402
 
 GROUPS = 32
 
@@ -66,8 +72,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-9}
 TRAIN_TOL = {torch.float32: 2e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2, torch.float64: 1e-9}
 FIELDS = ["case", "shape", "C", "HW", "stride", "N", "dtype", "layout", "mode", "device", "variant", "status",
-          "path", "max_rel_err", "median_ms", "iqr_ms", "runs", "ratio_vs_eager", "ratio_vs_compile", "gflops",
-          "gbs", "pct_peak_flops", "pct_peak_bw", "peak_gflops", "peak_gbs", "compile_s"]
+          "path", "kernels", "max_rel_err", "median_ms", "min_ms", "max_ms", "iqr_ms", "runs", "ratio_vs_eager",
+          "ratio_vs_compile", "gflops", "gbs", "pct_peak_flops", "pct_peak_bw", "peak_gflops", "peak_gbs",
+          "compile_s"]
 
 
 def eager_module(channels, stride):
@@ -250,8 +257,8 @@ def run_case(case, args, peaks, label):
             "peak_gflops": f"{peaks['gflops'][case.dtype_name]:.1f}", "peak_gbs": f"{peaks['gbs']:.1f}"}
     rows, fns = {}, {}
     with torch.no_grad() if not case.training else torch.enable_grad():
-        path = case.fused.explain(case.x.detach().requires_grad_(case.training)).path
-    variants = [("fused", case.fused, f"rk:{path}"), ("eager", case.eager, "aten")]
+        decision = case.fused.explain(case.x.detach().requires_grad_(case.training))
+    variants = [("fused", case.fused, f"rk:{decision.path}"), ("eager", case.eager, "aten")]
     if compile_wanted(args, case.device, case.n, case.dtype_name, case.layout):
         variants.append(("compile", None, None))
     for variant, module, path in variants:
@@ -277,12 +284,16 @@ def run_case(case, args, peaks, label):
             continue
         row["status"] = "ok"
         fns[variant] = fn
+    rows["fused"]["decision"] = dataclasses.asdict(decision)
+    if "fused" in fns:
+        rows["fused"]["kernels"] = " ".join(record.kernel_scopes(fns["fused"]))
     warmup = 3 if case.device.type == "cuda" else 0  # on CPU the checked call was the warm-up
     meas = time_variants(fns, case.device, args.min_run_time, args.rounds, args.min_runs, warmup) if fns else {}
     flops, nbytes = case.flops(), case.bytes()
     for variant, m in meas.items():
         t = m.median
-        rows[variant].update(median_ms=f"{t * 1e3:.3f}", iqr_ms=f"{m.iqr * 1e3:.3f}", runs=len(m.times),
+        rows[variant].update(median_ms=f"{t * 1e3:.3f}", min_ms=f"{min(m.times) * 1e3:.3f}",
+                             max_ms=f"{max(m.times) * 1e3:.3f}", iqr_ms=f"{m.iqr * 1e3:.3f}", runs=len(m.times),
                              gflops=f"{flops / t / 1e9:.1f}", gbs=f"{nbytes / t / 1e9:.2f}",
                              pct_peak_flops=f"{flops / t / 1e9 / peaks['gflops'][case.dtype_name]:.1%}",
                              pct_peak_bw=f"{nbytes / t / 1e9 / peaks['gbs']:.1%}")
@@ -295,7 +306,8 @@ def run_case(case, args, peaks, label):
     fr = rows["fused"]
     ratios = "  ".join(f"{k.replace('ratio_', '')} {fr[k]}x" for k in ("ratio_vs_eager", "ratio_vs_compile") if k in fr)
     print(f"[{label}] {base['case']:38s} {summary}  {ratios}  ({fr.get('gflops', '-')} GFLOP/s, "
-          f"{fr.get('pct_peak_flops', '-')} of peak, {fr['path']})", flush=True)
+          f"{fr.get('pct_peak_flops', '-')} of peak, {fr['path']}{' ' + fr['kernels'] if fr.get('kernels') else ''})",
+          flush=True)
     return list(rows.values())
 
 
@@ -327,25 +339,12 @@ def select(args, device):
     return shapes, batches, dtypes, layouts
 
 
-def write_results(rows, out_dir, mode, device, env, peaks, args):
+def write_scratch(rows, out_dir, mode, device, env):
+    """kernels_<mode>_<device>.csv and its plot in the scratch directory."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"kernels_{mode}_{device.type}")
     machine_peak.write_csv(f"{stem}.csv", rows, FIELDS)
-    cols = ["case", "variant", "status", "path", "max_rel_err", "median_ms", "iqr_ms", "runs", "ratio_vs_eager",
-            "ratio_vs_compile", "gflops", "gbs", "pct_peak_flops", "pct_peak_bw", "compile_s"]
-    with open(f"{stem}.md", "w") as f:
-        f.write(f"# Fused grouped conv3x3 + BN + ReLU vs eager vs torch.compile: {mode}, {device.type}\n\n")
-        f.write(f"Peaks: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks['gflops'].items())}, "
-                f"{peaks['gbs']:.1f} GB/s ({peaks['how']}).\n")
-        f.write("FLOPs: 2*N*C_out*OH*OW*(C_in/32)*9" + (" x3 (fwd, dgrad, wgrad)" if mode == "training" else "")
-                + "; bytes: |x|+|w|+|y| once" + (" x3 (training step model)" if mode == "training" else "")
-                + ". ratio_vs_X = X median / row median (> 1: row faster).\n\n")
-        f.write(machine_peak.markdown_table(rows, cols))
-        f.write("\n## Environment\n\n" + machine_peak.env_markdown(env))
-        f.write(f"\ncommand: `python benchmarks/bench_kernels.py {' '.join(args.argv)}`\n")
-    with open(f"{stem}.json", "w") as f:
-        json.dump({"environment": env, "peaks": peaks, "argv": args.argv}, f, indent=2)
-    files = [f"{stem}.csv", f"{stem}.md", f"{stem}.json"]
+    files = [f"{stem}.csv"]
     try:
         import plot_results
         where = env["gpu"] if device.type == "cuda" else env["cpu"]
@@ -353,7 +352,24 @@ def write_results(rows, out_dir, mode, device, env, peaks, args):
         files.append(f"{stem}.png")
     except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the tables
         print(f"# plot failed: {type(e).__name__}: {e}", flush=True)
-    print("results: " + ", ".join(files), flush=True)
+    print("scratch: " + ", ".join(files), flush=True)
+
+
+MD_COLUMNS = ["case", "variant", "status", "path", "kernels", "max_rel_err", "median_ms", "min_ms", "max_ms", "runs",
+              "ratio_vs_eager", "ratio_vs_compile", "gflops", "gbs", "pct_peak_flops", "pct_peak_bw", "compile_s"]
+
+
+def record_markdown(rows_by_mode, peaks):
+    """The record's body: the peaks, the models behind the derived columns, and one table per mode."""
+    body = (f"Peaks: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks['gflops'].items())}, "
+            f"{peaks['gbs']:.1f} GB/s ({peaks['how']}).\n"
+            "Times: median [min-max] over the timed blocks (each block repeats the step for >= 20 ms). "
+            "ratio_vs_X = X median / row median (> 1: row faster). FLOPs: 2*N*C_out*OH*OW*(C_in/32)*9, x3 for a "
+            "training step (forward, data and weight gradients); bytes: |x|+|w|+|y| once, x3 for a training step. "
+            "kernels: the resnext_kernels profiler scopes one step opened.\n")
+    for mode, rows in rows_by_mode.items():
+        body += f"\n## {mode}\n\n" + machine_peak.markdown_table(rows, MD_COLUMNS)
+    return body
 
 
 def main(argv=None):
@@ -378,7 +394,10 @@ def main(argv=None):
     parser.add_argument("--min-runs", type=int, default=None, help="at least this many timed blocks per row")
     parser.add_argument("--peak-gflops", help="override the measured GEMM peak: G (all dtypes) or float32=G,...")
     parser.add_argument("--peak-gbs", type=float, help="override the measured copy bandwidth (GB/s)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+                        help="scratch directory for the CSV and plot (default benchmarks/out)")
+    parser.add_argument("--results-dir", default=None,
+                        help="where the run's record goes (default benchmarks/results; --quick: none unless given)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -408,6 +427,10 @@ def main(argv=None):
           + f", {peaks['gbs']:.1f} GB/s ({time.perf_counter() - t_start:.1f} s)", flush=True)
 
     status = 0
+    run_record = record.new_record("kernels", "bench_kernels.py", args.argv, device)
+    run_record["peaks"] = peaks
+    run_record["quick"] = args.quick
+    rows_by_mode = {}
     for mode in modes:
         cases = [(s, n, d, lay) for s in shapes for n in batches for d in dtypes for lay in layouts]
         print(f"# {mode}: {len(cases)} cases ({len(shapes)} shapes x N {batches} x {dtypes} x {layouts})",
@@ -418,12 +441,18 @@ def main(argv=None):
             rows += run_case(case, args, peaks, f"{mode[:5]} {i + 1}/{len(cases)}")
             del case
         torch._inductor.config.freezing = False
-        write_results(rows, args.out, mode, device, env, peaks, args)
+        write_scratch(rows, args.out, mode, device, env)
+        rows_by_mode[mode] = rows
+        run_record["rows"] += record.json_rows(rows)
         n_wrong = sum(r["status"].startswith("WRONG") or r["status"].startswith("error") for r in rows)
         n_compile_failed = sum(r["status"].startswith("compile failed") for r in rows)
         print(f"# {mode}: {len(rows)} rows, {n_wrong} wrong/error, {n_compile_failed} compile failures "
               f"({time.perf_counter() - t_start:.0f} s so far)", flush=True)
         status |= 1 if n_wrong else 0
+    results_dir = args.results_dir or (None if args.quick else record.RESULTS_DIR)
+    if results_dir:
+        stem = record.write(run_record, record_markdown(rows_by_mode, peaks), results_dir)
+        print(f"record: {stem}.md, {stem}.json", flush=True)
     return status
 
 

@@ -16,17 +16,22 @@ step (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded), i.e. t
 on CUDA also ``cuda_peak_MB`` = ``torch.cuda.max_memory_allocated`` during a step minus the memory
 allocated before it.
 
-Results: benchmarks/results/models_<device>.{csv,md,json}.
+Batches: eval runs at every batch of --batch (default 1 and 8 on CPU, 32 on CUDA), the training step at
+--train-batch (default the largest of them). kernels: the ``resnext_kernels::`` profiler scopes one step of ours
+opens other than the operators themselves (see bench_kernels.py).
 
-usage: python benchmarks/bench_model.py [--quick] [--models resnext50_32x4d,resnet50] [--batch 8]
-            [--image-size 224] [--repeats 5] [--modes eval,train] [--compile | --no-compile] [--cpu]
+Results: the run's record, benchmarks/results/<machine>-<date>-<commit>-models.{md,json} (record.py; not with
+--quick unless --results-dir is given), and the scratch CSV models_<device>.csv in --out (default benchmarks/out/).
+
+usage: python benchmarks/bench_model.py [--quick] [--models resnext50_32x4d,resnet50] [--batch 1,8]
+            [--train-batch 8] [--image-size 224] [--repeats 5] [--modes eval,train] [--compile | --no-compile]
+            [--cpu] [--out DIR] [--results-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -40,11 +45,12 @@ import resnext_kernels as rk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine_peak  # noqa: E402
+import record  # noqa: E402
 
 TOL = 1e-3
 FIELDS = ["model", "mode", "impl", "status", "max_rel_err", "device", "batch", "image_size", "median_ms", "min_ms",
           "max_ms", "runs", "img_s", "ratio_vs_torchvision", "ratio_vs_compile", "saved_MB", "cuda_peak_MB",
-          "compile_s"]
+          "compile_s", "kernels"]
 
 
 def sync(device):
@@ -110,16 +116,27 @@ def build(name, model_name, ref_state, device):
     return model.to(device).to(memory_format=torch.channels_last)
 
 
-def run_model(model_name, args, device, x, target):
+def inputs(batch, args, device):
+    """The batch of images (channels_last) and targets every contender gets."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 1000, (batch,), device=device)
+
+
+def run_model(model_name, args, device):
     torch.manual_seed(0)
     ref_state = getattr(torchvision.models, model_name)().state_dict()
     impls = ["torchvision", "resnext_kernels"] + (["torchvision+compile"] if args.compile else [])
     rows = []
-    for mode in args.modes:
+    configs = [("eval", b) for b in args.batches if "eval" in args.modes]
+    configs += [("train", args.train_batch)] if "train" in args.modes else []
+    for mode, batch in configs:
+        x, target = inputs(batch, args, device)
         training = mode == "train"
         results, steps = {}, {}
         for impl in impls:
-            row = {"model": model_name, "mode": mode, "impl": impl, "device": device.type, "batch": args.batch,
+            row = {"model": model_name, "mode": mode, "impl": impl, "device": device.type, "batch": batch,
                    "image_size": args.image_size}
             results[impl] = row
             model = build(impl, model_name, copy.deepcopy(ref_state), device).train(training)
@@ -174,47 +191,40 @@ def run_model(model_name, args, device, x, target):
                     with torch.no_grad():
                         module(x)
             steps[impl] = step
+            if impl == "resnext_kernels":
+                row["kernels"] = " ".join(record.kernel_scopes(step))
             if device.type == "cuda":
                 row["cuda_peak_MB"] = f"{cuda_peak_bytes(step, device) / 2**20:.1f}"
         for impl, step in steps.items():  # time after all checks, one contender after the other
             times = time_step(step, device, args.repeats, args.warmup)
             med = statistics.median(times)
             results[impl].update(median_ms=f"{med * 1e3:.1f}", min_ms=f"{min(times) * 1e3:.1f}",
-                                 max_ms=f"{max(times) * 1e3:.1f}", runs=len(times), img_s=f"{args.batch / med:.2f}")
+                                 max_ms=f"{max(times) * 1e3:.1f}", runs=len(times), img_s=f"{batch / med:.2f}")
         for impl, row in results.items():
             if "median_ms" not in row:
                 continue
             for ref, key in (("torchvision", "ratio_vs_torchvision"), ("torchvision+compile", "ratio_vs_compile")):
                 if "median_ms" in results.get(ref, {}):
                     row[key] = f"{float(results[ref]['median_ms']) / float(row['median_ms']):.2f}"
-            print(f"{model_name:16s} {mode:5s} {impl:20s} {row['img_s']:>8s} img/s  median {row['median_ms']} ms "
+            print(f"{model_name:16s} {mode:5s} N={batch:<3d} {impl:20s} {row['img_s']:>8s} img/s  "
+                  f"median {row['median_ms']} ms "
                   f"(range {row['min_ms']}-{row['max_ms']})  vs torchvision {row.get('ratio_vs_torchvision', '-')}x"
                   f"  vs compile {row.get('ratio_vs_compile', '-')}x  saved {row.get('saved_MB', '-')} MB"
                   f"  err {row['max_rel_err']}", flush=True)
         for impl, row in results.items():
             if row["status"] != "ok":
-                print(f"{model_name:16s} {mode:5s} {impl:20s} {row['status']}", flush=True)
+                print(f"{model_name:16s} {mode:5s} N={batch:<3d} {impl:20s} {row['status']}", flush=True)
         rows += results.values()
         torch._inductor.config.freezing = False
     return rows
 
 
-def write_results(rows, out_dir, device, env, args):
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"models_{device.type}")
-    machine_peak.write_csv(f"{stem}.csv", rows, FIELDS)
-    cols = [c for c in FIELDS if c not in ("device", "batch", "image_size")]
-    with open(f"{stem}.md", "w") as f:
-        f.write(f"# Models: resnext_kernels vs torchvision eager vs torch.compile ({device.type}, batch {args.batch}, "
-                f"{args.image_size}x{args.image_size}, channels_last, float32, median of {args.repeats})\n\n")
-        f.write("ratio_vs_X = X median / row median (> 1: row faster). saved_MB: activation bytes saved for "
-                "backward in one training step.\n\n")
-        f.write(machine_peak.markdown_table(rows, cols))
-        f.write("\n## Environment\n\n" + machine_peak.env_markdown(env))
-        f.write(f"\ncommand: `python benchmarks/bench_model.py {' '.join(args.argv)}`\n")
-    with open(f"{stem}.json", "w") as f:
-        json.dump({"environment": env, "argv": args.argv}, f, indent=2)
-    print(f"results: {stem}.csv, {stem}.md, {stem}.json", flush=True)
+def record_markdown(rows, args):
+    cols = [c for c in FIELDS if c not in ("device", "image_size")]
+    return (f"{args.image_size}x{args.image_size} images, channels_last, float32; times: median [min-max] of "
+            f"{args.repeats} steps after {args.warmup} warm-up steps. ratio_vs_X = X median / row median (> 1: row "
+            "faster). saved_MB: activation bytes saved for backward in one training step. kernels: the "
+            "resnext_kernels profiler scopes one step of ours opened.\n\n" + machine_peak.markdown_table(rows, cols))
 
 
 def main(argv=None):
@@ -222,7 +232,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run: batch 2, 64x64 images, 2 timed runs, no compile unless --compile")
     parser.add_argument("--models", "--model", default="resnext50_32x4d,resnet50")
-    parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 32 on CUDA (2 with --quick)")
+    parser.add_argument("--batch", "--batches", default=None,
+                        help="comma-separated eval batch sizes (default 1,8 on CPU, 32 on CUDA, 2 with --quick)")
+    parser.add_argument("--train-batch", type=int, default=None,
+                        help="batch size of the training step (default: the largest eval batch)")
     parser.add_argument("--image-size", "--size", type=int, default=None,
                         help="default 224 (64 with --quick: smaller leaves BatchNorm too few values per channel "
                              "in layer4 for a stable check)")
@@ -234,12 +247,17 @@ def main(argv=None):
                         help="time torch.compile of the torchvision model (default: yes, except with --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+                        help="scratch directory for the CSV (default benchmarks/out)")
+    parser.add_argument("--results-dir", default=None,
+                        help="where the run's record goes (default benchmarks/results; --quick: none unless given)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if args.batch is None:
-        args.batch = 2 if args.quick else (32 if device.type == "cuda" else 8)
+        args.batch = "2" if args.quick else ("32" if device.type == "cuda" else "1,8")
+    args.batches = [int(b) for b in str(args.batch).split(",")]
+    args.train_batch = args.train_batch or max(args.batches)
     if args.image_size is None:
         args.image_size = 64 if args.quick else 224
     if args.repeats is None:
@@ -253,16 +271,22 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     env = machine_peak.environment(device)
     print(f"# {device.type}: {env['gpu'] if device.type == 'cuda' else env['cpu']}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; batch {args.batch}, {args.image_size}x{args.image_size}, "
-          f"channels_last, float32, median of {args.repeats} after {args.warmup} warm-up", flush=True)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, 1000, (args.batch,), device=device)
+          f"threads {torch.get_num_threads()}; eval batches {args.batches}, training batch {args.train_batch}, "
+          f"{args.image_size}x{args.image_size}, channels_last, float32, median of {args.repeats} after "
+          f"{args.warmup} warm-up", flush=True)
+    run_record = record.new_record("models", "bench_model.py", args.argv, device)
+    run_record["quick"] = args.quick
     rows = []
     for model_name in args.models.split(","):
-        rows += run_model(model_name, args, device, x, target)
-    write_results(rows, args.out, device, env, args)
+        rows += run_model(model_name, args, device)
+    os.makedirs(args.out, exist_ok=True)
+    machine_peak.write_csv(os.path.join(args.out, f"models_{device.type}.csv"), rows, FIELDS)
+    print(f"scratch: {os.path.join(args.out, f'models_{device.type}.csv')}", flush=True)
+    results_dir = args.results_dir or (None if args.quick else record.RESULTS_DIR)
+    if results_dir:
+        run_record["rows"] = record.json_rows(rows)
+        stem = record.write(run_record, record_markdown(rows, args), results_dir)
+        print(f"record: {stem}.md, {stem}.json", flush=True)
     return 1 if any(r["status"].startswith(("WRONG", "error")) for r in rows) else 0
 
 

@@ -1,5 +1,5 @@
 """Machine peaks, the benchmarks' FLOP and byte models, the environment record, and the CUDA kernel's
-design targets (the table in README "## Benchmarks").
+design targets (the table in docs/cuda_kernels.md).
 
 * Achievable GEMM peak: GFLOP/s of a large square ``torch.mm`` in the given dtype (fp32 by default; on CUDA
   TF32 stays off, PyTorch's default, so fp32 means fp32 FMA). Bandwidth peak: GB/s of ``y.copy_(x)`` on a
@@ -124,14 +124,8 @@ def parse_peak_override(text: str | None, dtypes) -> dict | None:
 # ----------------------------------------------------------------------------------------------------
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    import record
+    return record.machine(torch.device("cpu"))["cpu"]
 
 
 def environment(device: torch.device) -> dict:
@@ -170,10 +164,6 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def env_markdown(env: dict) -> str:
-    return "| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in env.items())
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -41,3 +41,25 @@
   "bottleneck_infer(Tensor input, Tensor w1, Tensor s1, Tensor b1, Tensor w2, Tensor s2, Tensor b2, "    \
   "Tensor w3, Tensor s3, Tensor b3, Tensor? w_down, Tensor? s_down, Tensor? b_down, int stride, "       \
   "int groups, int dilation) -> Tensor"
+
+// Private ops of the resnext_kernels namespace only (no tensors, no device): what the CPU reports about itself, and
+// the planners of the CPU and CUDA convolution paths, which explain() and the tests read. Sizes of -1 in
+// _plan_cuda_conv are unknown (torch.compile traces with symbolic sizes).
+#define RK_SCHEMA_CPU_CONFIG \
+  "_cpu_config() -> (str isa, str supported_isa, str vendor, bool native_bf16, bool aten_routes)"
+#define RK_SCHEMA_PLAN_CONV                                                                                       \
+  "_plan_conv(int[] input_size, int[] weight_size, int[] stride, int[] padding, int[] dilation, int groups, "     \
+  "ScalarType dtype, str form) -> (str path, str reason, str[] param_names, int[] param_values, str data_grad, "  \
+  "str weight_grad, str grads_reason)"
+#define RK_SCHEMA_PLAN_CUDA_CONV                                                                                  \
+  "_plan_cuda_conv(int[] input_size, int[] weight_size, int[] stride, int[] padding, int[] dilation, "           \
+  "int groups, ScalarType dtype, bool training) -> (str path, str reason, str[] param_names, int[] param_values, " \
+  "str data_grad, str weight_grad, str grads_reason)"
+
+// The run-time choice between the project's CUDA kernels and cuDNN for a problem (csrc/cuda/backend_choice.h):
+// backend ("ours", "cudnn", or "" before the first call times it), both times in ms (-1: not timed), reason.
+// form: 0 inference, 1 training forward, 2 training backward. In CUDA builds (and the emulated namespace) only.
+#define RK_SCHEMA_CUDA_BACKEND                                                                                    \
+  "_cuda_backend(int form, int device, int[] input_size, int[] weight_size, int[] stride, int[] padding, "       \
+  "int[] dilation, int groups, ScalarType dtype, bool channels_last, bool relu) -> (str backend, float ours_ms, " \
+  "float library_ms, str reason)"

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import platform
-
 import torch
 
-from . import _build_info
+from . import _build_info, ops
+
+
+_ISA_NAMES = {"avx512": "x86-64-v4 (AVX-512)", "avx2": "x86-64-v3 (AVX2 + FMA)", "baseline": "portable C++"}
 
 
 def cpu_isa() -> str:
-    """The CPU code path the kernels' runtime dispatch selects on this machine (GCC target_clones picks
-    x86-64-v4 when AVX-512 F/BW/CD/DQ/VL are present, x86-64-v3 for AVX2+FMA+BMI, else baseline)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"portable C++ ({platform.machine()})"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
-    flags = set(flags)
-    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags:
-        return "x86-64-v4 (AVX-512)"
-    if {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"} <= flags:
-        return "x86-64-v3 (AVX2 + FMA)"
-    return "x86-64 baseline (SSE2)"
+    """The CPU code path the kernels run on this machine (the detector of csrc/cpu/isa.h), and the cap
+    RESNEXT_KERNELS_CPU_ISA puts on it."""
+    config = ops.cpu_config()
+    isa = _ISA_NAMES[config.isa]
+    if config.isa != config.supported_isa:
+        isa += f", capped by RESNEXT_KERNELS_CPU_ISA (the CPU has {_ISA_NAMES[config.supported_isa]})"
+    return isa
 
 
 def emulator_built() -> bool:
@@ -42,6 +35,9 @@ def summary() -> dict[str, object]:
         "nvcc": _build_info.NVCC_VERSION or "-",
         "CUDA-on-CPU emulator build": "yes" if emulator_built() else "no",
         "CPU kernel ISA path": cpu_isa(),
+        "CPU vendor": ops.cpu_config().vendor,
+        "CPU native bfloat16": "yes" if ops.cpu_config().native_bf16 else "no",
+        "CPU oneDNN routes": "on" if ops.cpu_config().aten_routes else "off (RESNEXT_KERNELS_CPU_ATEN_ROUTES)",
         "CPU threads": torch.get_num_threads(),
         "torch (built against)": _build_info.TORCH_VERSION,
         "torch (running)": torch.__version__,

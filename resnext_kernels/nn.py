@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, sync_batch_norm
+from . import _build_info, _dispatch, ops, sync_batch_norm
 
 __all__ = ["FusedBasicBlock", "FusedGroupedConvBNReLU", "FusedResNeXtBlock", "conv_bn", "convert_sync_batchnorm",
            "explain_block"]
@@ -114,8 +116,8 @@ class FusedGroupedConvBNReLU(nn.Module):
             conv_path = ops.explain(input, conv.weight, stride=conv.stride, padding=conv.padding,
                                     dilation=conv.dilation, groups=conv.groups, training=False, requires_grad=False)
             world = torch.distributed.get_world_size(group)
-            return ops.Decision(conv_path.path, f"synchronized BatchNorm over {world} ranks (resnext_kernels."
-                                                f"sync_batch_norm); the convolution: {conv_path.reason}")
+            return dataclasses.replace(conv_path, reason=f"synchronized BatchNorm over {world} ranks (resnext_kernels."
+                                                         f"sync_batch_norm); the convolution: {conv_path.reason}")
         return ops.explain(input, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                            groups=conv.groups, training=training)
 
@@ -186,7 +188,7 @@ def _block_geometry_reason(block: nn.Module) -> str | None:
 
 def explain_block(block: nn.Module, x: Tensor) -> ops.Decision:
     """Whether a fused block runs as one ``bottleneck_infer`` call ("block" path) or layer by layer, and why."""
-    forced = ops._reference_forced()
+    forced = _dispatch.reference_forced()
     if forced:
         return ops.Decision("aten", forced)
     if not isinstance(block, FusedResNeXtBlock):
@@ -202,13 +204,13 @@ def explain_block(block: nn.Module, x: Tensor) -> ops.Decision:
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return ops.Decision("layers", "autograd is recording; the whole-block kernel is inference-only")
     if x.device.type == "cpu":
-        if x.dtype not in ops._CPU_DTYPES:
+        if x.dtype not in _dispatch.CPU_DTYPES:
             return ops.Decision("layers", f"the CPU kernels cover float32, float64 and bfloat16, not {x.dtype}")
         return ops.Decision("block", "the whole block in one fused operator call (inference)")
     if x.device.type == "cuda":
-        if not ops._build_info.WITH_CUDA:
+        if not _build_info.WITH_CUDA:
             return ops.Decision("layers", "resnext_kernels was built without CUDA kernels")
-        if x.dtype not in ops._CUDA_DTYPES:
+        if x.dtype not in _dispatch.CUDA_DTYPES:
             return ops.Decision("layers", f"the CUDA kernels cover float16, bfloat16, float32 and float64, "
                                           f"not {x.dtype}")
         return ops.Decision("block", "the whole block in one operator call (inference): cuDNN 1x1 convolutions "

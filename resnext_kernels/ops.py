@@ -1,108 +1,49 @@
-"""Functional API of resnext_kernels: argument checking, the dispatch decision, fake kernels, autocast.
+"""Functional API of resnext_kernels: the fused op, its argument checks, and :func:`explain`.
 
 The fused operation is ``relu?(batch_norm(conv2d(input, weight, stride, padding, dilation, groups)))``
 with no convolution bias. Every call goes to one of three paths:
 
-* ``"cpu"``:  the project's C++ kernel (``torch.ops.resnext_kernels.conv_bn_relu_infer`` on CPU),
+* ``"cpu"``:  the project's C++ kernels (``torch.ops.resnext_kernels.conv_bn_relu_infer`` on CPU),
 * ``"cuda"``: the project's CUDA kernel (same op on CUDA tensors),
 * ``"aten"``: PyTorch's own ``conv2d -> batch_norm -> relu`` (cuDNN on GPU, oneDNN on CPU) for every case
   the kernels do not cover, or when the reference path is forced.
 
-:func:`explain` returns the path a call takes and why; :func:`force_reference` (or the environment
-variable ``RESNEXT_KERNELS_FORCE_ATEN=1``) forces the ATen path for A/B comparisons.
+:func:`explain` returns the path a call takes, which kernel runs and why; :func:`force_reference` (or the
+environment variable ``RESNEXT_KERNELS_FORCE_ATEN=1``) forces the ATen path for A/B comparisons.
+
+The pieces: the dispatch decision (``_dispatch``, asking the C++ planners), fake kernels (``_fake``), autograd
+formulas (``_autograd``), the bottleneck (``_bottleneck``), shared helpers (``_common``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import os
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _build_info
+from . import _autograd  # noqa: F401  (registers the autograd formulas)
+from ._bottleneck import bottleneck_infer_args, bottleneck_inference
+from ._common import accumulation_dtype, autocast_tensors, fold_batch_norm, out_pixels
+from ._dispatch import (FORCE_ATEN_ENV, CpuConfig, Decision, cpu_config, decide, force_reference,  # noqa: F401
+                        op_namespace)
+from ._fake import (_bottleneck_infer_fake, _conv_bn_relu_infer_fake,  # noqa: F401  (resnext_kernels.emulator)
+                    _conv_bn_relu_train_backward_fake, _conv_bn_relu_train_fake)
 
 __all__ = [
+    "CpuConfig",
     "Decision",
+    "bottleneck_infer_args",
     "bottleneck_inference",
     "conv_bn_relu",
+    "cpu_config",
     "explain",
     "force_reference",
     "fold_batch_norm",
 ]
 
-FORCE_ATEN_ENV = "RESNEXT_KERNELS_FORCE_ATEN"
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_force = threading.local()
-CPU_ISA_ENV = "RESNEXT_KERNELS_CPU_ISA"
-
-
-def _cpu_capability() -> str:
-    """torch's CPU capability, capped as the C++ kernels cap theirs by RESNEXT_KERNELS_CPU_ISA (avx2 or baseline:
-    run the AVX2 or portable kernels on a machine with more, e.g. to test them)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    limit = os.environ.get(CPU_ISA_ENV, "")
-    if limit in ("", "avx512"):
-        return capability
-    if limit == "avx2":
-        return "AVX2" if capability == "AVX512" else capability
-    if limit == "baseline":
-        return "DEFAULT"
-    raise ValueError(f"{CPU_ISA_ENV} must be one of avx512, avx2, baseline (or unset), got {limit!r}")
-
-
-_CPU_CAPABILITY = _cpu_capability()
-CPU_ATEN_ROUTES_ENV = "RESNEXT_KERNELS_CPU_ATEN_ROUTES"
-
-
-def _cpu_aten_routes() -> bool:
-    """Whether the CPU op may hand convolutions to oneDNN where that measured faster (conv_runs_on_aten);
-    RESNEXT_KERNELS_CPU_ATEN_ROUTES=off keeps every one on the project's kernels, to test or time them."""
-    value = os.environ.get(CPU_ATEN_ROUTES_ENV, "")
-    if value not in ("", "on", "off"):
-        raise ValueError(f"{CPU_ATEN_ROUTES_ENV} must be on or off (or unset), got {value!r}")
-    return value != "off"
-
-
-_CPU_ATEN_ROUTES = _cpu_aten_routes()
-
 IntPair = int | Sequence[int]
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """Which implementation a call runs (``"cpu"``, ``"cuda"`` or ``"aten"``) and why."""
-
-    path: str
-    reason: str
-
-    @property
-    def fused(self) -> bool:
-        return self.path != "aten"
-
-
-@contextlib.contextmanager
-def force_reference(enabled: bool = True) -> Iterator[None]:
-    """Within the block (in this thread), every fused op runs the ATen reference sequence instead."""
-    previous = getattr(_force, "enabled", False)
-    _force.enabled = enabled
-    try:
-        yield
-    finally:
-        _force.enabled = previous
-
-
-def _reference_forced() -> str | None:
-    if getattr(_force, "enabled", False):
-        return "forced by resnext_kernels.ops.force_reference()"
-    if os.environ.get(FORCE_ATEN_ENV, "0") not in ("", "0"):
-        return f"forced by the environment variable {FORCE_ATEN_ENV}"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,8 +51,8 @@ def _reference_forced() -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
-    # Fast path for plain ints and pairs of them (this runs several times per call of the op; the general checks
-    # below, with their abstract Sequence test, took about 40 us of a module call's Python time).
+    # Fast path for plain ints and pairs of them: this runs several times per call of the op, and the general checks
+    # below, with their abstract Sequence test, are slow.
     if type(value) is int:
         if value >= minimum:
             return value, value
@@ -197,18 +138,6 @@ def _check_bn_args(input: Tensor, c_out: int, running_mean: Tensor | None, runni
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The dispatch decision
-# ----------------------------------------------------------------------------------------------------
-
-def _cuda_unsupported_reason(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair,
-                             dilation: IntPair) -> str | None:
-    """Mirror of the CUDA kernel's coverage rule (csrc/cuda/kernels/conv_bn_relu_fwd.cuh)."""
-    from . import _cuda_coverage
-    return _cuda_coverage.unsupported_reason(input, weight, _pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                             _pair(dilation, "dilation", 1))
-
-
 def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntPair = 1, dilation: IntPair = 1,
             groups: int = 1, training: bool = False, requires_grad: bool | None = None) -> Decision:
     """Tells which path :func:`conv_bn_relu` takes for these arguments, and why.
@@ -217,211 +146,7 @@ def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntP
     weight requiring grad).
     """
     stride, padding, dilation = _check_conv_args(input, weight, stride, padding, dilation, groups)
-    return _decide(input, weight, stride, padding, dilation, groups, training, requires_grad, detail=True)
-
-
-def _decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
-            dilation: tuple[int, int], groups: int, training: bool, requires_grad: bool | None,
-            detail: bool) -> Decision:
-    """:func:`explain` for checked arguments; without ``detail`` the reason leaves out how the convolution and its
-    gradients run on CPU (text only: the path is the same), which the op itself does not need."""
-    forced = _reference_forced()
-    if forced:
-        return Decision("aten", forced)
-    device = input.device.type
-    if device == "cpu":
-        if input.dtype not in _CPU_DTYPES:
-            return Decision("aten", f"the CPU kernels cover float32, float64 and bfloat16, not {input.dtype}")
-    elif device == "cuda":
-        if not _build_info.WITH_CUDA:
-            return Decision("aten", "resnext_kernels was built without CUDA kernels "
-                                    "(see `python -m resnext_kernels.info`)")
-        if input.dtype not in _CUDA_DTYPES:
-            return Decision("aten", f"the CUDA kernels cover float16, bfloat16, float32 and float64, "
-                                    f"not {input.dtype}")
-        reason = _cuda_unsupported_reason(input, weight, stride, padding, dilation)
-        if reason is not None:
-            return Decision("aten", reason)
-    else:
-        return Decision("aten", f"no fused kernel for device type {device!r}")
-    if training:
-        pixels = input.shape[0] * _out_hw(input, weight, stride, padding, dilation)
-        if pixels <= 1:
-            return Decision("aten", f"batch statistics need more than 1 value per channel, got {pixels}; "
-                                    "PyTorch's batch_norm handles (and reports) it")
-        reason = "fused kernels, training form (batch statistics, fused BN+ReLU backward)"
-        if not detail:
-            return Decision(device, reason)
-        if not torch.compiler.is_compiling():
-            reason += "; " + _conv_grads_source(input, weight, stride, padding, dilation, groups)
-        return Decision(device, reason + _cpu_conv_note(input, weight, stride, padding, dilation, groups))
-    note = _cpu_conv_note(input, weight, stride, padding, dilation, groups) if detail else ""
-    if requires_grad is None:
-        requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-    if requires_grad:
-        return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue) with autograd: "
-                                "backward through the ReLU mask and the folded BN scale, conv gradients from "
-                                "ATen" + note)
-    return Decision(device, "fused kernel, inference form (BN folded into the conv epilogue)" + note)
-
-
-def _cpu_conv_note(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
-                   groups: int) -> str:
-    """How the CPU op computes the convolution itself, where it is not the direct fused kernel: mirrors
-    conv_runs_on_aten and winograd_plan (csrc/cpu/conv_bn_relu.cpp)."""
-    if input.device.type != "cpu":
-        return ""
-    kernel = tuple(weight.shape[2:])
-    aten_dtype = _CPU_ATEN_ROUTES and (input.dtype == torch.float32
-                                       or (input.dtype == torch.bfloat16 and _CPU_NATIVE_BF16))
-    if (aten_dtype and groups == 1 and kernel == (1, 1) and _pair(padding, "padding", 0) == (0, 0)
-            and input.shape[1] * weight.shape[0] * 4 >= 64 * 1024):
-        return ("; the convolution itself is a dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM, then the BN "
-                "affine (and residual, ReLU) in one pass over its output (faster than the fused kernel there)")
-    winograd = _cpu_winograd(input.shape[1], weight.shape[0], groups, kernel, _pair(stride, "stride", 1),
-                             _pair(dilation, "dilation", 1), input.dtype)
-    cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
-    # kBroadcastBlockWeightBytesForAten: the AVX2 broadcast block's weights, KH * KW * cpg_in * 16 floats, over 32 KB
-    if (aten_dtype and _CPU_CAPABILITY == "AVX2" and not winograd and cpg_out >= 16
-            and cpg_out % 8 == 0 and kernel[0] * kernel[1] * cpg_in * 16 * 4 > 32 * 1024):
-        return ("; the convolution itself has more weights per block of 16 output channels than an L1 cache holds "
-                f"({kernel[0] * kernel[1] * cpg_in * 64 // 1024} KB): run by oneDNN, which blocks the reduction for "
-                "the caches, then the BN affine (and residual, ReLU) in one pass over its output (the fused kernel "
-                "measured 0.90-1.21x of its speed there)")
-    if (aten_dtype and _CPU_CAPABILITY == "AVX512" and _CPU_IS_INTEL and not winograd and cpg_out >= 16
-            and cpg_out % 8 == 0 and kernel != (1, 1)):
-        return ("; the convolution itself would take the fused kernel's broadcast path (16+ output channels per "
-                "group, a kernel larger than 1x1), where on Intel AVX-512 CPUs oneDNN measured 1.07-1.93x faster: "
-                "run by oneDNN, then the BN affine (and residual, ReLU) in one pass over its output")
-    if winograd:
-        p = _pair(padding, "padding", 0)
-        if _cpu_winograd_tile(input.shape[0], input.shape[2] + 2 * p[0] - 2, input.shape[3] + 2 * p[1] - 2) == 4:
-            return ("; the 3x3 convolution runs as Winograd F(4x4, 3x3): 4x fewer multiply-adds, with a float32 error "
-                    "a few times that of direct summation (about 1e-6 of the output's scale)")
-        return ("; the 3x3 convolution runs as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds, with results within a "
-                "few float32 rounding steps of direct summation")
-    return ""
-
-
-def _read_cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo (empty where there is none): read once, at import, not while
-    torch.compile traces."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
-_CPUINFO = _read_cpuinfo()
-# Whether the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16; mirrors cpu_has_native_bf16,
-# csrc/cpu/conv_bn_relu.cpp): only then do the bfloat16 convolutions the CPU op could hand to oneDNN go there.
-_CPU_NATIVE_BF16 = bool({"avx512_bf16", "amx_bf16"} & set(_CPUINFO.get("flags", "").split()))
-# Whether the CPU is an Intel one (mirrors cpu_is_intel, csrc/cpu/conv_bn_relu.cpp).
-_CPU_IS_INTEL = _CPUINFO.get("vendor_id") == "GenuineIntel"
-
-
-def _cpu_winograd_tile(batch: int, out_h: int, out_w: int) -> int:
-    """The output tile of the CPU Winograd path for a 3x3 stride-1 convolution with this batch and output size
-    (mirrors winograd_plan, csrc/cpu/conv_bn_relu.cpp): 4 from 8 F(4x4) tiles on (kWinograd4MinTiles), else 2."""
-    tiles = batch * ((out_h + 3) // 4) * ((out_w + 3) // 4)
-    return 4 if tiles >= 8 else 2
-
-
-def _cpu_winograd(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int], stride: Sequence[int],
-                  dilation: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether the CPU conv kernel runs its Winograd path (mirrors winograd_lanes, csrc/cpu/conv_bn_relu.cpp)."""
-    return (dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512")
-            and tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-            and channels_in == channels_out and channels_in // groups in (8, 16, 32, 64))
-
-
-def _cpu_channel_lanes(channels_in: int, channels_out: int, groups: int, kernel: Sequence[int],
-                       dtype: torch.dtype) -> bool:
-    """Whether the CPU conv kernel runs its channel-lane path (mirrors conv_uses_channel_lanes, csrc/cpu, for the groups
-    of 2-4 channels it is asked about: the Winograd path, which takes precedence, starts at 8)."""
-    c = channels_in // groups
-    lanes = 16 if _CPU_CAPABILITY == "AVX512" else 8
-    return (dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1
-            and channels_out // groups == c and c in (2, 4, 8) and kernel[1] == 3 and kernel[0] <= 16
-            and channels_in % lanes == 0)
-
-
-def _conv_grads_source(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair,
-                       groups: int) -> str:
-    """Where the training backward takes the convolution's gradients from (mirrors the C++ backends)."""
-    if input.device.type != "cpu":
-        if torch.are_deterministic_algorithms_enabled() and weight.shape[2] * weight.shape[3] in (1, 9):
-            return ("conv weight gradient from the project's deterministic CUDA kernels "
-                    "(torch.use_deterministic_algorithms is on), data gradient from cuDNN")
-        return "conv data and weight gradients from cuDNN"
-    cpg_in, cpg_out = input.shape[1] // groups, weight.shape[0] // groups
-    kernel = (weight.shape[2], weight.shape[3])
-    if torch.are_deterministic_algorithms_enabled():
-        weight_source = "the project's deterministic CPU kernel (torch.use_deterministic_algorithms is on)"
-    elif (input.dtype in (torch.float32, torch.bfloat16) and _CPU_CAPABILITY in ("AVX2", "AVX512") and groups > 1
-            and cpg_in == cpg_out and 2 <= cpg_in <= 8 and input.shape[1] % 16 == 0 and kernel[1] == 3):
-        weight_source = ("the project's CPU kernel (groups of 2-8 channels, where it measured at least as fast as "
-                         "oneDNN)")
-    else:
-        weight_source = "ATen (oneDNN)"
-    s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
-    transposable = s == (1, 1) and all(d[i] * (kernel[i] - 1) >= p[i] for i in (0, 1))
-    if (transposable and cpg_in <= 4
-            and _cpu_channel_lanes(weight.shape[0], input.shape[1], groups, kernel, input.dtype)):
-        data_source = ("the project's fused conv kernel run on grad_y (stride 1, groups of 2-4 channels, where it "
-                       "measured faster than oneDNN)")
-    elif (transposable and _cpu_winograd(weight.shape[0], input.shape[1], groups, kernel, s, d, input.dtype)
-            and _cpu_winograd_tile(input.shape[0], input.shape[2], input.shape[3]) == 4):  # its output: dx
-        data_source = ("the project's Winograd F(4x4, 3x3) kernel run on grad_y (stride 1, where it measured "
-                       "faster than oneDNN)")
-    else:
-        data_source = "ATen (oneDNN)"
-    return f"conv weight gradient from {weight_source}, data gradient from {data_source}"
-
-
-def _out_hw(input: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dilation: IntPair) -> int:
-    s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
-    oh = _conv_out_size(input.shape[2], weight.shape[2], s[0], p[0], d[0])
-    ow = _conv_out_size(input.shape[3], weight.shape[3], s[1], p[1], d[1])
-    return oh * ow
-
-
-# ----------------------------------------------------------------------------------------------------
-# The functional op
-# ----------------------------------------------------------------------------------------------------
-
-def fold_batch_norm(running_mean: Tensor, running_var: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
-                    eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) with ``bn(y) == y * scale + shift`` in inference form, in ``dtype``."""
-    inv_std = torch.rsqrt(running_var.to(dtype) + eps)
-    scale = inv_std if bn_weight is None else bn_weight.to(dtype) * inv_std
-    shift = -running_mean.to(dtype) * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias.to(dtype)
-    return scale.contiguous(), shift.contiguous()
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _autocast_tensors(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Casts like autocast casts F.conv2d (a lower-precision op): each floating-point, non-double tensor on
-    the autocast device (that of the first tensor) goes to the autocast dtype; others (float64, integer,
-    other devices) are left for the argument checks to judge."""
-    device = tensors[0].device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device
-                 else t for t in tensors)
+    return decide(input, weight, stride, padding, dilation, groups, training, requires_grad, detail=True)
 
 
 def _autocast(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -429,7 +154,7 @@ def _autocast(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     conv2d's: under autocast a layer's input may already be lower precision than its weight."""
     _check_tensor(input, "input")
     _check_tensor(weight, "weight")
-    return _autocast_tensors(input, weight)
+    return autocast_tensors(input, weight)
 
 
 def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -446,21 +171,21 @@ def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, run
     x, w = _autocast(input, weight)
     stride_p, padding_p, dilation_p = _check_conv_args(x, w, stride, padding, dilation, groups)
     _check_bn_args(x, w.shape[0], running_mean, running_var, bn_weight, bn_bias, training, eps)
-    decision = _decide(x, w, stride_p, padding_p, dilation_p, groups, training, None, detail=False)
+    decision = decide(x, w, stride_p, padding_p, dilation_p, groups, training, None, detail=False)
     if not decision.fused:
         y = F.conv2d(x, w, None, stride_p, padding_p, dilation_p, groups)
         y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
         return F.relu(y) if relu else y
     args = (list(stride_p), list(padding_p), list(dilation_p), groups, relu)
     if training:
-        out, _, mean, var = torch.ops.resnext_kernels.conv_bn_relu_train(x, w, bn_weight, bn_bias, float(eps), *args)
+        out, _, mean, var = op_namespace(x).conv_bn_relu_train(x, w, bn_weight, bn_bias, float(eps), *args)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, momentum,
-                                  x.shape[0] * _out_hw(x, w, stride_p, padding_p, dilation_p))
+                                  x.shape[0] * out_pixels(x, w, stride_p, padding_p, dilation_p))
         return out
     scale, shift = fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps,
-                                   _accumulation_dtype(x.dtype))
-    return torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, *args)
+                                   accumulation_dtype(x.dtype))
+    return op_namespace(x).conv_bn_relu_infer(x, w, scale, shift, *args)
 
 
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,
@@ -471,178 +196,3 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
         unbiased = var * (count / (count - 1))
         running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
         running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fake (meta) kernels: shapes, dtypes and memory formats for torch.compile and opcheck
-# ----------------------------------------------------------------------------------------------------
-
-def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-def _suggest_memory_format(t: Tensor) -> torch.memory_format:
-    from torch._prims_common import suggest_memory_format
-    return suggest_memory_format(t)
-
-
-def _conv_output_memory_format(*tensors: Tensor) -> torch.memory_format:
-    """F.conv2d's rule (csrc/common/conv_checks.h): channels_last if the input or a weight suggests it."""
-    if any(_suggest_memory_format(t) == torch.channels_last for t in tensors):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-@torch.library.register_fake("resnext_kernels::conv_bn_relu_infer")
-def _conv_bn_relu_infer_fake(input, weight, scale, shift, stride, padding, dilation, groups, relu):
-    torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "input and weight must be 4-D")
-    torch._check(weight.shape[1] * groups == input.shape[1], lambda: "weight.shape[1] * groups != C_in")
-    n, _, h, w = input.shape
-    oh = _conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
-    ow = _conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
-    return input.new_empty((n, weight.shape[0], oh, ow)).contiguous(
-        memory_format=_conv_output_memory_format(input, weight))
-
-
-def _acc_dtype_of(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-@torch.library.register_fake("resnext_kernels::conv_bn_relu_train")
-def _conv_bn_relu_train_fake(input, weight, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu):
-    out = _conv_bn_relu_infer_fake(input, weight, None, None, stride, padding, dilation, groups, relu)
-    conv_out = torch.empty_like(out, memory_format=torch.channels_last)
-    acc = _acc_dtype_of(input)
-    return out, conv_out, input.new_empty((weight.shape[0],), dtype=acc), input.new_empty((weight.shape[0],), dtype=acc)
-
-
-@torch.library.register_fake("resnext_kernels::conv_bn_relu_train_backward")
-def _conv_bn_relu_train_backward_fake(grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias, eps, stride,
-                                      padding, dilation, groups, relu, output_mask):
-    acc = _acc_dtype_of(input)
-    c_out = weight.shape[0]
-    grad_input = (torch.empty_like(input, memory_format=_suggest_memory_format(input)) if output_mask[0]
-                  else input.new_empty((0,)))
-    grad_weight = (torch.empty_like(weight, memory_format=_suggest_memory_format(weight)) if output_mask[1]
-                   else weight.new_empty((0,)))
-    n = c_out if output_mask[2] else 0
-    return grad_input, grad_weight, input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------------
-
-def _train_setup_context(ctx, inputs, output):
-    input, weight, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu = inputs
-    _, conv_out, mean, var = output
-    ctx.save_for_backward(input, weight, conv_out, mean, var, bn_weight, bn_bias)
-    ctx.conv_bn_args = (eps, stride, padding, dilation, groups, relu)
-    ctx.mark_non_differentiable(conv_out, mean, var)
-    # No zero-filled gradients for the non-differentiable outputs: conv_out's was a full activation-sized fill per
-    # layer and step (about 4% of a ResNeXt-50 training step's CPU time).
-    ctx.set_materialize_grads(False)
-
-
-def _train_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
-    input, weight, conv_out, mean, var, bn_weight, bn_bias = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if grad_out is None:  # the output itself was not used in the loss
-        return (None,) * 10
-    mask = [need[0], need[1], need[2] or need[3]]
-    grad_input, grad_weight, grad_gamma, grad_beta = torch.ops.resnext_kernels.conv_bn_relu_train_backward(
-        grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias, *ctx.conv_bn_args, mask)
-    return (grad_input if need[0] else None,
-            grad_weight if need[1] else None,
-            grad_gamma.to(bn_weight.dtype) if need[2] else None,
-            grad_beta.to(bn_bias.dtype) if need[3] else None,
-            None, None, None, None, None, None)
-
-
-torch.library.register_autograd("resnext_kernels::conv_bn_relu_train", _train_backward,
-                                setup_context=_train_setup_context)
-
-
-def _infer_setup_context(ctx, inputs, output):
-    input, weight, scale, shift, stride, padding, dilation, groups, relu = inputs
-    # The output carries the ReLU mask (out > 0 exactly where the pre-activation was > 0; NaN excluded, as in
-    # torch.relu's backward). The conv output is needed only for the scale gradient and is then recomputed
-    # rather than kept alive.
-    ctx.save_for_backward(input, weight, scale, output if relu else None)
-    ctx.conv_args = (stride, padding, dilation, groups, relu)
-
-
-def _infer_backward(ctx, grad_out):
-    """Eval-form backward (frozen statistics, e.g. fine-tuning with BatchNorm in eval mode):
-    out = relu(conv(x, w) * scale + shift), so with g = grad_out masked by the ReLU,
-    d shift = sum g, d scale = sum g * conv, and (dx, dw) = the conv backward of g * scale."""
-    input, weight, scale, output = ctx.saved_tensors
-    stride, padding, dilation, groups, relu = ctx.conv_args
-    need = ctx.needs_input_grad
-    g = torch.where(output > 0, grad_out, torch.zeros_like(grad_out)) if relu else grad_out
-    grad_input = grad_weight = grad_scale = grad_shift = None
-    if need[0] or need[1]:
-        grad_conv = (g.to(scale.dtype) * scale.view(1, -1, 1, 1)).to(input.dtype)
-        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_conv, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [need[0], need[1], False])
-    if need[2]:
-        conv = F.conv2d(input, weight, None, stride, padding, dilation, groups)
-        grad_scale = (g.to(scale.dtype) * conv.to(scale.dtype)).sum((0, 2, 3))
-    if need[3]:
-        grad_shift = g.to(scale.dtype).sum((0, 2, 3))
-    return grad_input, grad_weight, grad_scale, grad_shift, None, None, None, None, None
-
-
-torch.library.register_autograd("resnext_kernels::conv_bn_relu_infer", _infer_backward,
-                                setup_context=_infer_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("resnext_kernels::conv_bn_relu_train_backward: double backward (gradients of gradients) "
-                       "of the fused conv+BN+ReLU is not supported; for higher-order gradients run the ATen path "
-                       "(resnext_kernels.ops.force_reference())")
-
-
-torch.library.register_autograd("resnext_kernels::conv_bn_relu_train_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The whole aggregated bottleneck in inference form
-# ----------------------------------------------------------------------------------------------------
-
-def bottleneck_inference(input: Tensor, convs_bns: Sequence[tuple[Tensor, Tensor, Tensor, Tensor | None,
-                                                                  Tensor | None, float]],
-                         downsample: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, float] | None,
-                         *, stride: int, groups: int, dilation: int) -> Tensor:
-    """One call of ``bottleneck_infer``: ``convs_bns`` holds (conv weight, running_mean, running_var, bn weight,
-    bn bias, eps) for conv1, conv2, conv3; ``downsample`` the same for the projection shortcut, or None.
-    Autocast casts the input and the conv weights like it casts conv2d."""
-    args = bottleneck_infer_args(input, convs_bns, downsample, stride=stride, groups=groups, dilation=dilation)
-    return torch.ops.resnext_kernels.bottleneck_infer(*args)
-
-
-def bottleneck_infer_args(input: Tensor, convs_bns, downsample, *, stride: int, groups: int,
-                          dilation: int) -> tuple:
-    """The arguments of the raw ``bottleneck_infer`` op for :func:`bottleneck_inference`'s arguments: autocast
-    applied, every BatchNorm folded into (scale, shift) in the accumulation dtype."""
-    weights = [c[0] for c in convs_bns] + ([downsample[0]] if downsample is not None else [])
-    x, *weights = _autocast_tensors(input, *weights)
-    acc = _accumulation_dtype(x.dtype)
-    folded = []
-    for w, (_, mean, var, gamma, beta, eps) in zip(weights, list(convs_bns) + ([downsample] if downsample else [])):
-        folded.append((w, *fold_batch_norm(mean, var, gamma, beta, eps, acc)))
-    down = folded[3] if downsample is not None else (None, None, None)
-    return (x, *folded[0], *folded[1], *folded[2], *down, stride, groups, dilation)
-
-
-@torch.library.register_fake("resnext_kernels::bottleneck_infer")
-def _bottleneck_infer_fake(input, w1, s1, b1, w2, s2, b2, w3, s3, b3, w_down, s_down, b_down, stride, groups,
-                           dilation):
-    n, _, h, w = input.shape
-    oh = _conv_out_size(h, w2.shape[2], stride, dilation, dilation)
-    ow = _conv_out_size(w, w2.shape[3], stride, dilation, dilation)
-    weights = [w1, w2, w3] + ([w_down] if w_down is not None else [])
-    return input.new_empty((n, w3.shape[0], oh, ow)).contiguous(
-        memory_format=_conv_output_memory_format(input, *weights))

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import ops
+from . import _dispatch, ops
+from ._common import accumulation_dtype
 
 __all__ = ["sync_conv_bn_relu", "sync_group"]
 
@@ -44,10 +45,10 @@ def sync_group(bn: nn.Module):
 def _conv(input: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     """The bias-free convolution: the fused kernel with scale 1 / shift 0 where it covers the call."""
     if input.shape[0] > 0:
-        decision = ops._decide(input, weight, stride, padding, dilation, groups, training=False, requires_grad=False,
-                               detail=False)
+        decision = _dispatch.decide(input, weight, stride, padding, dilation, groups, training=False,
+                                    requires_grad=False, detail=False)
         if decision.fused:
-            acc = ops._accumulation_dtype(input.dtype)
+            acc = accumulation_dtype(input.dtype)
             c_out = weight.shape[0]
             ones = torch.ones(c_out, dtype=acc, device=input.device)
             zeros = torch.zeros(c_out, dtype=acc, device=input.device)
@@ -89,7 +90,7 @@ class SyncConvBNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, stride, padding,
                 dilation, groups, relu, group):
-        acc = ops._accumulation_dtype(input.dtype)
+        acc = accumulation_dtype(input.dtype)
         y = _conv(input, weight, stride, padding, dilation, groups)
         c = y.shape[1]
         local_count = y.shape[0] * y.shape[2] * y.shape[3]

@@ -6,7 +6,7 @@ math, local memory (LDL/STL: spills or stack arrays), barriers and shuffles. cuo
 (from the CUDA toolkit, or the pinned pip packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm).
 
 usage: python scripts/check_sass.py [FILE ...] [--arch sm_90] [--require 'NAME_REGEX=HMMA,LDGSTS'] ...
-                                    [--forbid 'NAME_REGEX=LDL,STL'] [--json OUT]
+                                    [--forbid 'NAME_REGEX=LDL,STL'] [--project-rules] [--json OUT]
   FILE defaults to the built extension resnext_kernels/_C*.so. --require: every kernel whose (demangled) name
   matches NAME_REGEX has each listed class, in every architecture, and at least one kernel matches; --forbid: none
   of them has any. Exit status 1 when a check fails.
@@ -21,13 +21,22 @@ import re
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+# What the project's kernels must compile to (--project-rules): the tensor-core kernels use tensor cores, async
+# copies, ldmatrix and 16-byte stores; the 16-byte elementwise passes stay 16-byte; nothing uses local memory.
+PROJECT_REQUIRE = [
+    "conv_tc_fwd_kernel=HMMA,LDGSTS,LDSM,STG.128",
+    "conv_wgrad_tc_kernel=HMMA,LDGSTS,LDSM",
+    "normalize_relu_vec8_kernel|bn_relu_backward_vec8_kernel=LDG.128,STG.128",
+]
+PROJECT_FORBID = [".=LDL,STL"]
 COLUMNS = ("HMMA", "LDGSTS", "LDSM", "LDG.128", "LDG.64", "LDG.32", "STG.128", "STG.64", "STG.32", "LDS", "STS",
            "FFMA", "LDL", "STL", "BAR", "total")
 
 
 def _load_sass():
     """resnext_kernels/emulator/sass.py, loaded by path: this check must not import torch or the build."""
-    spec = importlib.util.spec_from_file_location("rk_sass", os.path.join(ROOT, "resnext_kernels", "emulator", "sass.py"))
+    path = os.path.join(ROOT, "resnext_kernels", "emulator", "sass.py")
+    spec = importlib.util.spec_from_file_location("rk_sass", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -51,7 +60,12 @@ def main(argv=None):
     parser.add_argument("--forbid", action="append", default=[])
     parser.add_argument("--json", default=None, help="also write the mixes to this file")
     parser.add_argument("--quiet", action="store_true", help="print the checks' result only")
+    parser.add_argument("--project-rules", action="store_true",
+                        help="also check the project's own rules (PROJECT_REQUIRE, PROJECT_FORBID)")
     args = parser.parse_args(argv)
+    if args.project_rules:
+        args.require += PROJECT_REQUIRE
+        args.forbid += PROJECT_FORBID
     sass = _load_sass()
     files = args.files or sorted(glob.glob(os.path.join(ROOT, "resnext_kernels", "_C*.so")))
     if not files:

@@ -85,7 +85,7 @@ step "environment" env.txt 0 bash -c '
 export TORCH_CUDA_ARCH_LIST="9.0" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" NVCC_THREADS=1
 step "build (sm_90)" build.log 1 python -m pip install --no-deps --no-build-isolation -v -e .
 step "ptxas: no spills" ptxas.txt 1 python scripts/check_ptxas.py "$out/build.log" --require sm_90
-step "SASS instruction mix" sass.txt 1 python scripts/check_sass.py --arch sm_90 --json "$out/sass.json"
+step "SASS instruction mix" sass.txt 1 python scripts/check_sass.py --arch sm_90 --project-rules --json "$out/sass.json"
 
 # 2. The fused op on the device.
 step "tests/test_cuda.py" tests.txt 1 python -m pytest -q -ra tests/test_cuda.py --junitxml "$out/tests.xml"
@@ -96,7 +96,8 @@ emu_batch=32
 step "emulator counters (x50.stage3, N=$emu_batch)" emulator.txt 0 python -m resnext_kernels.emulator profile \
   --models x50 --shapes stage3 --dtypes float16 --batch "$emu_batch" --ptxas-log "$out/build.log" \
   --json "$out/emulator.json"
-metrics=$(python -c "import sys; sys.path.insert(0, 'scripts'); import compare_ncu; print(','.join(compare_ncu.METRICS))")
+metrics=$(python -c "import sys; sys.path.insert(0, 'scripts'); import compare_ncu
+print(','.join(compare_ncu.METRICS))")
 if [ "$dry_run" = 1 ]; then
   step "ncu (dry run: counts written from the emulator's)" ncu_log.txt 0 \
     python scripts/compare_ncu.py --emu "$out/emulator.json" --fake-ncu "$out/ncu.csv"

@@ -1,5 +1,5 @@
 """Runs every CUDA kernel of the project once, in the order `python -m resnext_kernels.emulator profile` runs them
-(inference; training forward; backward with the deterministic weight-gradient kernels, no data gradient), for
+(inference; training forward; backward with the deterministic weight-gradient kernels), for
 scripts/gpu_check.sh: under compute-sanitizer (small shapes) and Nsight Compute (one ResNeXt layer).
 
 usage: python scripts/gpu_kernel_cases.py [--shape x50.stage3] [--batch 32] [--dtype float16] [--small] [--list]
@@ -38,7 +38,7 @@ def run(c, hw, stride, n, dtype, device):
     grad = torch.randn(out.shape, generator=gen).to(dtype).to(device).contiguous(memory_format=torch.channels_last)
     torch.use_deterministic_algorithms(True)
     try:
-        ops.conv_bn_relu_train_backward(grad, x, w, conv_out, mean, var, None, None, 1e-5, *conv, [False, True, True])
+        ops.conv_bn_relu_train_backward(grad, x, w, conv_out, mean, var, None, None, 1e-5, *conv, [True, True, True])
     finally:
         torch.use_deterministic_algorithms(False)
     if device.type == "cuda":

@@ -17,6 +17,8 @@ echo "build: $(( $(date +%s) - start )) s (log: logs/build.log)"
 python -m resnext_kernels.info
 if python -c "import resnext_kernels._build_info as b, sys; sys.exit(0 if b.WITH_CUDA else 1)"; then
   python scripts/check_ptxas.py logs/build.log
-  # The SASS instruction mix of every kernel (tensor cores, async copies, access widths): logs/sass.txt.
-  python scripts/check_sass.py > logs/sass.txt && tail -n 1 logs/sass.txt
+  # The SASS instruction mix of every kernel (logs/sass.txt), checked against what the kernels must compile to:
+  # tensor cores, async copies, 16-byte accesses, no local memory (scripts/check_sass.py PROJECT_REQUIRE).
+  python scripts/check_sass.py --project-rules > logs/sass.txt || { tail -n 20 logs/sass.txt; exit 1; }
+  tail -n 1 logs/sass.txt
 fi

@@ -45,13 +45,13 @@ def conv_errors():
     return errors
 
 
-def reasons():
-    """rk.explain's reason for each conv case, float32 inference."""
+def kernels():
+    """rk.explain's kernel for each conv case, float32 inference."""
     out = {}
     for name, cin, cout, groups, k, stride, padding, dilation, h, w in CONV_CASES:
         x = torch.randn(2, cin, h, w).contiguous(memory_format=torch.channels_last)
         out[name] = rk.explain(x, torch.randn(cout, cin // groups, k, k), stride=stride, padding=padding,
-                               dilation=dilation, groups=groups).reason
+                               dilation=dilation, groups=groups).kernel
     return out
 
 
@@ -78,6 +78,6 @@ def training_errors():
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    result = {"capability": ops._CPU_CAPABILITY, "aten_routes": ops._CPU_ATEN_ROUTES, "reasons": reasons(),
+    result = {"isa": ops.cpu_config().isa, "aten_routes": ops.cpu_config().aten_routes, "kernels": kernels(),
               **conv_errors(), **training_errors()}
     json.dump(result, sys.stdout)

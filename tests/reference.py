@@ -26,6 +26,20 @@ def reference_conv_affine_relu(x, w, scale, shift, stride, padding, dilation, gr
     return F.relu(y) if relu else y
 
 
+def vector_cpu() -> bool:
+    """Whether the CPU kernels run their vector paths here (AVX2 or AVX-512, after RESNEXT_KERNELS_CPU_ISA's cap)."""
+    import resnext_kernels as rk
+    return rk.ops.cpu_config().isa != "baseline"
+
+
+def cuda_plan(x, wt, stride, padding, dilation, groups=1, training=False):
+    """The CUDA planner's (path, reason) for these arguments: "cuda_direct", or "aten" with why not."""
+    pair = (lambda v: [v, v] if isinstance(v, int) else list(v))
+    r = torch.ops.resnext_kernels._plan_cuda_conv(list(x.shape), list(wt.shape), pair(stride), pair(padding),
+                                                  pair(dilation), groups, x.dtype, training)
+    return r[0], r[1]
+
+
 def random_bn(c, dtype=torch.float32, generator=None):
     """Non-trivial BatchNorm parameters: (running_mean, running_var, weight, bias)."""
     g = generator

@@ -1,8 +1,11 @@
 """Smoke test of the benchmark scripts: `--quick` runs of bench_kernels.py (inference and training) and
 bench_model.py into a temporary directory; every output file exists, every row is ok (checked against
-its reference, not WRONG), and the speed ratios are positive numbers."""
+its reference, not WRONG), the speed ratios are positive numbers, and the run's record (record.py) names the
+machine, the commit and the command and holds every row."""
 
 import csv
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +17,11 @@ BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def _run(script, out_dir, *args, timeout=240):
-    cmd = [sys.executable, os.path.join(BENCH, script), "--quick", "--cpu", "--out", str(out_dir), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, os.path.join(BENCH, script), "--quick", "--cpu", "--out", str(out_dir),
+           "--results-dir", str(out_dir / "results"), *args]
+    # the package of this checkout, not another installation that the script's directory would not shadow
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
@@ -32,6 +38,24 @@ def _positive(text):
     return value > 0 and value == value and value != float("inf")
 
 
+def _record(out_dir, bench, n_rows):
+    """The run's record: one .json and its .md, named <machine>-<date>-<commit>-<bench>."""
+    paths = glob.glob(str(out_dir / "results" / f"*-{bench}.json"))
+    assert len(paths) == 1, paths
+    assert os.path.getsize(paths[0][:-5] + ".md") > 0
+    with open(paths[0]) as f:
+        rec = json.load(f)
+    assert rec["schema"] == 1 and rec["bench"] == bench and rec["quick"] is True
+    assert f"-{rec['date']}-{rec['commit']}-{bench}.json" in paths[0]
+    env = "".join(f"{k}={v} " for k, v in rec["environment"].items() if k != "LD_PRELOAD")
+    assert "RESNEXT_KERNELS_REQUIRE_EMULATOR" not in rec["environment"]
+    assert rec["command"].startswith(env + f"python benchmarks/bench_{'kernels' if bench == 'kernels' else 'model'}.py")
+    m = rec["machine"]
+    assert m["device"] == "cpu" and m["cores"] >= 1 and m["cpu"] and m["kernel_isa"] and m["isa_class"]
+    assert rec["torch"] and len(rec["rows"]) == n_rows
+    return rec
+
+
 @pytest.fixture(scope="module")
 def kernel_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_kernels")
@@ -43,7 +67,7 @@ def kernel_results(tmp_path_factory):
 def test_bench_kernels_quick(kernel_results, mode):
     out, stdout = kernel_results
     stem = out / f"kernels_{mode}_cpu"
-    for ext in ("csv", "md", "png", "json"):
+    for ext in ("csv", "png"):
         assert (stem.with_suffix(f".{ext}")).stat().st_size > 0, f"missing {stem}.{ext}"
     assert (stem.with_suffix(".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _rows(stem.with_suffix(".csv"))
@@ -63,12 +87,18 @@ def test_bench_kernels_quick(kernel_results, mode):
     cases = {r["case"] for r in rows}
     assert len(cases) == 4  # 2 shapes x N=1,8 (float32, channels_last)
     assert f"{mode}: 4 cases" in stdout and f"[{mode[:5]} 4/4]" in stdout  # progress lines
+    rec = _record(out, "kernels", 16)  # 4 cases x (fused, eager) x 2 modes
+    recorded = [r for r in rec["rows"] if r["mode"] == mode]
+    assert [r["case"] for r in recorded] == [r["case"] for r in rows]
+    for r in recorded:
+        assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] <= r["max_ms"], r
+        if r["variant"] == "fused":
+            assert r["decision"]["path"] == "cpu" and r["decision"]["reason"], r
 
 
 def test_bench_model_quick(tmp_path):
     _run("bench_model.py", tmp_path)
-    for ext in ("csv", "md", "json"):
-        assert (tmp_path / f"models_cpu.{ext}").stat().st_size > 0
+    assert (tmp_path / "models_cpu.csv").stat().st_size > 0
     rows = _rows(tmp_path / "models_cpu.csv")
     assert {(r["model"], r["mode"], r["impl"]) for r in rows} == {
         (m, mode, impl) for m in ("resnext50_32x4d", "resnet50") for mode in ("eval", "train")
@@ -78,3 +108,6 @@ def test_bench_model_quick(tmp_path):
         assert _positive(r["img_s"]) and _positive(r["ratio_vs_torchvision"]), r
         if r["mode"] == "train":
             assert _positive(r["saved_MB"]), r
+    rec = _record(tmp_path, "models", len(rows))
+    assert {(r["model"], r["mode"], r["impl"], r["batch"]) for r in rec["rows"]} == {
+        (r["model"], r["mode"], r["impl"], int(r["batch"])) for r in rows}

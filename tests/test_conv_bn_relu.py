@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import (RESNEXT50_STAGES, assert_dtype_tolerance, random_bn, reference_conv_affine_relu,
-                       reference_conv_bn_relu, rel_err)
+                       reference_conv_bn_relu, rel_err, vector_cpu)
 from torch import nn
 
 import resnext_kernels as rk
@@ -86,7 +86,7 @@ def test_channels_per_group(channels):
     assert rel_err(out, ref) <= 1e-12
 
 
-# Shapes of the channel-lane path (groups of 2, 4 or 8 channels in and out, channel count a multiple of the
+# Shapes of the lanes path (groups of 2, 4 or 8 channels in and out, channel count a multiple of the
 # vector width, 3-wide kernel): (N, C, H, W, channels per group, kernel height, stride, padding, dilation).
 # Widths are chosen so that a row ends in a partial pixel block.
 LANE_CASES = [
@@ -104,7 +104,7 @@ LANE_CASES = [
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "affine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", LANE_CASES, ids=lambda c: "x".join(map(str, c)).replace(" ", ""))
-def test_channel_lane_path_shapes(case, dtype, relu):
+def test_lanes_path_shapes(case, dtype, relu):
     n, ch, h, w_, c, kh, stride, padding, dilation = case
     x = torch.randn(n, ch, h, w_).to(dtype).contiguous(memory_format=torch.channels_last)
     wt = (torch.randn(ch, c, kh, 3) / (c * kh * 3) ** 0.5).to(dtype)
@@ -156,9 +156,10 @@ def test_winograd_path_shapes(case, dtype, relu):
     wt = (torch.randn(ch, c, 3, 3) / (c * 9) ** 0.5).to(dtype)
     scale, shift = torch.rand(ch) + 0.5, torch.randn(ch)
     args = ((1, 1), (padding, padding), (1, 1), ch // c)
-    if rk.ops._CPU_CAPABILITY in ("AVX2", "AVX512"):
-        tile = rk.ops._cpu_winograd_tile(n, h + 2 * padding - 2, w_ + 2 * padding - 2)
-        assert f"Winograd F({tile}x{tile}, 3x3)" in rk.explain(x, wt, padding=padding, groups=ch // c).reason
+    if vector_cpu():  # F(4x4, 3x3) from 8 tiles of 4x4 on
+        tiles = n * -(-(h + 2 * padding - 2) // 4) * -(-(w_ + 2 * padding - 2) // 4)
+        tile = 4 if tiles >= 8 else 2
+        assert rk.explain(x, wt, padding=padding, groups=ch // c).kernel == f"winograd_f{tile}x{tile}"
     out = torch.ops.resnext_kernels.conv_bn_relu_infer(x, wt, scale, shift, *args, relu)
     ref = reference_conv_affine_relu(x, wt, scale, shift, *args, relu)
     assert out.shape == ref.shape and out.dtype == dtype
@@ -206,9 +207,8 @@ def test_winograd_tile_follows_the_tile_count():
     for n, size, f4 in ((1, 7, False), (2, 7, True), (1, 14, True), (7, 3, False), (8, 3, True)):
         x = torch.randn(n, 64, size, size)
         expected = 4 if f4 else 2
-        assert rk.ops._cpu_winograd_tile(n, size, size) == expected
-        if rk.ops._CPU_CAPABILITY in ("AVX2", "AVX512"):
-            assert f"Winograd F({expected}x{expected}, 3x3)" in rk.explain(x, wt, padding=1, groups=4).reason
+        if vector_cpu():
+            assert rk.explain(x, wt, padding=1, groups=4).kernel == f"winograd_f{expected}x{expected}"
 
 
 def test_winograd_is_not_taken_outside_its_shapes():
@@ -216,8 +216,9 @@ def test_winograd_is_not_taken_outside_its_shapes():
     for kwargs in (dict(stride=2), dict(dilation=2, padding=2), dict(groups=16)):  # 4 channels per group: lanes
         wt = torch.randn(64, 64 // kwargs.get("groups", 4), 3, 3)
         kwargs.setdefault("groups", 4)
-        assert "Winograd" not in rk.explain(x, wt, **kwargs).reason
-    assert "Winograd" not in rk.explain(x.double(), torch.randn(64, 16, 3, 3, dtype=torch.float64), groups=4).reason
+        assert not rk.explain(x, wt, **kwargs).kernel.startswith("winograd")
+    double = rk.explain(x.double(), torch.randn(64, 16, 3, 3, dtype=torch.float64), groups=4)
+    assert double.kernel == "generic"
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -232,8 +233,8 @@ def test_resnext50_stage_shapes(channels, size, stride):
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "affine"])
-def test_channel_lane_path_streams_large_outputs(relu):
-    """Outputs of 4 MB and more leave the channel-lane kernel through non-temporal stores on AVX-512
+def test_lanes_path_streams_large_outputs(relu):
+    """Outputs of 4 MB and more leave the lanes kernel through non-temporal stores on AVX-512
     (kStreamOutputBytes); every element must still land, in both epilogues, and the input stay as it was."""
     x = torch.randn(3, 128, 56, 56).contiguous(memory_format=torch.channels_last)  # 4.8 MB of output
     x_before = x.clone()

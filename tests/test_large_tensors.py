@@ -11,7 +11,7 @@ conv (stride 3) gives the reference. The windows of the last output rows lie pas
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import rel_err
+from reference import cuda_plan, rel_err
 
 import resnext_kernels as rk
 from resnext_kernels import emulator
@@ -92,7 +92,7 @@ def test_cpu_kernel_reads_past_2_31_elements(huge_input):
 @pytest.mark.skipif(not emulator.available(), reason="resnext_kernels._emu (emulated CUDA) not built")
 def test_emulated_cuda_kernel_reads_past_2_31_elements(huge_input):
     weight, scale, shift = _weights()
-    assert rk.ops._cuda_unsupported_reason(huge_input, weight, STRIDE, 1, 1) is None
+    assert cuda_plan(huge_input, weight, STRIDE, 1, 1, CHANNELS)[0] == "cuda_direct"
     out = torch.ops.resnext_kernels_emu.conv_bn_relu_infer(huge_input, weight, scale, shift, [STRIDE] * 2, [1, 1],
                                                            [1, 1], CHANNELS, True)
     _check(out, huge_input, weight, scale, shift)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from reference import rel_err
+from reference import cuda_plan, rel_err
 
 import resnext_kernels as rk
 from resnext_kernels import emulator
@@ -128,8 +128,7 @@ def _emulated_or_skip(x, wt, p):
     if not emulator.available():
         assert not os.environ.get("CI"), "CI must run the emulated CUDA kernels: resnext_kernels._emu is missing"
         pytest.skip("resnext_kernels._emu (emulated CUDA) not built")
-    reason = rk.ops._cuda_unsupported_reason(x, wt, p["stride"], p["padding"], p["dilation"])
-    assume(reason is None)
+    assume(cuda_plan(x, wt, p["stride"], p["padding"], p["dilation"], p["groups"])[0] == "cuda_direct")
     return torch.ops.resnext_kernels_emu
 
 
@@ -142,7 +141,7 @@ def _op_args(p):
 def test_emulated_cuda_inference_matches_reference(p, dtype):
     x, wt, (mean, var, gamma, beta) = _tensors(p, dtype)
     E = _emulated_or_skip(x, wt, p)
-    scale, shift = rk.ops.fold_batch_norm(mean, var, gamma, beta, 1e-5, rk.ops._accumulation_dtype(dtype))
+    scale, shift = rk.ops.fold_batch_norm(mean, var, gamma, beta, 1e-5, rk._common.accumulation_dtype(dtype))
     with emulator.schedule("random", p["seed"] % 1000):
         out = E.conv_bn_relu_infer(x, wt, scale, shift, *_op_args(p))
     y = F.conv2d(x.double(), wt.double(), None, p["stride"], p["padding"], p["dilation"], p["groups"])

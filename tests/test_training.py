@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import RESNEXT50_STAGES, rel_err
+from reference import RESNEXT50_STAGES, rel_err, vector_cpu
 from torch import nn
 
 import resnext_kernels as rk
@@ -383,18 +383,18 @@ def test_weight_gradient_bitwise_equal_for_any_thread_count(groups, deterministi
 
 def test_explain_names_the_weight_gradient_source(deterministic_algorithms):
     x = torch.randn(2, 64, 8, 8)
-    dense = rk.ops.explain(x, torch.randn(64, 64, 3, 3), training=True).reason
-    assert "deterministic CPU kernel" in dense
+    dense = rk.ops.explain(x, torch.randn(64, 64, 3, 3), training=True)
+    assert dense.weight_grad == ("wgrad_broadcast" if vector_cpu() else "wgrad_generic")
+    assert "deterministic" in dense.reason
     torch.use_deterministic_algorithms(False)
-    resnext = rk.ops.explain(x, torch.randn(64, 4, 3, 3), groups=16, training=True).reason
-    dense = rk.ops.explain(x, torch.randn(64, 64, 3, 3), training=True).reason
-    assert "ATen (oneDNN)" in dense
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert "project's CPU kernel" in resnext
+    resnext = rk.ops.explain(x, torch.randn(64, 4, 3, 3), groups=16, training=True)
+    dense = rk.ops.explain(x, torch.randn(64, 64, 3, 3), training=True)
+    assert dense.weight_grad == "wgrad_aten"
+    assert resnext.weight_grad == ("wgrad_lanes" if vector_cpu() else "wgrad_aten")
 
 
 # (C, channels per group, kernel (KH, KW), padding, dilation, N, H, W, source): stride-1 shapes of the data-gradient
-# kernels (the fused forward kernel run on grad_y: its channel-lane path, "lanes", or its F(4x4, 3x3) Winograd path,
+# kernels (the fused forward kernel run on grad_y: its lanes path, "lanes", or its F(4x4, 3x3) Winograd path,
 # "winograd"), and neighbours that must stay with ATen.
 DATA_GRAD_CASES = [
     (64, 4, (3, 3), (1, 1), (1, 1), 2, 9, 10, "lanes"),
@@ -429,12 +429,9 @@ def test_data_gradient_against_float64_reference(case, dtype):
     assert grad_x.dtype == dtype and grad_x.shape == x.shape
     assert grad_x.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(grad_x, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
-    reason = rk.ops.explain(xd, wd, stride=1, padding=padding, dilation=dilation, groups=ch // c, training=True).reason
-    capability = rk.ops._CPU_CAPABILITY
-    if capability in ("AVX2", "AVX512"):
-        assert ("data gradient from the project's fused conv kernel" in reason) == (source == "lanes"), reason
-        winograd = source == "winograd"
-        assert ("data gradient from the project's Winograd F(4x4, 3x3) kernel" in reason) == winograd, reason
+    decision = rk.ops.explain(xd, wd, stride=1, padding=padding, dilation=dilation, groups=ch // c, training=True)
+    expected = {"lanes": "dgrad_lanes", "winograd": "dgrad_winograd_f4x4", "aten": "dgrad_aten"}[source]
+    assert decision.data_grad == (expected if vector_cpu() else "dgrad_aten"), decision
 
 
 @pytest.mark.parametrize("channels,groups,stride,dilation", [(128, 1, 1, 1), (256, 4, 2, 1), (128, 2, 1, 2)])
@@ -445,15 +442,16 @@ def test_wide_broadcast_blocks_through_aten_with_statistics(channels, groups, st
     x = (torch.randn(2, channels, 9, 8) + 3).contiguous(memory_format=torch.channels_last)  # offset mean
     w = torch.randn(channels, channels // groups, 3, 3) / (channels // groups * 9) ** 0.5
     kwargs = dict(stride=stride, padding=dilation, dilation=dilation, groups=groups)
-    aten = rk.ops._CPU_CAPABILITY == "AVX2"
-    intel_avx512 = rk.ops._CPU_CAPABILITY == "AVX512" and rk.ops._CPU_IS_INTEL  # every broadcast shape: oneDNN
+    config = rk.ops.cpu_config()
+    aten = config.isa == "avx2"
+    intel_avx512 = config.isa == "avx512" and config.vendor == "intel"  # every broadcast shape: oneDNN
     for training in (True, False):
-        reason = rk.ops.explain(x, w, training=training, **kwargs).reason
-        assert ("than an L1 cache holds" in reason) == aten, reason
-        assert ("on Intel AVX-512 CPUs oneDNN measured" in reason) == intel_avx512, reason
-    narrow = rk.ops.explain(x, torch.randn(channels, 32, 3, 3), stride=2, padding=1, groups=channels // 32).reason
-    assert "L1 cache" not in narrow  # 32 per group: 18 KB blocks stay with the fused kernel
-    assert ("oneDNN" in narrow) == intel_avx512
+        kernel = rk.ops.explain(x, w, training=training, **kwargs).kernel
+        assert (kernel == "onednn_large_block") == aten, kernel
+        assert (kernel == "onednn_intel") == intel_avx512, kernel
+    narrow = rk.ops.explain(x, torch.randn(channels, 32, 3, 3), stride=2, padding=1, groups=channels // 32).kernel
+    assert narrow != "onednn_large_block"  # 32 per group: 18 KB blocks stay with the fused kernel
+    assert (narrow == "onednn_intel") == intel_avx512
     rm, rv = torch.zeros(channels), torch.ones(channels)
     rm_ref, rv_ref = rm.double(), rv.double()
     gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels)
@@ -488,12 +486,12 @@ def test_dense_pointwise_through_aten_with_statistics(cin, cout, stride, dtype):
     # inference form of the same layer, through the same ATen route
     scale, shift = torch.rand(cout) + 0.5, torch.randn(cout)
     # bfloat16 goes to oneDNN only where the CPU multiplies it natively (elsewhere oneDNN's is 4-7x slower)
-    aten = dtype == torch.float32 or rk.ops._CPU_NATIVE_BF16
+    aten = dtype == torch.float32 or rk.ops.cpu_config().native_bf16
     for training in (True, False):
-        reason = rk.ops.explain(x, w, stride=stride, padding=0, training=training).reason
-        assert ("dense 1x1 with >= 64 KB of weights: run as oneDNN's GEMM" in reason) == aten, reason
-    small = rk.ops.explain(x[:, :32], torch.randn(32, 32, 1, 1).to(dtype), padding=0).reason
-    assert "oneDNN" not in small
+        kernel = rk.ops.explain(x, w, stride=stride, padding=0, training=training).kernel
+        assert (kernel == "onednn_1x1") == aten, kernel
+    small = rk.ops.explain(x[:, :32], torch.randn(32, 32, 1, 1).to(dtype), padding=0).kernel
+    assert not small.startswith("onednn")
     inf = torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, [stride] * 2, [0, 0], [1, 1], 1, False)
     ref = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
     assert inf.is_contiguous(memory_format=torch.channels_last) and rel_err(inf, ref) < tol
@@ -509,8 +507,8 @@ def test_winograd_forward_with_statistics(channels, groups, size, dtype):
     x = (torch.randn(2, channels, *size) + 3).to(dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(channels, channels // groups, 3, 3) / (channels // groups * 9) ** 0.5 + 0.05).to(dtype)
     gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels)
-    if rk.ops._CPU_CAPABILITY in ("AVX2", "AVX512"):
-        assert "Winograd" in rk.ops.explain(x, w, groups=groups, training=True).reason
+    if vector_cpu():
+        assert rk.ops.explain(x, w, groups=groups, training=True).kernel.startswith("winograd")
     rm, rv = torch.zeros(channels), torch.ones(channels)
     rm_ref, rv_ref = rm.double(), rv.double()
     xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()

@@ -21,37 +21,30 @@ inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const
                                                                                      : at::MemoryFormat::Contiguous;
 }
 
-// Checks the convolution arguments shared by every fused op and returns the geometry.
-inline ConvGeom check_conv_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
-                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups) {
-  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (C_out, C_in/groups, KH, KW), got ",
-              weight.dim(), "-D");
-  TORCH_CHECK(input.is_floating_point(), op, ": input must be a floating-point tensor, got ",
-              input.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
-              " must match input dtype ", input.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), op, ": input and weight must be on the same device");
+// The geometry of a convolution of an input of `in` = (N, C_in, H, W) sizes with a weight of `w` = (C_out,
+// C_in / groups, KH, KW) sizes, checked.
+inline ConvGeom make_conv_geometry(const char* op, at::IntArrayRef in, at::IntArrayRef w, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(in.size() == 4, op, ": input must be 4-D (N, C, H, W), got ", in.size(), "-D");
+  TORCH_CHECK(w.size() == 4, op, ": weight must be 4-D (C_out, C_in/groups, KH, KW), got ", w.size(), "-D");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
               ": stride, padding and dilation must have 2 elements");
   TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
   TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
-  const int64_t C_in = input.size(1), C_out = weight.size(0);
+  const int64_t C_in = in[1], C_out = w[0];
   TORCH_CHECK(C_in % groups == 0, op, ": input channels (", C_in, ") must be divisible by groups (", groups, ")");
   TORCH_CHECK(C_out % groups == 0, op, ": weight.size(0) (", C_out, ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(weight.size(1) * groups == C_in, op, ": weight.size(1) must be C_in/groups = ", C_in / groups,
-              ", got ", weight.size(1));
+  TORCH_CHECK(w[1] * groups == C_in, op, ": weight.size(1) must be C_in/groups = ", C_in / groups, ", got ", w[1]);
   ConvGeom g{};
-  g.N = input.size(0);
+  g.N = in[0];
   g.C_in = C_in;
-  g.H = input.size(2);
-  g.W = input.size(3);
+  g.H = in[2];
+  g.W = in[3];
   g.C_out = C_out;
-  g.KH = static_cast<int32_t>(weight.size(2));
-  g.KW = static_cast<int32_t>(weight.size(3));
+  g.KH = static_cast<int32_t>(w[2]);
+  g.KW = static_cast<int32_t>(w[3]);
   g.stride_h = static_cast<int32_t>(stride[0]);
   g.stride_w = static_cast<int32_t>(stride[1]);
   g.pad_h = static_cast<int32_t>(padding[0]);
@@ -64,6 +57,21 @@ inline ConvGeom check_conv_args(const char* op, const at::Tensor& input, const a
   TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the (padded) input ", g.H, "x", g.W,
               " is smaller than the dilated kernel ", g.KH, "x", g.KW);
   return g;
+}
+
+// Checks the convolution arguments shared by every fused op and returns the geometry.
+inline ConvGeom check_conv_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (C_out, C_in/groups, KH, KW), got ",
+              weight.dim(), "-D");
+  TORCH_CHECK(input.is_floating_point(), op, ": input must be a floating-point tensor, got ",
+              input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+              " must match input dtype ", input.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), op, ": input and weight must be on the same device");
+  return make_conv_geometry(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
 }
 
 // Checks a per-output-channel parameter vector (BN scale/shift/weight/bias/statistics).

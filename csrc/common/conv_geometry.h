@@ -4,7 +4,9 @@
 //
 // Conventions used by every kernel of the project:
 //   input   NHWC contiguous, [N][H][W][C_in]
-//   weight  OHWI contiguous, [C_out][KH][KW][C_in / groups]   (torch weight.permute(0, 2, 3, 1))
+//   weight  torch's [C_out][C_in / groups][KH][KW] with any strides for the CPU kernels (their packers read through
+//           the strides); OHWI contiguous, [C_out][KH][KW][C_in / groups] (weight.permute(0, 2, 3, 1)), for the CUDA
+//           kernel
 //   output  NHWC contiguous, [N][OH][OW][C_out]
 //   scale, shift  per output channel, accumulation type (float for fp16/bf16/fp32, double for fp64)
 // Output channel co belongs to group co / (C_out / groups) and reads input channels

@@ -1,9 +1,8 @@
 // CPU kernel of bottleneck_infer: the whole aggregated bottleneck in one operator call
-// (common/bottleneck_impl.h). Each convolution goes through conv_affine_nhwc_cpu with its BatchNorm folded: the
-// fused CPU conv kernel, except where conv_runs_on_aten hands it to oneDNN (conv_bn_relu.cpp: dense 1x1 convolutions
-// with >= 64 KB of weights, on AVX2 also wide-group 3x3 ones). The shortcut (identity or projection) is added, and
-// the final ReLU applied, in the last 1x1 convolution's epilogue (or in place after oneDNN's). Intermediates stay
-// channels_last.
+// (common/bottleneck_impl.h). Each convolution goes through conv_affine_nhwc_cpu with its BatchNorm folded, on the
+// path the planner picks for it (conv_plan.h; the last 1x1 convolution in the residual form). The shortcut (identity
+// or projection) is added, and the final ReLU applied, in the last 1x1 convolution's epilogue (or in the pass after
+// oneDNN's convolution). Intermediates stay channels_last.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 

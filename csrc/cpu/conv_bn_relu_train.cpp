@@ -7,10 +7,9 @@
 //           and read once in the forward.
 // Backward: one pass forms the ReLU mask from (y, a, b) exactly as the forward did and reduces
 //           sum(g) and sum(g * xhat) per channel; a second pass writes
-//           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's data
-//           gradient from conv_data_grad_cpu (the fused forward kernel on grad_y) where data_grad_kernel_preferred
-//           says so, its weight gradient from conv_weight_grad_cpu where weight_grad_kernel_preferred says so
-//           (both conv_backward.cpp), else from ATen (oneDNN).
+//           grad_y = gamma * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M); the convolution's gradients
+//           come from where plan_cpu_conv_grads says (conv_plan.h): the data gradient from the forward kernel run
+//           on grad_y (conv_data_grad) or ATen, the weight gradient from conv_wgrad.cpp or ATen.
 //
 // Determinism: each output row's statistics are computed by one thread in a fixed order, and rows are merged in
 // row order; the backward's per-channel reductions run over fixed blocks of kStatBlock pixels merged in float64
@@ -27,12 +26,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "common/conv_checks.h"
-#include "cpu/conv_blocked.h"
+#include "common/path_scope.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/isa.h"
+#include "cpu/row_stats.h"
 
 namespace rk {
 namespace cpu {
@@ -41,9 +43,8 @@ namespace {
 constexpr int64_t kStatBlock = 256;  // pixels per partial reduction
 
 // Row kernels of the BN + ReLU passes: one NHWC pixel row of C channels, plain functions over restrict pointers
-// with the ReLU switch a template parameter, so the loops vectorize and the ReLU mask is a vector select. (Written
-// inline in the dispatch lambdas, with the mask as a run-time branch, they compiled to scalar code that
-// mispredicted on every other random sign and ran 10-25x slower than ATen's batch_norm.)
+// with the ReLU switch a template parameter, so the loops vectorize and the ReLU mask is a vector select (a run-time
+// branch on the mask compiles to scalar code that mispredicts on random signs).
 template <bool kRelu, typename scalar_t, typename acc_t>
 void normalize_relu_row(const scalar_t* __restrict y, const acc_t* __restrict a, const acc_t* __restrict b,
                         scalar_t* __restrict out, int64_t C) {
@@ -177,52 +178,6 @@ NormAffine<acc_t> norm_affine(const double* mean, const double* var, const std::
   return n;
 }
 
-// Batch mean and biased variance per channel from the conv epilogue's row statistics ([rows][pivot | sum of
-// deviations | sum of squared deviations][C], rows of `width` pixels): each row's mean and sum of squared
-// deviations, merged in row order with Chan's parallel formula in float64. Deterministic, and numerically safe:
-// no E[y^2] - E[y]^2 over the batch (a row's sums are of deviations from one of its own values).
-template <typename stat_t>
-void merge_row_stats_typed(const stat_t* p, int64_t rows, int64_t C, int64_t width, int64_t M,
-                           std::vector<double>& mean, std::vector<double>& var) {
-  const double nb = double(width), inv_nb = 1.0 / nb;
-  // Rows outer, channels inner (contiguous, vectorized); each channel's arithmetic is the same sequence as a loop
-  // over rows for that channel alone. The per-row factors are hoisted out of the channel loop (the divisions in
-  // it had cost as much as the batch's normalize pass at 7x7).
-  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
-    std::vector<double> mu(c1 - c0, 0.0), m2(c1 - c0, 0.0);
-    double* __restrict mu_p = mu.data();
-    double* __restrict m2_p = m2.data();
-    double n = 0.0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const stat_t* __restrict pivot = p + r * 3 * C + c0;
-      const stat_t* __restrict sum = pivot + C;
-      const stat_t* __restrict sq = sum + C;
-      const double n_new = n + nb, f = nb / n_new, h = n * nb / n_new;
-#pragma omp simd
-      for (int64_t c = 0; c < c1 - c0; ++c) {
-        const double s = double(sum[c]), mean_b = double(pivot[c]) + s * inv_nb;
-        const double m2_b = std::max(0.0, double(sq[c]) - s * s * inv_nb);
-        const double delta = mean_b - mu_p[c];
-        mu_p[c] += delta * f;
-        m2_p[c] += m2_b + delta * delta * h;
-      }
-      n = n_new;
-    }
-    for (int64_t c = c0; c < c1; ++c) {
-      mean[c] = mu[c - c0];
-      var[c] = m2[c - c0] / double(M);
-    }
-  });
-}
-
-void merge_row_stats(const at::Tensor& row_stats, int64_t width, int64_t M, std::vector<double>& mean,
-                     std::vector<double>& var) {
-  const at::Tensor st = row_stats.contiguous();
-  const int64_t rows = st.size(0), C = st.size(2);
-  if (st.scalar_type() == at::kDouble) merge_row_stats_typed(st.data_ptr<double>(), rows, C, width, M, mean, var);
-  else merge_row_stats_typed(st.to(at::kFloat).data_ptr<float>(), rows, C, width, M, mean, var);
-}
-
 std::vector<double> tensor_to_doubles(const at::Tensor& t) {
   const at::Tensor d = t.to(at::kDouble).contiguous();
   return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
@@ -233,6 +188,24 @@ at::Tensor doubles_to_tensor(const std::vector<double>& v, const at::TensorOptio
   std::copy(v.begin(), v.end(), t.data_ptr<double>());
   return t;
 }
+
+// Data gradient of a stride-1 convolution, dX = conv2d(grad_y, W flipped and transposed within each group), by the
+// forward kernel's plan for it (GradPlan::data_plan): a channels_last tensor of grad_y's dtype.
+at::Tensor conv_data_grad(const ConvGeom& g, const GradPlan& plan, const at::Tensor& grad_y,
+                              const at::Tensor& weight) {
+  TORCH_INTERNAL_ASSERT(g.stride_h == 1 && g.stride_w == 1, "conv_data_grad: stride-1 convolutions only");
+  const ConvGeom& t = plan.data_geom;
+  // W'[group * c_in + i][j][kh][kw] = W[group * c_out + j][i][KH - 1 - kh][KW - 1 - kw]
+  const int64_t G = g.groups, c_in = g.C_in / G, c_out = g.C_out / G;
+  const at::Tensor w_t = weight.reshape({G, c_out, c_in, g.KH, g.KW})
+                             .transpose(1, 2)
+                             .flip({3, 4})
+                             .reshape({g.C_in, c_out, g.KH, g.KW})
+                             .contiguous();
+  return conv_affine_nhwc_cpu(plan.data_plan, t, grad_y, w_t, at::Tensor(), at::Tensor(), std::nullopt,
+                              /*relu=*/false);
+}
+
 
 void check_train_bn_args(const char* op, const at::Tensor& input, const ConvGeom& g,
                          const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
@@ -328,19 +301,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     });
   });
   at::Tensor grad_input, grad_weight;
-  const bool own_weight_grad = output_mask[1] && weight_grad_kernel_preferred(g, input.scalar_type());
-  const bool own_data_grad = output_mask[0] && data_grad_kernel_preferred(g, input.scalar_type());
+  const GradPlan plan = plan_cpu_conv_grads(g, input.scalar_type());
+  const bool own_weight_grad = output_mask[1] && plan.weight != WeightGradSource::kAten;
+  const bool own_data_grad = output_mask[0] && plan.data != DataGradSource::kAten;
   const bool aten_data = output_mask[0] && !own_data_grad, aten_weight = output_mask[1] && !own_weight_grad;
-  if (aten_data || aten_weight) {
+  if (aten_data || aten_weight) {  // one call for both: a scope for each gradient it computes
+    std::optional<PathScope> data_scope, weight_scope;
+    if (aten_data) data_scope.emplace(grad_scope(DataGradSource::kAten));
+    if (aten_weight) weight_scope.emplace(grad_scope(WeightGradSource::kAten));
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation,
                                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
                                           {aten_data, aten_weight, false});
     if (aten_data) grad_input = std::get<0>(grads);
     if (aten_weight) grad_weight = std::get<1>(grads);
   }
-  if (own_data_grad) grad_input = conv_data_grad_cpu(g, grad_y, weight);
+  if (own_data_grad) {
+    const PathScope scope(grad_scope(plan.data));
+    grad_input = conv_data_grad(g, plan, grad_y, weight);
+  }
   if (output_mask[0]) grad_input = grad_input.contiguous(input.suggest_memory_format());
-  if (own_weight_grad) grad_weight = conv_weight_grad_cpu(g, input, grad_y);
+  if (own_weight_grad) {
+    const PathScope scope(grad_scope(plan.weight));
+    grad_weight = conv_weight_grad_cpu(g, plan.wgrad, input, grad_y);
+  }
   if (output_mask[1]) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   const at::TensorOptions acc_options = input.options().dtype(acc_type_of(input.scalar_type()));
   auto empty = [&](const at::TensorOptions& o) { return at::empty({0}, o); };

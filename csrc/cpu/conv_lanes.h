@@ -1,14 +1,14 @@
-// Channel-lane path of the CPU fused conv kernel: grouped convolutions whose groups have c = C_in / groups =
-// C_out / groups channels, c dividing the vector width L (ResNeXt-50's 4 and 8 channels per group at stages
-// 1-2, 2 at narrower widths), kernel width 3.
+// Lanes path of the CPU conv kernel: grouped convolutions whose groups have c = C_in / groups = C_out / groups
+// channels, c of 2, 4 or 8 (dividing the vector width L: ResNeXt-50's 4 and 8 channels per group at stages 1-2),
+// kernel width 3.
 //
-// The expand path (conv_blocked.h) puts output channels in the lanes, so each input pixel must first be
+// The expand path (conv_expand.h) puts output channels in the lanes, so each input pixel must first be
 // expanded into c permuted copies, and its microkernel streams that L2-sized copy at one load per
 // multiply-add. Here the lanes of a vector are L consecutive *input* channels (L / c whole groups): a tap's
 // input is one contiguous load straight from the NHWC tensor, and accumulator acc[p][j] holds, in lane
 // (group, ci), the running sum over taps of x[ci] * w[group * c + j][ci] for output pixel p. After the last
 // tap a transpose-add tree (2 (c - 1) two-source shuffles and c - 1 adds) turns the c accumulators of a
-// pixel into one vector of the same L channels as outputs, in channel order, which gets the blocked path's
+// pixel into one vector of the same L channels as outputs, in channel order, which gets the other vector paths'
 // epilogue (shift, residual, ReLU, row statistics).
 //
 // Weights are packed per vector of channels as wl[cb][kh][kw][j][lane] (BN scale folded in), so one
@@ -16,16 +16,13 @@
 // row and shared by all channel blocks; out-of-image columns point at a row of zeros, out-of-image rows are
 // skipped, so the microkernel has no bounds branches.
 //
-// Included by conv_bn_relu.cpp only (always_inline, compiled once per ISA entry point there).
+// Included by conv_lanes.cpp only (always_inline, compiled once per ISA entry point there).
 #pragma once
 
-#include "cpu/conv_blocked.h"
+#include "cpu/conv_problem.h"
 
 namespace rk {
 namespace cpu {
-
-// Kernel width the channel-lane path is unrolled for.
-constexpr int kLaneKernelWidth = 3;
 
 // One level of the transpose-add tree: within each block of 2B lanes, the first B lanes get x's pairs
 // (l, l + B) summed and the last B lanes get y's.
@@ -53,9 +50,9 @@ RK_ALWAYS_INLINE typename V::vec transpose_add(const typename V::vec* a) {
   }
 }
 
-// Pixels per microkernel, measured on Zen 4 (AVX-512) for 2/4/8 channels per group: the TP * C accumulators,
-// the C weight vectors of a tap (kept in registers and shared by the TP pixels) and an input vector must fit the
-// register file without spills, and at 8 channels one pixel (weights as memory operands) measured as fast as two.
+// Pixels per microkernel for 2/4/8 channels per group: the TP * C accumulators, the C weight vectors of a tap (kept
+// in registers and shared by the TP pixels) and an input vector must fit the register file without spills; at 8
+// channels one pixel (weights as memory operands) measured as fast as two.
 template <class V, int C>
 constexpr int lane_pixels_per_block() {
   if constexpr (C == 8) return 1;
@@ -66,7 +63,7 @@ constexpr int lane_pixels_per_block() {
 // TP output pixels of one row x the L channels from c0: all taps, then the epilogue. src[kh * tbl_stride +
 // p * 3 + kw] points at the input pixel of (p, kh, kw) (channel 0) or at zeros.
 template <class V, int C, int TP, typename scalar_t>
-RK_ALWAYS_INLINE void lane_microkernel(const BlockedProblem<scalar_t>& P, const bool* row_ok,
+RK_ALWAYS_INLINE void lane_microkernel(const ConvProblem<scalar_t>& P, const bool* row_ok,
                                        const scalar_t* const* src, int64_t tbl_stride, int64_t c0, const float* w,
                                        scalar_t* out) {
   using vec = typename V::vec;
@@ -96,10 +93,8 @@ RK_ALWAYS_INLINE void lane_microkernel(const BlockedProblem<scalar_t>& P, const 
   }
   const vec shift = vload<V>(P.shift + c0);
   for (int p = 0; p < TP; ++p) {
-    // A copy, so that acc's address is never taken: with acc[p] passed to transpose_add, GCC kept all TP * C
-    // accumulators in memory and stored each one back after every multiply-add of the tap loop (AVX-512, 5 pixels x
-    // 4 channels: a store per FMA). Copied: 1.24x faster at ResNeXt-50 stage 1 on a Sapphire Rapids class Xeon; the
-    // AVX2 build (2 pixels) was unchanged.
+    // A copy, so that acc's address is never taken: with acc[p] passed to transpose_add, GCC keeps all TP * C
+    // accumulators in memory and stores each one back after every multiply-add of the tap loop.
     vec a[C];
     for (int j = 0; j < C; ++j) a[j] = acc[p][j];
     vec r = transpose_add<V, C>(a) + shift;
@@ -115,7 +110,7 @@ RK_ALWAYS_INLINE void lane_microkernel(const BlockedProblem<scalar_t>& P, const 
 
 // The microkernel on np (<= TP) pixels, as a block of exactly that width.
 template <class V, int C, int TP, typename scalar_t>
-RK_ALWAYS_INLINE void lane_microkernel_tail(int np, const BlockedProblem<scalar_t>& P, const bool* row_ok,
+RK_ALWAYS_INLINE void lane_microkernel_tail(int np, const ConvProblem<scalar_t>& P, const bool* row_ok,
                                             const scalar_t* const* src, int64_t tbl_stride, int64_t c0,
                                             const float* w, scalar_t* out) {
   if constexpr (TP > 1) {
@@ -129,13 +124,13 @@ RK_ALWAYS_INLINE void lane_microkernel_tail(int np, const BlockedProblem<scalar_
 // Computes output rows [row_begin, row_end) (row = n * OH + oh). P.wp is the lane-packed weight; tbl is the
 // thread's pointer table of KH * OW * 3 entries.
 template <class V, int C, typename scalar_t>
-RK_ALWAYS_INLINE void lane_rows(const BlockedProblem<scalar_t>& P, const scalar_t** tbl, int64_t row_begin,
+RK_ALWAYS_INLINE void lane_rows(const ConvProblem<scalar_t>& P, const scalar_t** tbl, int64_t row_begin,
                                 int64_t row_end) {
   constexpr int L = V::kLanes, KW = kLaneKernelWidth;
   constexpr int TP = lane_pixels_per_block<V, C>();
   const ConvGeom& g = *P.g;
   const int64_t C_in = g.C_in, C_out = g.C_out, tbl_stride = g.OW * KW;
-  bool row_ok[kMaxBlockedKernel];
+  bool row_ok[kMaxVectorKernel];
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t n = row / g.OH, oh = row % g.OH;
     const int64_t ih0 = oh * g.stride_h - g.pad_h;
@@ -153,12 +148,10 @@ RK_ALWAYS_INLINE void lane_rows(const BlockedProblem<scalar_t>& P, const scalar_
       }
     }
     scalar_t* out_row = P.out + row * g.OW * C_out;
-    // Input rows the next output row of the image reads and this one does not (usually one: coming from DRAM,
-    // its first touch stalled the microkernel; prefetching it measured 20% faster at ResNeXt-50 stage 1 on Zen 3).
-    // Each channel block prefetches its lines of those rows spread over its pixel blocks, a few pixels each: issued
-    // all at once, on a Sapphire Rapids class Xeon the prefetches stalled on full fill buffers (a sixth of the
-    // kernel's samples), and spreading them measured 1.06-1.31x faster at stage 1, 1.14x at stage 2's stride-2 block.
-    int64_t next_rows[kMaxBlockedKernel];
+    // Input rows the next output row of the image reads and this one does not (usually one, coming from DRAM: its
+    // first touch would stall the microkernel), prefetched. Each channel block prefetches its lines of those rows
+    // spread over its pixel blocks, a few pixels each: issued all at once, they can stall on full fill buffers.
+    int64_t next_rows[kMaxVectorKernel];
     int n_next = 0;
     for (int32_t kh = 0; kh < g.KH && oh + 1 < g.OH; ++kh) {
       const int64_t ih = ih0 + g.stride_h + int64_t(kh) * g.dil_h;
@@ -186,7 +179,7 @@ RK_ALWAYS_INLINE void lane_rows(const BlockedProblem<scalar_t>& P, const scalar_
 }
 
 template <class V, typename scalar_t>
-RK_ALWAYS_INLINE void lane_rows_dispatch(const BlockedProblem<scalar_t>& P, const scalar_t** tbl, int c,
+RK_ALWAYS_INLINE void lane_rows_dispatch(const ConvProblem<scalar_t>& P, const scalar_t** tbl, int c,
                                          int64_t row_begin, int64_t row_end) {
   switch (c) {
     case 2: return lane_rows<V, 2>(P, tbl, row_begin, row_end);

@@ -6,13 +6,13 @@
 //   Y = A^T [ (G w G^T) .* (B^T d B) ] A
 // with B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1] and
 // A^T = [1 1 1 0; 0 1 -1 -1]. The weight transform U = G w G^T (BN scale folded in) is done once per call
-// (winograd_pack_group). Per point p of the 4x4 transform domain, the products summed over a
+// (winograd_pack_block). Per point p of the 4x4 transform domain, the products summed over a
 // group's input channels are a small GEMM, M_p[tile][co] = sum_ci V_p[tile][ci] U_p[ci][co]: the direct
 // convolution's 9 multiply-adds per (output pixel, ci, co) become 4 (2.25x fewer), for the price of the input and
 // output transforms (adds only). All transform coefficients are 0, +-1 and 1/2, so the results stay within a few
 // float32 rounding steps of the direct sum (the tests hold both to the same float64 reference tolerances).
 //
-// F(4x4, 3x3) (WinogradF4, from kWinograd4MinTiles tiles on) computes a 4x4 block of outputs from a 6x6
+// F(4x4, 3x3) (WinogradF4, from 8 tiles on: the planner's choice, conv_plan.cpp) computes a 4x4 block of outputs from a 6x6
 // block of inputs with 36 multiplies per channel pair instead of 144: 2.25 per output instead of F(2x2)'s 4, 4x
 // fewer than direct. Its matrices (kWinograd4BT, kWinograd4AT, and G in winograd_weight_apply) come from the points
 // 0, 1, -1, 1/2, -2 and infinity; its float32 error is a few times direct summation's (1-2e-6 of the output scale
@@ -25,32 +25,20 @@
 //   2. GEMMs (winograd_gemm): per point p, group and NV vectors of output channels, a register-blocked TB x NV
 //      microkernel (each V value broadcast, each U vector shared by the TB tiles) -> mbuf[p][tile][c]; on AVX-512,
 //      two groups of 8 share 16-lane GEMMs (winograd_gemm_paired, channels interleaved; see winograd_paired);
-//   3. output transform (winograd_output_transform, winograd4_output_transform) with the blocked path's epilogue
+//   3. output transform (winograd_output_transform, winograd4_output_transform) with the vector paths' epilogue
 //      (winograd_store_row): shift, ReLU, store of the outputs inside the image, and row statistics for the
 //      training form (a row's tiles come in order, so the first one sets the pivot). No residual: a call with one
 //      takes the other paths (the bottleneck adds it to its last, 1x1, convolution).
 // While a block's GEMMs and output transform run, software prefetches bring in the next block's input windows and
-// this block's output lines (WinogradPrefetch): interleaved A/B, N=8, 2 threads, inference: 1.10-1.15x faster at
-// ResNeXt-50 stage 2, 1.18-1.22x at stage 3, 1.09-1.11x at stage 4.
-// Per-phase timing of F(2x2) at ResNeXt-50 stage 3 (one thread, N=8, phases skipped one at a time): the GEMMs take
-// about 60% of the time, the two transforms about 30%, the weight transform and setup about 10%.
+// this block's output lines (WinogradPrefetch). The GEMMs take most of the time, the two transforms most of the rest.
 //
-// Included by conv_bn_relu.cpp only (always_inline, compiled once per ISA entry point there).
+// Included by conv_winograd.cpp only (always_inline, compiled once per ISA entry point there).
 #pragma once
 
-#include "cpu/conv_blocked.h"
+#include "cpu/conv_problem.h"
 
 namespace rk {
 namespace cpu {
-
-// 8-lane (ymm) vectors in AVX-512 code, which has 32 of them: for groups of 8 channels where their count is odd (two
-// groups of 8 otherwise share 16-lane vectors: winograd_paired).
-struct Avx512YmmVec {
-  typedef float vec __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
-  static constexpr int kAccRegs = 24;
-  static constexpr int kMaxBroadcastVectors = 4;  // of 32 registers, as Avx512Vec
-};
 
 // The two tile sizes: F(2x2, 3x3) (4x4 input tiles, 16 transform points) and F(4x4, 3x3) (6x6 input tiles, 36 points).
 struct WinogradF2 {
@@ -59,19 +47,12 @@ struct WinogradF2 {
 struct WinogradF4 {
   static constexpr int kTile = 4, kPoints = 36;
 };
-// F(4x4) tiles (N * ceil(OH / 4) * ceil(OW / 4)) from which F(4x4, 3x3) runs instead of F(2x2, 3x3). Its GEMMs do
-// 1.78x fewer multiply-adds (36 per 16 outputs against 16 per 4), its weight transform 2.25x more (36 points per
-// kernel against 16), which a few tiles do not pay back. Measured on ResNeXt-50's 7x7 stage 4 (Zen 3, AVX2, 2
-// threads, interleaved A/B): F(2x2)/F(4x4) time 0.91 at N = 1 (4 tiles), 1.05 at N = 2, 1.14 at N = 4, 1.35 at N = 8;
-// at 14x14 (16 tiles per image) 1.31 at N = 1; 1.17-1.67 at the other ResNeXt-50 and 101 stride-1 stages, N = 1
-// and 8.
-constexpr int64_t kWinograd4MinTiles = 8;
 // Tiles per block at most.
 constexpr int kMaxWinogradTiles = 24;
 
-// F(4x4, 3x3) from the interpolation points 0, 1, -1, 1/2, -2 and infinity. Against the common 0, +-1, +-2 this
-// measured 2-3x less float32 error (1-2e-6 of the output scale at 8-64 channels per group, direct summation
-// 3-9e-7; the +-2 set 3-5e-6), for a few more adds in the input transform (its rows are not pairwise symmetric).
+// F(4x4, 3x3) from the interpolation points 0, 1, -1, 1/2, -2 and infinity: 2-3x less float32 error than the
+// common 0, +-1, +-2 (1-2e-6 of the output scale at 8-64 channels per group against 3-5e-6; direct summation
+// 3-9e-7), for a few more adds in the input transform (its rows are not pairwise symmetric).
 // B^T and A^T hold only values exact in binary; G (the weight transform, winograd_weight_apply)
 // has thirds and fifteenths.
 inline constexpr float kWinograd4BT[6][6] = {
@@ -79,16 +60,6 @@ inline constexpr float kWinograd4BT[6][6] = {
     {0, -2, -1, 2, 1, 0},       {0, 0.5f, -1, -0.5f, 1, 0},   {0, 1, -1.5f, -2, 1.5f, 1}};
 inline constexpr float kWinograd4AT[4][6] = {
     {1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0}, {0, 1, -1, 0.125f, -8, 1}};
-
-// Work-item order (see winograd_items): image-major while the transformed weights of all groups, 16 C_in C_out / groups
-// floats, fit in this many bytes (about an L2), group-major beyond. Measured on ResNeXt-50 (2 threads): the orders
-// tie at stages 2-3 (128 and 512 KB of U); at stage 4 (2 MB) group-major took 1.04 ms against image-major's 1.16.
-constexpr int64_t kImageMajorWeightBytes = 1024 * 1024;
-
-template <class F>
-inline bool winograd_image_major(const ConvGeom& g) {
-  return F::kPoints * g.C_in * (g.C_out / g.groups) * int64_t(sizeof(float)) <= kImageMajorWeightBytes;
-}
 
 // The weight transform's source: the conv weight read through its strides (a channels_last module's weight would
 // otherwise be copied on every call), and the folded BN scale per output channel.
@@ -102,8 +73,8 @@ struct WinogradPackArgs {
 // The transformed weights U, block by block (a block: the CB channels winograd_items works on at a time; see
 // winograd_ublock_floats): packed for all blocks before the work (image-major order, where every thread needs every
 // block), or transformed block by block by the thread that works on the block (group-major order), into its own
-// buffer: no pass writing and re-reading all groups' U (2 MB of F(2x2) U at ResNeXt-50's stage 4, where this
-// measured 0.98-1.02 against 1.05-1.17 ms in an interleaved A/B).
+// buffer: no pass writing and re-reading all groups' U (2 MB of F(2x2) U at ResNeXt-50's stage 4). The planner picks
+// the order (ConvPlan::winograd_image_major); WinogradWeights::packed is set exactly in image-major order.
 template <typename scalar_t>
 struct WinogradWeights {
   const float* packed;                   // all blocks, or null
@@ -112,12 +83,11 @@ struct WinogradWeights {
 
 // Floats from one point's [CIN][COUT] block of U to the next's: one cache line more than the block, so that the
 // alpha^2 stores of one vector of (ci, co) pairs in winograd_pack_block go to different L1 sets (with 32 channels
-// per group a 4 KB stride had put all 36 of them in one set).
+// per group a 4 KB stride would put all 36 of them in one set).
 constexpr int64_t winograd_point_stride(int64_t cin, int64_t cout) { return cin * cout + 16; }
 
 // Paired groups: with 8 channels per group and 16-lane vectors (AVX-512), the two groups of a block share 16-lane
-// GEMMs instead of running 8-lane ones each (half the FMAs where a 512-bit FMA is as fast as a 256-bit one, as on
-// Zen 5: stage 2 of ResNeXt-50, N=8, float32, inference 1.17x faster, data gradient 1.09x, training forward 1.05x).
+// GEMMs instead of running 8-lane ones each (half the FMAs, a gain where a 512-bit FMA is as fast as a 256-bit one).
 // Channels are then interleaved in the transform domain, lane 2 i + s = channel i of the block's group s: the input
 // transform stores V that way, so the two groups' values of one input channel are adjacent and one 64-bit broadcast
 // gives the GEMM its multiplier (a, b, a, b, ...); U holds [ci][2 co + s]; the output transform de-interleaves its
@@ -186,8 +156,8 @@ RK_ALWAYS_INLINE void winograd_weight_apply(vec x0, vec x1, vec x2, vec* y) {
 // interleaved lane order (winograd_paired). The kernels of a chunk of input channels are first gathered into
 // k[ci][tap][co] through the weight's strides (consecutive ci innermost: contiguous reads of a channels_last weight),
 // then transformed in registers on vectors of L output channels: G down the kernel's three columns, then along the
-// alpha resulting rows, each point stored once. (It had been a loop of out-of-line calls on one row of CPG values
-// each: 29% of the samples at ResNeXt-50's stage 4 on a Zen 5, where F(4x4) transforms 1024 x 32 kernels per call.)
+// alpha resulting rows, each point stored once (F(4x4) transforms 1024 x 32 kernels per call at ResNeXt-50's stage 4:
+// no out-of-line call per row).
 template <class F, class V, int CIN, int COUT, bool ILV, typename scalar_t>
 RK_ALWAYS_INLINE void winograd_pack_block(const WinogradPackArgs<scalar_t>& a, int64_t co0, float* __restrict u) {
   using vec = typename V::vec;
@@ -333,7 +303,7 @@ RK_ALWAYS_INLINE void winograd_gemm_paired_tail(int nt, const float* v, const fl
 // columns carries over to the next tile. Input rows outside the image read as zeros (a zero stride into zero_input),
 // and so do columns outside it.
 template <class V, int TB, int CB, bool ILV, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+RK_ALWAYS_INLINE void winograd_input_transform(const ConvProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                int64_t tiles_w, int64_t t0, int nt, float* vbuf) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
@@ -389,7 +359,7 @@ RK_ALWAYS_INLINE void winograd_input_transform(const BlockedProblem<scalar_t>& P
 // The output transforms' epilogue for the `cols` pixels y of output row oy of image n from column ox0, channels
 // ch..ch+L: + shift, ReLU, store, and the training form's row statistics.
 template <class V, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, const typename V::vec* y, int cols,
+RK_ALWAYS_INLINE void winograd_store_row(const ConvProblem<scalar_t>& P, const typename V::vec* y, int cols,
                                          typename V::vec shift, int64_t n, int64_t oy, int64_t ox0, int64_t ch) {
   using vec = typename V::vec;
   const ConvGeom& g = *P.g;
@@ -410,7 +380,7 @@ RK_ALWAYS_INLINE void winograd_store_row(const BlockedProblem<scalar_t>& P, cons
 
 // Step 3 for the same tiles: y = A^T m A + shift (ReLU), stored where inside the output.
 template <class V, int TB, int CB, bool ILV, typename scalar_t, class Prefetch>
-RK_ALWAYS_INLINE void winograd_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+RK_ALWAYS_INLINE void winograd_output_transform(const ConvProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                 int64_t tiles_w, int64_t t0, int nt, const float* mbuf,
                                                 const Prefetch& pf, int step0) {
   using vec = typename V::vec;
@@ -476,7 +446,7 @@ RK_ALWAYS_INLINE void winograd_apply(const float (&m)[R][C], const vec* x, vec* 
 // go to a ring of six slots in L1 (six columns of six vectors do not fit the registers with the rest), and each
 // of the tile's six rows is then transformed from the six slots it spans.
 template <class V, int TB, int CB, bool ILV, typename scalar_t>
-RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+RK_ALWAYS_INLINE void winograd4_input_transform(const ConvProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                 int64_t tiles_w, int64_t t0, int nt, float* vbuf) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
@@ -531,7 +501,7 @@ RK_ALWAYS_INLINE void winograd4_input_transform(const BlockedProblem<scalar_t>& 
 // winograd_output_transform. A^T goes down the six columns of m first (into 4 x 6 vectors in L1), then along the
 // four resulting rows.
 template <class V, int TB, int CB, bool ILV, typename scalar_t, class Prefetch>
-RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>& P, int64_t n, int64_t c0,
+RK_ALWAYS_INLINE void winograd4_output_transform(const ConvProblem<scalar_t>& P, int64_t n, int64_t c0,
                                                  int64_t tiles_w, int64_t t0, int nt, const float* mbuf,
                                                  const Prefetch& pf, int step0) {
   using vec = typename V::vec;
@@ -567,18 +537,15 @@ RK_ALWAYS_INLINE void winograd4_output_transform(const BlockedProblem<scalar_t>&
 // Software prefetch while a tile block's GEMMs and output transform run: the input windows of the next block's tiles
 // and the output pixels of this block's, the channels [c0, c0 + CB) of each pixel. In channels_last a tile's pixels
 // are C_in (C_out) floats apart, and a 6-row window crosses a 4 KB page every few pixels, which the hardware
-// prefetchers do not follow: in a profile at ResNeXt-50 stage 2 the first touches of input and output lines took a
-// fifth of the kernel's time.
+// prefetchers do not follow, so the first touches of input and output lines would stall the kernel.
 // The work is cut into units, one output row of a this-block tile or one input row of a next-block tile, spread
-// evenly over the points' GEMMs and the output transform's tiles (step(k) issues the k-th share). Spreading the
-// next block's input over the output transform too measured 1.03-1.06x faster at stage 2 than over the GEMMs
-// alone (interleaved A/B), where the prefetch instructions had stalled on full miss buffers. On a Sapphire Rapids
-// class Xeon, whose L2 streamer follows these accesses, the same prefetches cost time instead (without them:
-// 1.03-1.11x faster at stage 2, 1.03-1.04x at stage 3 in inference), so Intel CPUs run without them, except where
-// an input pixel spans a whole page (BlockedProblem::prefetch, winograd_prefetches in conv_bn_relu.cpp).
+// evenly over the points' GEMMs and the output transform's tiles (step(k) issues the k-th share): issued over the
+// GEMMs alone, the prefetch instructions stall on full miss buffers. Intel CPUs, whose L2 streamer follows these
+// accesses, measured faster without them, except where an input pixel spans a whole page (ConvProblem::prefetch,
+// set by the planner).
 template <int S, int CB, typename scalar_t>
 struct WinogradPrefetch {
-  const BlockedProblem<scalar_t>* P;
+  const ConvProblem<scalar_t>* P;
   int64_t tiles_w;
   int64_t in_n, in_c0, in_t0;  // next block: image, channels, first tile
   int in_nt;                   // its tiles (0: none)
@@ -630,7 +597,7 @@ struct WinogradPrefetch {
 // vbuf and mbuf hold F::kPoints * TB * CB floats each, ubuf winograd_ublock_floats (the block's U when W.packed is
 // null).
 template <class F, class VT, class VG, int CPG, typename scalar_t>
-RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const WinogradWeights<scalar_t>& W, float* vbuf,
+RK_ALWAYS_INLINE void winograd_items(const ConvProblem<scalar_t>& P, const WinogradWeights<scalar_t>& W, float* vbuf,
                                      float* mbuf, float* ubuf, int64_t begin, int64_t end) {
   constexpr int NV = std::min(VG::kMaxBroadcastVectors, CPG / VG::kLanes);
   constexpr int TB = winograd_tiles_per_block<VG, NV>();
@@ -644,7 +611,7 @@ RK_ALWAYS_INLINE void winograd_items(const BlockedProblem<scalar_t>& P, const Wi
   constexpr int64_t UBLOCK = winograd_ublock_floats(NP, CPG, VT::kLanes);
   constexpr int GEMMS = PAIRED ? NP : NP * (CB / CPG);  // GEMM calls per tile block
   const int64_t tiles_w = (g.OW + S - 1) / S, tiles = ((g.OH + S - 1) / S) * tiles_w, blocks = g.C_out / CB;
-  const bool image_major = winograd_image_major<F>(g);
+  const bool image_major = W.packed != nullptr;  // the planner's choice (ConvPlan::winograd_image_major)
   // Equal blocks: 49 tiles at TB = 24 go as 17 + 16 + 16, not 24 + 24 + 1.
   const int64_t tile_blocks = (tiles + TB - 1) / TB, per_block = (tiles + tile_blocks - 1) / tile_blocks;
   int64_t ubuf_c0 = -1;  // the block whose U ubuf holds

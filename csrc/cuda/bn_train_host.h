@@ -15,10 +15,13 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
+#include <optional>
 #include <tuple>
 
+#include "common/path_scope.h"
 #include "cuda/conv_bn_relu_host.h"
 #include "cuda/conv_wgrad_tc_host.h"
+#include "cuda/cuda_plan.h"
 #include "cuda/kernels/bn_train.cuh"
 #include "cuda/kernels/conv_wgrad.cuh"
 
@@ -150,8 +153,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   cuda_kernels::TcPlan tc;
   if (conv_tc_unsupported_reason(g, input.scalar_type(), &tc) == nullptr) {
     // Tensor cores: the statistics come from the convolution's epilogue, y is read once more to normalize.
+    std::optional<PathScope> conv_scope(kCudaTcScope);
     auto [y, mean, var, a, b] =
         conv_tc_train(op, g, tc, input.contiguous(at::MemoryFormat::ChannelsLast), weight, gamma, beta, eps, stream);
+    conv_scope.reset();
+    const PathScope scope(kCudaBnStatsScope);
     const at::Tensor out = normalize_relu_vec8(op, y, a, b, relu, stream);
     return {out.contiguous(conv_output_memory_format(input, weight)), y, mean, var};
   }
@@ -160,6 +166,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor mean = at::empty({C}, acc_opts), var = at::empty({C}, acc_opts);
   at::Tensor a = at::empty({C}, acc_opts), b = at::empty({C}, acc_opts);
   at::Tensor out = at::empty_like(y);
+  const PathScope scope(kCudaBnStatsScope);
   dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
     using T = decltype(t);
     using Acc = decltype(acc_v);
@@ -203,37 +210,88 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_t
   at::Tensor k[3] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts), at::empty({C}, acc_opts)};
   at::Tensor bn_grads[2] = {at::empty({C}, acc_opts), at::empty({C}, acc_opts)};  // gamma, beta
   at::Tensor grad_y = at::empty_like(conv_out);
-  dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
-    using T = decltype(t);
-    using Acc = decltype(acc_v);
-    affine_only<T, Acc>(op, C, eps, gamma, beta, mean, var, a, b, stream);
-    reduce_and_finalize<T, Acc>(op, conv_out, &go, M, C, cuda_kernels::Partial::kBackward,
-                                cuda_kernels::Finalize::kBackward, relu, eps, gamma, beta, mean, var, a, b, k, bn_grads,
-                                stream);
-    check_launch(launch_kernel(cuda_kernels::bn_relu_backward_kernel<T, Acc>, dim3(elementwise_blocks(M * C)), dim3(256),
-                               0, stream, reinterpret_cast<const T*>(conv_out.const_data_ptr()),
-                               reinterpret_cast<const T*>(go.const_data_ptr()), mean.const_data_ptr<Acc>(),
-                               a.const_data_ptr<Acc>(), b.const_data_ptr<Acc>(), k[0].const_data_ptr<Acc>(),
-                               k[1].const_data_ptr<Acc>(), k[2].const_data_ptr<Acc>(), M, C, relu,
-                               reinterpret_cast<T*>(grad_y.mutable_data_ptr())),
-                 op);
-  });
+  std::optional<PathScope> bn_scope(kCudaBnBackwardScope);
+  const at::ScalarType dt = input.scalar_type();
+  if ((dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat) && C % 8 == 0) {  // 16-byte passes over y, grad
+    using namespace cuda_kernels;
+    const Vec8Plan plan = vec8_plan(M, C);
+    at::Tensor partial = at::empty({plan.grid_x * 2 * C}, acc_opts);
+    tc_detail::dispatch_tc(input.scalar_type(), [&](auto t) {
+      using T = decltype(t);
+      affine_only<T, float>(op, C, eps, gamma, beta, mean, var, a, b, stream);
+      const dim3 grid(unsigned(plan.grid_x), unsigned(plan.grid_y));
+      const T* yp = reinterpret_cast<const T*>(conv_out.const_data_ptr());
+      const T* gp = reinterpret_cast<const T*>(go.const_data_ptr());
+      check_launch(launch_kernel(bn_backward_sums_vec8_kernel<T>, grid, dim3(kVec8Threads),
+                                 vec8_smem_bytes(plan, 3), stream, yp, gp, mean.const_data_ptr<float>(),
+                                 a.const_data_ptr<float>(), b.const_data_ptr<float>(), M, C, relu, plan,
+                                 partial.mutable_data_ptr<float>()),
+                   op);
+      float* none = nullptr;
+      check_launch(launch_kernel(channel_finalize_kernel<float>, dim3(unsigned((C + 127) / 128)), dim3(128), 0, stream,
+                                 partial.const_data_ptr<float>(), plan.grid_x, M, C, Finalize::kBackward, eps,
+                                 ptr_or_null<float>(gamma), ptr_or_null<float>(beta), mean.mutable_data_ptr<float>(),
+                                 var.mutable_data_ptr<float>(), none, none, k[0].mutable_data_ptr<float>(),
+                                 k[1].mutable_data_ptr<float>(), k[2].mutable_data_ptr<float>(),
+                                 bn_grads[0].mutable_data_ptr<float>(), bn_grads[1].mutable_data_ptr<float>()),
+                   op);
+      const size_t smem6 = vec8_smem_bytes(plan, 6);  // above 48 KiB at 2048 channels a block
+      if (smem6 > 48 * 1024) check_launch(set_max_dynamic_smem(bn_relu_backward_vec8_kernel<T>, smem6), op);
+      check_launch(launch_kernel(bn_relu_backward_vec8_kernel<T>, grid, dim3(kVec8Threads), smem6, stream, yp, gp,
+                                 mean.const_data_ptr<float>(), a.const_data_ptr<float>(), b.const_data_ptr<float>(),
+                                 k[0].const_data_ptr<float>(), k[1].const_data_ptr<float>(),
+                                 k[2].const_data_ptr<float>(), M, C, relu, plan,
+                                 reinterpret_cast<T*>(grad_y.mutable_data_ptr())),
+                   op);
+    });
+  } else {
+    dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
+      using T = decltype(t);
+      using Acc = decltype(acc_v);
+      affine_only<T, Acc>(op, C, eps, gamma, beta, mean, var, a, b, stream);
+      reduce_and_finalize<T, Acc>(op, conv_out, &go, M, C, cuda_kernels::Partial::kBackward,
+                                  cuda_kernels::Finalize::kBackward, relu, eps, gamma, beta, mean, var, a, b, k,
+                                  bn_grads, stream);
+      check_launch(launch_kernel(cuda_kernels::bn_relu_backward_kernel<T, Acc>, dim3(elementwise_blocks(M * C)),
+                                 dim3(256), 0, stream, reinterpret_cast<const T*>(conv_out.const_data_ptr()),
+                                 reinterpret_cast<const T*>(go.const_data_ptr()), mean.const_data_ptr<Acc>(),
+                                 a.const_data_ptr<Acc>(), b.const_data_ptr<Acc>(), k[0].const_data_ptr<Acc>(),
+                                 k[1].const_data_ptr<Acc>(), k[2].const_data_ptr<Acc>(), M, C, relu,
+                                 reinterpret_cast<T*>(grad_y.mutable_data_ptr())),
+                   op);
+    });
+  }
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options());
-  const int64_t taps = int64_t(g.KH) * g.KW;
   cuda_kernels::WgradTcPlan wgrad_tc;
-  const bool tc_weight_grad =
-      output_mask[1] && conv_wgrad_tc_unsupported_reason(g, input.scalar_type(), &wgrad_tc) == nullptr;
-  const bool own_weight_grad = output_mask[1] && (tc_weight_grad || (at::globalContext().deterministicAlgorithms() &&
-                                                                     (taps == 9 || taps == 1)));
-  if (output_mask[0] || (output_mask[1] && !own_weight_grad)) {
+  const WeightGradSource wgrad_source =
+      cuda_weight_grad_source(g, input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16,
+                              at::globalContext().deterministicAlgorithms(), &wgrad_tc);
+  const bool own_weight_grad = output_mask[1] && wgrad_source != WeightGradSource::kAten;
+  bn_scope.reset();
+  // The data gradient on the tensor cores where they cover it (stride 1: the forward kernel on grad_y).
+  ConvGeom gd;
+  cuda_kernels::TcPlan dplan;
+  const bool tc_grad_input =
+      output_mask[0] && conv_tc_data_grad_unsupported_reason(g, input.scalar_type(), &gd, &dplan) == nullptr;
+  if (tc_grad_input) {
+    const PathScope scope(kCudaTcDgradScope);
+    grad_input = conv_tc_data_grad(op, g, gd, dplan, grad_y, weight, stream).contiguous(input.suggest_memory_format());
+  }
+  const bool aten_grad_input = output_mask[0] && !tc_grad_input;
+  if (aten_grad_input || (output_mask[1] && !own_weight_grad)) {
+    std::optional<PathScope> data_scope, weight_scope;
+    if (aten_grad_input) data_scope.emplace(kAtenDgradScope);
+    if (output_mask[1] && !own_weight_grad) weight_scope.emplace(kAtenWgradScope);
     auto grads = at::convolution_backward(grad_y, input, weight, std::nullopt, stride, padding, dilation, false, {0, 0},
-                                          groups, {output_mask[0], output_mask[1] && !own_weight_grad, false});
-    if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
+                                          groups, {aten_grad_input, output_mask[1] && !own_weight_grad, false});
+    if (aten_grad_input) grad_input = std::get<0>(grads).contiguous(input.suggest_memory_format());
     if (output_mask[1] && !own_weight_grad) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
   }
-  if (tc_weight_grad) {
+  if (own_weight_grad && wgrad_source == WeightGradSource::kTensorCores) {
+    const PathScope scope(kCudaTcWgradScope);
     grad_weight = conv_wgrad_tc(op, g, wgrad_tc, input, grad_y, stream).contiguous(weight.suggest_memory_format());
   } else if (own_weight_grad) {
+    const PathScope scope(kCudaWgradScope);
     dispatch_train_types(input.scalar_type(), [&](auto t, auto acc_v) {
       grad_weight = weight_grad_cuda<decltype(t), decltype(acc_v)>(op, g, input, grad_y, stream);
     });

@@ -8,7 +8,9 @@
 #include <c10/util/Exception.h>
 
 #include "common/conv_checks.h"
+#include "common/path_scope.h"
 #include "cuda/conv_tc_host.h"
+#include "cuda/cuda_plan.h"
 #include "cuda/kernels/conv_bn_relu_fwd.cuh"
 
 namespace rk {
@@ -44,10 +46,12 @@ inline at::Tensor conv_affine_nhwc_cuda(const char* op, const ConvGeom& g, const
   const char* why = cuda_kernels::conv_bn_relu_fwd_plan(g, dtype == at::kDouble ? sizeof(double) : sizeof(float), &plan);
   TORCH_CHECK(why == nullptr, op, ": not covered: ", why ? why : "");
   cuda_kernels::TcPlan tc;
-  if (conv_tc_unsupported_reason(g, dtype, &tc) == nullptr) {  // float16/bfloat16 on the tensor cores
+  if (conv_tc_unsupported_reason(g, dtype, &tc) == nullptr) {  // the tensor cores
+    const PathScope scope(kCudaTcScope);
     return conv_tc_infer(op, g, tc, input.contiguous(at::MemoryFormat::ChannelsLast), weight, scale.contiguous(),
                          shift.contiguous(), relu, stream);
   }
+  const PathScope scope(kCudaDirectScope);
   at::Tensor out = at::empty({g.N, g.C_out, g.OH, g.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() > 0) {
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);

@@ -14,7 +14,7 @@ namespace rk {
 // conv_wgrad_tc_plan).
 inline const char* conv_wgrad_tc_unsupported_reason(const ConvGeom& g, at::ScalarType dtype,
                                                     cuda_kernels::WgradTcPlan* plan, int width = 0) {
-  return cuda_kernels::conv_wgrad_tc_plan(g, tc_detail::is_half(dtype), plan, width);
+  return cuda_kernels::conv_wgrad_tc_plan(g, dtype == at::kHalf || dtype == at::kBFloat16, plan, width);
 }
 
 // The convolution's weight gradient [C_out][cpg][KH][KW] (contiguous, x's dtype) from x and grad_y (channels_last,
@@ -33,7 +33,14 @@ inline at::Tensor conv_wgrad_tc(const char* op, const ConvGeom& g, const cuda_ke
   const int64_t numel = grad_weight.numel();
   at::Tensor partials;
   if (plan.chunks > 1) partials = at::empty({plan.chunks * numel}, input.options().dtype(at::kFloat));
-  tc_detail::dispatch_half(input.scalar_type(), [&](auto t) {
+  auto dispatch_half = [&](const auto& f) {
+    if (input.scalar_type() == at::kHalf) {
+      f(__half());
+    } else {
+      f(__nv_bfloat16());
+    }
+  };
+  dispatch_half([&](auto t) {
     using T = decltype(t);
     const bool wide = plan.bw == kWtWide;
     auto kernel = plan.taps == 9 ? (wide ? conv_wgrad_tc_kernel<T, 9, true> : conv_wgrad_tc_kernel<T, 9, false>)

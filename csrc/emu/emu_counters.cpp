@@ -350,7 +350,8 @@ const std::map<uintptr_t, std::string>& symtab_of(const std::string& file) {
   const auto* base = static_cast<const unsigned char*>(map);
   const auto* eh = reinterpret_cast<const ElfW(Ehdr)*>(base);
   const size_t size = static_cast<size_t>(st.st_size);
-  if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 && eh->e_shoff + size_t(eh->e_shnum) * sizeof(ElfW(Shdr)) <= size) {
+  const bool elf = std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0;
+  if (elf && eh->e_shoff + size_t(eh->e_shnum) * sizeof(ElfW(Shdr)) <= size) {
     const auto* sh = reinterpret_cast<const ElfW(Shdr)*>(base + eh->e_shoff);
     for (int i = 0; i < eh->e_shnum; ++i) {
       if (sh[i].sh_type != SHT_SYMTAB || sh[i].sh_link >= eh->e_shnum) continue;

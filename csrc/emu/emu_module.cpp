@@ -7,6 +7,7 @@
 #include <ATen/ops/convolution.h>
 
 #include "common/bottleneck_impl.h"
+#include "cuda/backend_select.h"
 #include "cuda/bn_train_host.h"
 #include "cuda/bottleneck_backend.h"
 #include "cuda/conv_bn_relu_host.h"
@@ -22,12 +23,23 @@ PyMODINIT_FUNC PyInit__emu(void) {
 
 namespace {
 
+// The emulator times nothing (its speed means nothing): the run-time choice takes injected times
+// (_backend_fake_times), and without them runs the project's kernels, undecided.
+struct NoTimer {
+  template <typename Ours, typename Library>
+  rk::BackendChooser::Timer operator()(Ours&, Library&) const {
+    return [](rk::CudaBackend) -> double { TORCH_CHECK(false, "the emulator times only with injected times"); };
+  }
+};
+
+bool can_time() { return rk::BackendChooser::instance().fake(); }
+
 at::Tensor conv_bn_relu_infer_emulated(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scale,
                                        const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups, bool relu) {
   TORCH_CHECK(input.device().is_cpu(), "resnext_kernels_emu: the emulated CUDA ops take CPU tensors");
-  return rk::conv_bn_relu_infer_cuda_host(input, weight, scale, shift, stride, padding, dilation, groups, relu,
-                                          /*stream=*/nullptr);
+  return rk::select_infer(input, weight, scale, shift, stride, padding, dilation, groups, relu, /*stream=*/nullptr,
+                          can_time(), NoTimer());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_emulated(
@@ -35,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_em
     const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu) {
   TORCH_CHECK(input.device().is_cpu(), "resnext_kernels_emu: the emulated CUDA ops take CPU tensors");
-  return rk::conv_bn_relu_train_cuda_host(input, weight, bn_weight, bn_bias, eps, stride, padding, dilation, groups,
-                                          relu, /*stream=*/nullptr);
+  return rk::select_train(input, weight, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu,
+                          /*stream=*/nullptr, can_time(), NoTimer());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_backward_emulated(
@@ -45,9 +57,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_train_ba
     const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 3> output_mask) {
   TORCH_CHECK(input.device().is_cpu(), "resnext_kernels_emu: the emulated CUDA ops take CPU tensors");
-  return rk::conv_bn_relu_train_backward_cuda_host(grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias,
-                                                   eps, stride, padding, dilation, groups, relu, output_mask,
-                                                   /*stream=*/nullptr);
+  return rk::select_train_backward(grad_out, input, weight, conv_out, mean, var, bn_weight, bn_bias, eps, stride,
+                                   padding, dilation, groups, relu, output_mask, /*stream=*/nullptr, can_time(),
+                                   NoTimer());
+}
+
+void backend_fake_times(double ours_ms, double library_ms) {
+  rk::BackendChooser::instance().set_fake_times(ours_ms, library_ms);
+}
+
+void backend_reset() {
+  rk::BackendChooser::instance().clear_fake_times();
+  rk::BackendChooser::instance().clear();
+}
+
+int64_t backend_timed() { return rk::BackendChooser::instance().timed(); }
+
+std::tuple<std::string, double, double, std::string> backend_lookup(
+    int64_t form, int64_t device, at::IntArrayRef input_size, at::IntArrayRef weight_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype, bool channels_last,
+    bool relu) {
+  return rk::backend_lookup(form, device, input_size, weight_size, stride, padding, dilation, groups, dtype,
+                            channels_last, relu);
 }
 
 // The CUDA block backend with ATen on the CPU standing in for cuDNN's fused epilogues (same arithmetic: a
@@ -160,6 +191,11 @@ TORCH_LIBRARY(resnext_kernels_emu, m) {
   m.def("cuda_unsupported_reason(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> str",
         &unsupported_reason);
+  // The run-time choice of backend (csrc/cuda/backend_choice.h), with injected times.
+  m.def("_backend_fake_times(float ours_ms, float library_ms) -> ()", &backend_fake_times);
+  m.def("_backend_reset() -> ()", &backend_reset);
+  m.def("_backend_timed() -> int", &backend_timed);
+  m.def(RK_SCHEMA_CUDA_BACKEND, &backend_lookup);
 }
 
 TORCH_LIBRARY_IMPL(resnext_kernels_emu, CPU, m) {

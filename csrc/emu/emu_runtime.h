@@ -4,7 +4,7 @@
 // Every CUDA thread of a block runs as a fiber (csrc/emu/emu_scheduler.cpp); blocks run one at a time, in
 // the order the current schedule says. __syncthreads and the warp functions are scheduling points where
 // the emulator checks that the block's threads agree (same barrier, same warp operation and mask); a
-// violation raises rk::emu::KernelError naming the kernel source file and line. See csrc/emu/README.md.
+// violation raises rk::emu::KernelError naming the kernel source file and line. See docs/emulator.md.
 #pragma once
 
 // CUDA's headers define these only when they are undefined (crt/host_defines.h): defining them first makes
@@ -90,8 +90,11 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int 
 // Runs `body` (the kernel with its arguments bound) for every thread of the grid. `kernel` identifies the kernel
 // for the counters (its symbol names the launch record); [params, params + param_bytes) is the copy of the
 // kernel arguments, which the kernel may read without it being a memory access. Throws KernelError.
+// As on a GPU, a launch with more than 48 KiB of dynamic shared memory fails unless the kernel's limit was raised
+// to at least that (cudaFuncAttributeMaxDynamicSharedMemorySize); no kernel gets more than 227 KiB.
 void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
               const void* kernel = nullptr, const void* params = nullptr, size_t param_bytes = 0);
+void raise_dynamic_smem_limit(const void* kernel, size_t bytes);  // throws KernelError above 227 KiB
 
 // ---- tensor-core and asynchronous-copy instructions (csrc/cuda/kernels/ptx.cuh; csrc/emu/emu_ptx.cpp) ----
 enum class Collective : int { kMmaF16 = 0, kMmaBF16 = 1, kMmaTF32 = 2, kLdmatrix = 3 };
@@ -150,9 +153,9 @@ inline cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 
   return cudaSuccess;
 }
 
-// Raising the dynamic shared-memory limit is a no-op for the emulator (it allocates what is asked).
 template <typename... KernelArgs>
-inline cudaError_t set_max_dynamic_smem(void (*)(KernelArgs...), size_t) {
+inline cudaError_t set_max_dynamic_smem(void (*kernel)(KernelArgs...), size_t bytes) {
+  emu::raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernel), bytes);
   return cudaSuccess;
 }
 
@@ -214,6 +217,11 @@ inline T atomicCAS(T* address, T compare, T value) {
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
+}
+// The cache-hinted store (sm_32_intrinsics.h) that keeps a 16-byte vector store one instruction under nvcc.
+template <typename T>
+inline void __stwb(T* p, T value) {
+  *p = value;
 }
 inline void __threadfence() {}
 inline void __threadfence_block() {}

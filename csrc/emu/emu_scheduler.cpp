@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -519,11 +520,36 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int param, int 
   return f->result;
 }
 
+namespace {
+constexpr size_t kDefaultDynamicSmem = 48 * 1024, kMaxDynamicSmem = 227 * 1024;
+std::mutex g_smem_limit_mutex;
+std::map<const void*, size_t> g_smem_limits;  // kernels whose dynamic shared-memory limit was raised
+}  // namespace
+
+void raise_dynamic_smem_limit(const void* kernel, size_t bytes) {
+  if (bytes > kMaxDynamicSmem) {
+    throw KernelError("CUDA emulator: cudaFuncAttributeMaxDynamicSharedMemorySize " + std::to_string(bytes) +
+                      " is above the 227 KiB a block can have");
+  }
+  std::lock_guard<std::mutex> lock(g_smem_limit_mutex);
+  g_smem_limits[kernel] = bytes;
+}
+
 void run_grid(const std::function<void()>& body, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
               const void* kernel, const void* params, size_t param_bytes) {
   const size_t nthreads = size_t(block.x) * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024) {
     throw KernelError("CUDA emulator: invalid block size " + std::to_string(nthreads) + " (1..1024 threads)");
+  }
+  if (dynamic_smem_bytes > kDefaultDynamicSmem) {
+    std::lock_guard<std::mutex> lock(g_smem_limit_mutex);
+    const auto it = g_smem_limits.find(kernel);
+    const size_t limit = it == g_smem_limits.end() ? kDefaultDynamicSmem : it->second;
+    if (kernel && dynamic_smem_bytes > limit) {
+      throw KernelError("CUDA emulator: launch with " + std::to_string(dynamic_smem_bytes) +
+                        " bytes of dynamic shared memory above the kernel's limit of " + std::to_string(limit) +
+                        " (raise it with cudaFuncSetAttribute first)");
+    }
   }
   if (size_t(grid.x) * grid.y * grid.z == 0) return;
   if (grid.y > 65535 || grid.z > 65535) throw KernelError("CUDA emulator: grid.y and grid.z must be <= 65535");

@@ -196,9 +196,27 @@ def profile(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[LaunchRec
     return [LaunchRecord.from_json(r) for r in records]
 
 
+def cuda_on_cpu(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Within the block (in this thread), the library's fused ops and modules on CPU tensors run their CUDA path
+    under the emulator: the CUDA planner's decision (``explain()`` answers for CUDA), the CUDA host launchers and
+    kernels, the CUDA autograd formulas. For tests and debugging of the CUDA code without a GPU; slow::
+
+        with resnext_kernels.emulator.cuda_on_cpu():
+            loss = block(x).sum()  # block: a FusedResNeXtBlock, x: a CPU tensor
+            loss.backward()
+    """
+    if enabled and not available():
+        raise RuntimeError("resnext_kernels._emu (the emulated CUDA build) is not built: see docs/emulator.md")
+    from .._dispatch import emulate_cuda
+    return emulate_cuda(enabled)
+
+
 if available():
+    from .. import _autograd
     from ..ops import (_bottleneck_infer_fake, _conv_bn_relu_infer_fake, _conv_bn_relu_train_backward_fake,
                        _conv_bn_relu_train_fake)
+
+    _autograd.register("resnext_kernels_emu")
 
     torch.library.register_fake("resnext_kernels_emu::conv_bn_relu_infer")(_conv_bn_relu_infer_fake)
     torch.library.register_fake("resnext_kernels_emu::conv_bn_relu_train")(_conv_bn_relu_train_fake)

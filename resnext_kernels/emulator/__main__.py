@@ -4,19 +4,20 @@ CUDA kernels at the grouped 3x3 layers of ResNeXt-50 32x4d and ResNeXt-101 32x8d
 Each (shape, dtype, form) runs through the emulated ops twice, at N = 2 and N = 4, and every counter is
 extrapolated linearly to --batch: exact where an image is a whole number of every kernel's blocks and the batch a
 multiple of the images a block takes (two 7x7 images share a tensor-core CTA), as the kernels' work is then affine
-in N; otherwise off by less than one block per launch (the CUDA-core statistics kernels' 256-row blocks at 56x56,
-28x28, 7x7); --exact runs --batch itself instead (slow). The tensor-core weight gradient always runs at --batch
-itself (through resnext_kernels_emu::conv_weight_grad_tc, the counts do not depend on the values): it chooses its
-number of pixel chunks from the batch, to fill the GPU within a budget of partial sums, so its launches are not
-affine in N. Per kernel launch it prints the sector efficiency of global loads and stores (distinct bytes
-asked for / bytes of the sectors touched), shared-memory wavefronts per request and the share of them that bank
+in N; otherwise off by less than one block per launch (the statistics kernels' row blocks at 56x56, 28x28, 7x7);
+--exact runs --batch itself instead (slow). The tensor-core weight gradient always runs at --batch itself (through
+resnext_kernels_emu::conv_weight_grad_tc, the counts do not depend on the values): it chooses its number of pixel
+chunks from the batch, to fill the GPU within a budget of partial sums, so its launches are not affine in N. Per
+kernel launch it prints the sector efficiency of global loads and stores (distinct bytes asked for / bytes of the
+sectors touched), shared-memory wavefronts per request and the share of them that bank
 conflicts add, the launch's compulsory DRAM traffic, and the predicted time on a GPU (gpu_model) with the term that
 bounds it; per form, the sum over its kernels against the layer's compulsory bound (its tensors read and written
 once at the GPU's DRAM bandwidth) and its tensor-core bound (its multiply-adds at the dense fp16 or tf32 rate).
 
 Forms: inference (conv_bn_relu_infer), training (conv_bn_relu_train: the forward with batch statistics), backward
 (conv_bn_relu_train_backward with torch.use_deterministic_algorithms on, so the project's weight-gradient kernels
-run; the data gradient is ATen's, not emulated, and not in the sum).
+run; the data gradient is the tensor-core forward kernel at stride 1, ATen's otherwise: not emulated, not in the
+sum).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _run_form(form: str, n: int, c: int, hw: int, stride: int, dtype: torch.dtyp
     torch.use_deterministic_algorithms(True)
     try:
         return profile(ops.conv_bn_relu_train_backward, grad, x, w, conv_out, mean, var, None, None, 1e-5, *conv,
-                       [False, True, True])
+                       [True, True, True])
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -139,7 +140,9 @@ def layer_bounds(form: str, n: int, c: int, hw: int, stride: int, dtype: torch.d
     e = torch.empty((), dtype=dtype).element_size()
     out = (hw + 2 - 3) // stride + 1
     x, y, w = n * c * hw * hw * e, n * c * out * out * e, c * (c // GROUPS) * 9 * e
-    moved = {"inference": x + w + y, "training": x + w + 2 * y, "backward": 2 * y + x + w}[form]
+    # Training: out needs the statistics of every tile, so y (saved for the backward) is written and read back
+    # before out is written: x + w + 3y for any kernel sequence whose tiles do not all fit on chip at once.
+    moved = {"inference": x + w + y, "training": x + w + 3 * y, "backward": 2 * y + x + w}[form]
     macs = n * out * out * c * 9 * (c // GROUPS)  # the forward's, or (backward) the weight gradient's
     rate = gpu.tensor_f16_tflops if dtype in (torch.float16, torch.bfloat16) else gpu.tensor_tf32_tflops
     return moved / (gpu.dram_gbs * 1e3), 2 * macs / (rate * 1e6), moved
@@ -207,8 +210,8 @@ def run(args) -> int:
             json.dump({"batch": args.batch, "rows": rows, "summaries": summaries,
                        "gpus": {k: dataclasses.asdict(gpu_model.GPUS[k]) for k in gpus},
                        "ptxas_log": args.ptxas_log if ptxas else None}, f, indent=1)
-    print(f"\n({len(rows)} launches profiled in {time.time() - start:.0f} s; N={args.batch}"
-          f"{' exact' if args.exact else f', extrapolated from N={BASE_BATCHES[0]} and N={BASE_BATCHES[1]}'}; registers "
+    how = " exact" if args.exact else f", extrapolated from N={BASE_BATCHES[0]} and N={BASE_BATCHES[1]}"
+    print(f"\n({len(rows)} launches profiled in {time.time() - start:.0f} s; N={args.batch}{how}; registers "
           f"{'from ' + args.ptxas_log if ptxas else 'unknown (no ptxas report): occupancy from shared memory only'})")
     return 0
 

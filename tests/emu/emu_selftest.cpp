@@ -107,6 +107,15 @@ __global__ void out_of_bounds_shared(float* out) {
 
 __global__ void throws(float*) { throw std::runtime_error("thrown by kernel code"); }
 
+// Uses the first and last word of its dynamic shared memory (64 KiB at the launches below).
+__global__ void large_dynamic_smem(float* out) {
+  RK_DYNAMIC_SHARED(float, tile);
+  tile[threadIdx.x] = float(threadIdx.x);
+  tile[16 * 1024 - 1 - threadIdx.x] = float(2 * threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = tile[31 - threadIdx.x] + tile[16 * 1024 - 32 + threadIdx.x];
+}
+
 // ---- driver --------------------------------------------------------------------------------------------
 
 bool expect_error(const char* what, void (*launch)(), const char* needle, const char* file = "emu_selftest.cpp") {
@@ -422,6 +431,19 @@ int run_case(const std::string& name) {
   if (name == "kernel_throws")
     return expect_error(name.c_str(), [] { rk::launch_kernel(throws, dim3(1), dim3(4), 0, nullptr, out_ptr); },
                         "threw") ? 0 : 1;
+  if (name == "smem_limit_not_raised")  // more than 48 KiB without cudaFuncSetAttribute fails on a GPU
+    return expect_error(name.c_str(), [] { rk::launch_kernel(large_dynamic_smem, dim3(1), dim3(32), 64 * 1024, nullptr,
+                                                             out_ptr); },
+                        "above the kernel's limit", "") ? 0 : 1;
+  if (name == "smem_limit_raised") {
+    rk::set_max_dynamic_smem(large_dynamic_smem, 64 * 1024);
+    rk::launch_kernel(large_dynamic_smem, dim3(1), dim3(32), 64 * 1024, nullptr, out_ptr);
+    bool ok = true;
+    for (int t = 0; t < 32; ++t) ok = ok && out_ptr[t] == float(31 - t) + float(2 * (31 - t));
+    const bool refused = expect_error("smem_limit_above_max", [] { rk::set_max_dynamic_smem(large_dynamic_smem, 228 * 1024); },
+                                      "above the 227 KiB", "");
+    return ok && refused ? (std::printf("OK\n"), 0) : (std::printf("FAIL smem_limit_raised\n"), 1);
+  }
   if (name == "oob_shared") {  // only meaningful under AddressSanitizer: it must abort the process
     rk::launch_kernel(out_of_bounds_shared, dim3(1), dim3(32), 32 * sizeof(float), nullptr, out_ptr);
     std::printf("NOT CAUGHT\n");

@@ -1,13 +1,17 @@
-// Tensor-core kernels of the fused grouped convolution (float16 / bfloat16, fp32 accumulation), NHWC.
+// Tensor-core kernels of the fused grouped convolution (float16 / bfloat16 on m16n8k16, float32 as TF32 on m16n8k8;
+// fp32 accumulation), NHWC.
 // Device code only, torch-free: compiled by nvcc and, through rk_launch.cuh, by g++ for the emulator.
 //
-// Implicit GEMM on mma.sync.m16n8k16: M = output pixels, N = output channels, K = (tap, input channel) of the
-// output channel's group. A CTA (4 warps) computes a tile of up to 128 output pixels (a th x tw rectangle of one
-// image) for 64 output channels, which read the same 64 input channels (groups of 4 to 64 channels, C_in == C_out).
+// Implicit GEMM on mma.sync: M = output pixels, N = output channels, K = (tap, input channel) of the output
+// channel's group. Below, k16 steps are those of 16-bit types; float32 takes k8 steps (TF32, the same 16 bytes of a
+// pixel's channels per ldmatrix half-row: 4 channels instead of 8; operands rounded by cvt.rna.tf32). A CTA (4
+// warps) computes a tile of up to 128 output pixels (th x tw of tn images) for 64 output channels, which read the
+// same 64 input channels (groups of 4 to 64 channels, C_in == C_out).
 //   * The input tile with its halo is copied once into shared memory by 16-byte cp.async (zero-filled outside the
-//     image), one pixel's 64 channels per 144-byte row: the 16 spare bytes shift consecutive pixels by 4 banks,
-//     so the 8 rows of an ldmatrix hit distinct banks. At stride 2 even and odd input columns go to separate
-//     planes, so consecutive output pixels read consecutive rows there too.
+//     image), one pixel's 64 channels per row of 64 elements + 16 bytes: the spare bytes shift consecutive pixels
+//     by 4 banks, so the 8 rows of an ldmatrix (8 consecutive pixels: tiles are a multiple of 8 wide) hit distinct
+//     banks. At stride 2 even and odd input columns go to separate planes, so consecutive output pixels read
+//     consecutive rows there too.
 //   * Each n8 tile of output channels reads a window of input channels: its own 8 channels for groups of 4 or 8
 //     (two groups of 4 share an n8 tile: the weight is block-diagonal, half zeros), its group's channels from 16
 //     on. A k16 step is two taps x 8 channels (window 8: 9 taps in 5 steps, the 10th tap a zero pixel) or one tap
@@ -31,146 +35,34 @@
 
 #include "../../common/conv_geometry.h"
 #include "bn_train.cuh"
+#include "conv_tc_plan.h"
 #include "ptx.cuh"
 #include "rk_launch.cuh"
 
 namespace rk {
 namespace cuda_kernels {
 
-constexpr int kTcThreads = 128;
-constexpr int kTcChannels = 64;       // output channels of a CTA (and the input channels it reads)
-constexpr int kTcMaxPixels = 128;     // output pixels of a CTA: 8 m16 tiles
-constexpr int kTcPitch = 144;         // bytes of shared memory per tile pixel: 64 x 2 B + 16 B of bank shift
-constexpr size_t kTcMaxSmem = 64 * 1024;  // over 48 KiB the launcher raises the kernel's limit (sm_80+: 163 KiB)
-
-struct TcPlan {
-  int th, tw;            // output tile of one image
-  int tn;                // images per CTA (small images: a whole image is one tile); tn * th * tw <= 128
-  int in_th, in_tw;      // input tile of one image, with its halo
-  int planes, plane_w;   // 2 column planes at stride 2, else 1; shared-memory pixels per plane row
-  int img_px;            // shared-memory pixels per image
-  int kw;                // input channels of an n8 tile's window: 8 (groups of 4, 8) or the group size
-  int ksteps;            // k16 steps of an n8 tile
-  int chunk_steps;       // k16 steps whose B fragments are staged in shared memory together (one tap's)
-  int taps;              // KH * KW: 9 or 1
-  int64_t tiles_h, tiles_w, grid_x, grid_y;
-  int smem_pixels;       // tn images' input tiles + the zero pixel
-  size_t b_offset;       // where the two B chunk buffers start in shared memory
-  size_t smem_bytes;
-};
-
-// The reason the tensor-core kernels (forward and weight gradient) do not cover a problem, or nullptr.
-inline const char* conv_tc_coverage(const ConvGeom& g, bool half) {
-  if (!half) return "the tensor-core kernels take float16 and bfloat16";
-  if (!((g.KH == 3 && g.KW == 3) || (g.KH == 1 && g.KW == 1))) return "the tensor-core kernels take 3x3 and 1x1";
-  if (g.dil_h != 1 || g.dil_w != 1) return "the tensor-core kernels take dilation 1";
-  if (g.stride_h != g.stride_w || g.stride_h > 2) return "the tensor-core kernels take stride 1 or 2 (equal)";
-  const int64_t cpg = g.C_in / g.groups;
-  if (g.C_in != g.C_out) return "the tensor-core kernels take as many output channels as input channels";
-  if (g.C_out % kTcChannels != 0) return "the tensor-core kernels take channel counts that are multiples of 64";
-  if (cpg != 4 && cpg != 8 && cpg != 16 && cpg != 32 && cpg != 64) {
-    return "the tensor-core kernels take groups of 4, 8, 16, 32 or 64 channels";
-  }
-  return nullptr;
-}
-
-// Tile width: a multiple of 8, so the 8 rows of every ldmatrix (8 consecutive tile pixels) lie in one tile row of
-// one image, at consecutive shared-memory rows. The whole row up to 32 pixels (columns past the image are computed
-// and dropped), else 16 or 8, whichever leaves fewer such columns.
-inline int conv_tc_tile_width(int64_t OW) {
-  if (OW <= 32) return int((OW + 7) / 8 * 8);
-  const int64_t waste16 = (OW + 15) / 16 * 16 - OW, waste8 = (OW + 7) / 8 * 8 - OW;
-  return waste16 <= waste8 ? 16 : 8;
-}
-
-// Output tile of up to max_pixels: conv_tc_tile_width columns, as many rows as fit, evened out over the image; small
-// images: several per tile, so that a CTA's weights (or accumulators) serve up to max_pixels pixels.
-inline void conv_tc_tile_shape(const ConvGeom& g, int max_pixels, int* th, int* tw, int* tn) {
-  *tw = conv_tc_tile_width(g.OW);
-  int h = max_pixels / *tw;
-  if (h > g.OH) h = int(g.OH);
-  const int64_t bands = (g.OH + h - 1) / h;
-  *th = int((g.OH + bands - 1) / bands);
-  int n = *th == g.OH && *tw >= g.OW ? max_pixels / (*th * *tw) : 1;
-  if (n > g.N) n = int(g.N);
-  *tn = n < 1 ? 1 : n;
-}
-
-// The input tile under th x tw output pixels, with its halo: rows, columns, and pixels per row of a column plane (at
-// stride 2 even and odd input columns go to separate planes, so consecutive output pixels read consecutive rows).
-inline void conv_tc_input_tile(const ConvGeom& g, int th, int tw, int* in_th, int* in_tw, int* plane_w) {
-  *in_th = (th - 1) * g.stride_h + g.KH;
-  *in_tw = (tw - 1) * g.stride_w + g.KW;
-  *plane_w = g.stride_w == 2 ? (*in_tw + 1) / 2 : *in_tw;
-}
-
-// Shrinks a tile (fewer images, then fewer rows) until fits(th, tn) holds; false when one row of one image does not.
-template <typename Fits>
-inline bool conv_tc_fit_tile(int* th, int* tn, const Fits& fits) {
-  while (!fits(*th, *tn)) {
-    if (*tn > 1) {
-      --*tn;
-    } else if (*th > 1) {
-      --*th;
-    } else {
-      return false;
-    }
-  }
-  return true;
-}
-
-// The reason the tensor-core kernels do not cover a problem, or nullptr with `plan` filled. `half` says whether
-// the dtype is float16/bfloat16 (float32 and float64 run the CUDA-core kernel).
-inline const char* conv_tc_plan(const ConvGeom& g, bool half, TcPlan* plan) {
-  if (const char* why = conv_tc_coverage(g, half)) return why;
-  const int64_t cpg = g.C_in / g.groups;
-  TcPlan p{};
-  p.taps = g.KH * g.KW;
-  p.kw = cpg <= 8 ? 8 : int(cpg);
-  p.ksteps = p.kw == 8 ? (p.taps + 1) / 2 : p.taps * p.kw / 16;
-  const int s = g.stride_h;
-  p.planes = s == 2 ? 2 : 1;
-  // Consecutive shared-memory rows are 4 banks apart: the 8 rows of an ldmatrix are conflict-free. Fewer rows or
-  // images below until the tiles fit the shared memory.
-  int th, tw, tn;
-  conv_tc_tile_shape(g, kTcMaxPixels, &th, &tw, &tn);
-  p.chunk_steps = p.kw == 8 ? 1 : p.kw / 16;  // the k16 steps of one tap (two taps a step for windows of 8)
-  const size_t b_bytes = 2 * size_t(p.chunk_steps) * 8 * 32 * sizeof(uint2);  // double-buffered B chunk
-  const bool fits = conv_tc_fit_tile(&th, &tn, [&](int h, int n) {
-    p.th = h;
-    p.tw = tw;
-    p.tn = n;
-    conv_tc_input_tile(g, h, tw, &p.in_th, &p.in_tw, &p.plane_w);
-    p.img_px = p.planes * p.in_th * p.plane_w;
-    p.smem_pixels = n * p.img_px + 1;
-    p.b_offset = size_t(p.smem_pixels) * kTcPitch;
-    const size_t staging = size_t(n) * h * tw * kTcPitch;
-    const size_t used = p.b_offset + b_bytes;
-    p.smem_bytes = (used > staging ? used : staging) + 2 * kTcThreads * sizeof(float);
-    return p.smem_bytes <= kTcMaxSmem;
-  });
-  if (!fits) return "the tensor-core kernel's input tile does not fit 64 KiB of shared memory";
-  p.tiles_h = (g.OH + p.th - 1) / p.th;
-  p.tiles_w = (g.OW + p.tw - 1) / p.tw;
-  p.grid_x = (g.N + p.tn - 1) / p.tn * p.tiles_h * p.tiles_w;
-  p.grid_y = g.C_out / kTcChannels;
-  if (p.grid_x > 2147483647LL) return "more than 2^31 - 1 output tiles (a grid.x limit)";
-  if (p.grid_y > 65535) return "more than 65535 blocks of 64 channels (a grid.y limit)";
-  *plan = p;
-  return nullptr;
-}
-
 template <typename T>
 __host__ __device__ inline uint16_t bits16(T v) {
   static_assert(sizeof(T) == 2, "16-bit type");
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half_as_ushort(v);
+  } else {
+    return __bfloat16_as_ushort(v);
+  }
+#else
   uint16_t u;
   memcpy(&u, &v, sizeof(u));
   return u;
+#endif
 }
 
-// Packs the weight ([C_out][cpg][KH][KW], contiguous) into B fragments: out[((cb * ksteps + s) * 8 + j) * 32 + lane]
-// holds, for n8 tile j of channel block cb at k16 step s, the lane's two registers (k 2t, 2t+1 | 2t+8, 2t+9 of
-// column g = lane / 4, t = lane % 4). One thread per uint2; zeros where a k is no tap or another group's channel.
+// Packs the weight, given OHWI ([C_out][KH][KW][cpg], contiguous), into B fragments: out[((cb * ksteps + s) * 8 + j)
+// * 32 + lane] holds, for n8 tile j of channel block cb at k step s, the lane's two registers (column g = lane / 4,
+// t = lane % 4): 16-bit, k 2t, 2t+1 | 2t+8, 2t+9 (a k-pair is 4 adjacent bytes, never straddling groups: they
+// start at multiples of 4); float32, k t | t+4 rounded to TF32. One thread per uint2; zeros where a k is no tap or
+// another group's channel.
 template <typename T>
 __global__ void conv_tc_pack_weight_kernel(const T* __restrict__ w, ConvGeom g, TcPlan p, uint2* __restrict__ out) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -183,22 +75,29 @@ __global__ void conv_tc_pack_weight_kernel(const T* __restrict__ w, ConvGeom g, 
   const int t = lane % 4;
   const int64_t group = co / cpg;
   const int64_t window = p.kw == 8 ? (co / 8) * 8 : group * cpg;
-  const int q = p.kw / 16;  // k16 steps per tap for windows of 16+
+  constexpr bool kTf32 = sizeof(T) == 4;
+  const int kstep = kTf32 ? 8 : 16;                    // k of one mma
+  const int q = p.kw >= kstep ? p.kw / kstep : 1;       // k steps per tap
   uint32_t reg[2] = {0, 0};
-  for (int e = 0; e < 4; ++e) {
-    const int k = 2 * t + (e & 1) + 8 * (e >> 1);
+  for (int e = 0; e < 2; ++e) {
+    const int k = kTf32 ? t + 4 * e : 2 * t + 8 * e;
     int tap;
     int64_t ci;
-    if (p.kw == 8) {
+    if (!kTf32 && p.kw == 8) {
       tap = 2 * s + k / 8;
       ci = window + k % 8;
     } else {
       tap = s / q;
-      ci = window + 16 * (s % q) + k;
+      ci = window + kstep * (s % q) + k;
     }
-    uint16_t v = 0;
-    if (tap < p.taps && ci / cpg == group) v = bits16(w[(co * cpg + (ci - group * cpg)) * p.taps + tap]);
-    reg[e >> 1] |= uint32_t(v) << (16 * (e & 1));
+    if (tap < p.taps && ci / cpg == group) {
+      const T* src = w + (co * p.taps + tap) * cpg + (ci - group * cpg);
+      if constexpr (kTf32) {
+        reg[e] = rk::ptx::cvt_rna_tf32(*src);
+      } else {
+        reg[e] = *reinterpret_cast<const uint32_t*>(src);
+      }
+    }
   }
   out[idx] = make_uint2(reg[0], reg[1]);
 }
@@ -221,8 +120,10 @@ __device__ __forceinline__ void tc_mma(float (&d)[4], const uint32_t (&a)[4], co
   const uint32_t bb[2] = {b.x, b.y};
   if constexpr (std::is_same_v<T, __half>) {
     rk::ptx::mma_m16n8k16_f16(d, a, bb, d);
-  } else {
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     rk::ptx::mma_m16n8k16_bf16(d, a, bb, d);
+  } else {
+    rk::ptx::mma_m16n8k8_tf32(d, a, bb, d);
   }
 }
 
@@ -230,8 +131,10 @@ template <typename T>
 __device__ __forceinline__ T tc_from_float(float v) {
   if constexpr (std::is_same_v<T, __half>) {
     return __float2half_rn(v);
-  } else {
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     return __float2bfloat16(v);
+  } else {
+    return v;
   }
 }
 
@@ -239,20 +142,32 @@ template <typename T>
 __device__ __forceinline__ float tc_to_float(T v) {
   if constexpr (std::is_same_v<T, __half>) {
     return __half2float(v);
-  } else {
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     return __bfloat162float(v);
+  } else {
+    return v;
   }
+}
+
+// A float32 operand register loaded by ldmatrix, rounded to TF32.
+__device__ __forceinline__ uint32_t tf32_of_bits(uint32_t bits) {
+  float f;
+  memcpy(&f, &bits, sizeof(f));
+  return rk::ptx::cvt_rna_tf32(f);
 }
 
 // WINDOWS: input-channel windows of a warp's 32 channels: 4 (groups of 4, 8), 2 (16), 1 (32, 64).
 // STATS: training form (raw convolution out, per-tile channel statistics to `partials`); else inference form
-// (relu?(conv * scale + shift)).
+// (relu?(conv * scale + shift); scale == nullptr: relu?(conv)).
 template <typename T, int WINDOWS, bool STATS>
 __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 registers, no spills
     conv_tc_fwd_kernel(const T* __restrict__ x, const uint2* __restrict__ wfrag, const float* __restrict__ scale,
                        const float* __restrict__ shift, T* __restrict__ y, float2* __restrict__ partials, ConvGeom g,
                        TcPlan p, bool relu) {
   RK_DYNAMIC_SHARED(unsigned char, smem);
+  constexpr int E = sizeof(T), kPitch = tc_pitch(E), kStage = tc_stage_pitch(E);
+  constexpr int kChunks = 64 * E / 16, kChunkLog2 = E == 2 ? 3 : 4;  // 16-byte chunks of a pixel's 64 channels
+  constexpr int kChunkElems = 16 / E;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp & 1, warp_n = warp >> 1;
   const int64_t tiles = p.tiles_h * p.tiles_w;
@@ -269,19 +184,19 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   {
     const int64_t iy0 = int64_t(oy0) * s - g.pad_h, ix0 = int64_t(ox0) * s - g.pad_w;
     const int in_px = p.in_th * p.in_tw;
-    const int chunks = p.tn * in_px * 8;
+    const int chunks = p.tn * in_px * kChunks;
     for (int i = tid; i < chunks; i += kTcThreads) {
-      const int part = i & 7, px = i >> 3;
+      const int part = i & (kChunks - 1), px = i >> kChunkLog2;
       const int img = px / in_px, rest = px - img * in_px;
       const int ty = rest / p.in_tw, tx = rest - ty * p.in_tw;
       const int64_t iy = iy0 + ty, ix = ix0 + tx;
       const bool inside = img < images && iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
       const int row = img * p.img_px +
                       (p.planes == 2 ? (tx & 1) * plane_px + ty * p.plane_w + (tx >> 1) : ty * p.plane_w + tx);
-      const T* src = inside ? x + (((n0 + img) * g.H + iy) * g.W + ix) * g.C_in + c0 + part * 8 : x;
-      rk::ptx::cp_async_cg(smem + row * kTcPitch + part * 16, src, inside ? 16 : 0);
+      const T* src = inside ? x + (((n0 + img) * g.H + iy) * g.W + ix) * g.C_in + c0 + part * kChunkElems : x;
+      rk::ptx::cp_async_cg(smem + row * kPitch + part * 16, src, inside ? 16 : 0);
     }
-    if (tid < 8) *reinterpret_cast<uint4*>(smem + zero_px * kTcPitch + tid * 16) = make_uint4(0, 0, 0, 0);
+    if (tid < kChunks) *reinterpret_cast<uint4*>(smem + zero_px * kPitch + tid * 16) = make_uint4(0, 0, 0, 0);
   }
   // B fragments are staged per chunk (one tap's k16 steps) in two shared-memory buffers, the next chunk's copy in
   // flight while the current one is used: each fragment is read from global memory once per CTA.
@@ -318,7 +233,7 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
 #pragma unroll
   for (int w = 0; w < WINDOWS; ++w) window[w] = ((warp_n * 32 + w * (32 / WINDOWS)) / p.kw) * p.kw;
   const int khalf = lane >> 4;
-  const int q_log2 = p.kw >= 64 ? 2 : p.kw >= 32 ? 1 : 0;
+  const int q = p.chunk_steps, q_log2 = q >= 8 ? 3 : q >= 4 ? 2 : q >= 2 ? 1 : 0;  // k steps per tap
   const int chunks = p.ksteps / p.chunk_steps;
 
   for (int step = 0; step < p.ksteps; ++step) {
@@ -338,13 +253,13 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
     const uint2* bw = bbuf + (chunk & 1) * chunk_vectors + (in_chunk * 8 + warp_n * 4) * 32 + lane;
 #pragma unroll
     for (int j = 0; j < 4; ++j) bf[j] = bw[j * 32];
-    int tap, choff;
-    if (p.kw == 8) {
+    int tap, choff;  // this lane's half of k: a tap and a channel offset in the window
+    if (E == 2 && p.kw == 8) {
       tap = 2 * step + khalf;
       choff = 0;
     } else {
       tap = step >> q_log2;
-      choff = ((step & ((1 << q_log2) - 1)) << 4) + 8 * khalf;
+      choff = (step & (q - 1)) * 2 * kChunkElems + kChunkElems * khalf;
     }
     int tap_row = -1;  // -1: the zero pixel
     if (tap < p.taps) {
@@ -358,7 +273,11 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
 #pragma unroll
       for (int w = 0; w < WINDOWS; ++w) {
         uint32_t a[4];
-        rk::ptx::ldmatrix<4>(a, smem + row * kTcPitch + (window[w] + choff) * 2);
+        rk::ptx::ldmatrix<4>(a, smem + row * kPitch + (window[w] + choff) * E);
+        if constexpr (E == 4) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a[r] = tf32_of_bits(a[r]);
+        }
 #pragma unroll
         for (int u = 0; u < 4 / WINDOWS; ++u) tc_mma<T>(acc[i][w * (4 / WINDOWS) + u], a, bf[w * (4 / WINDOWS) + u]);
       }
@@ -366,12 +285,12 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   }
   __syncthreads();  // every warp is done with the input tile: the staging below reuses it
 
-  // Epilogue: rounded to T in a [pixel][144 B] staging tile; lane (g, t) holds channels 2t, 2t+1 of rows g, g+8.
+  // Epilogue: rounded to T in a [pixel][kStage] staging tile; lane (g, t) holds channels 2t, 2t+1 of rows g, g+8.
   const int gq = lane >> 2, t4 = lane & 3;
   float2 sc[4], sf[4];  // the lane's channel pairs' BN scale and shift (8-byte loads: one sector per warp)
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (!STATS) {
+    if (!STATS && scale != nullptr) {
       const int64_t ch = c0 + warp_n * 32 + j * 8 + 2 * t4;
       sc[j] = *reinterpret_cast<const float2*>(scale + ch);
       sf[j] = *reinterpret_cast<const float2*>(shift + ch);
@@ -389,36 +308,43 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
         const int pix = mt * 16 + gq + 8 * h;
         if (pix >= pixels) continue;
         float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
-        if (!STATS) {
+        if (!STATS && scale != nullptr) {
           v0 = v0 * sc[j].x + sf[j].x;
           v1 = v1 * sc[j].y + sf[j].y;
+        }
+        if (!STATS) {
           if (relu) {
             v0 = v0 < 0.f ? 0.f : v0;  // NaN passes, as torch.relu
             v1 = v1 < 0.f ? 0.f : v1;
           }
         }
-        const uint32_t packed = uint32_t(bits16(tc_from_float<T>(v0))) | (uint32_t(bits16(tc_from_float<T>(v1))) << 16);
-        *reinterpret_cast<uint32_t*>(smem + pix * kTcPitch + ch * 2) = packed;
+        if constexpr (E == 2) {
+          const uint32_t pair = uint32_t(bits16(tc_from_float<T>(v0))) | (uint32_t(bits16(tc_from_float<T>(v1))) << 16);
+          *reinterpret_cast<uint32_t*>(smem + pix * kStage + ch * 2) = pair;
+        } else {
+          *reinterpret_cast<float2*>(smem + pix * kStage + ch * 4) = make_float2(v0, v1);
+        }
       }
     }
   }
   __syncthreads();
   const int rows = p.th < g.OH - oy0 ? p.th : int(g.OH - oy0);
   const int cols = p.tw < g.OW - ox0 ? p.tw : int(g.OW - ox0);
-  for (int c = tid; c < pixels * 8; c += kTcThreads) {
-    const int pix = c >> 3, part = c & 7;
+  for (int c = tid; c < pixels * kChunks; c += kTcThreads) {
+    const int pix = c >> kChunkLog2, part = c & (kChunks - 1);
     const int img = pix / img_pixels, lp = pix - img * img_pixels;
     const int ty = lp / p.tw, tx = lp - ty * p.tw;
     if (img >= images || ty >= rows || tx >= cols) continue;
-    const uint4 v = *reinterpret_cast<const uint4*>(smem + pix * kTcPitch + part * 16);
-    *reinterpret_cast<uint4*>(y + (((n0 + img) * g.OH + oy0 + ty) * g.OW + ox0 + tx) * g.C_out + c0 + part * 8) = v;
+    const uint4 v = *reinterpret_cast<const uint4*>(smem + pix * kStage + part * 16);
+    *reinterpret_cast<uint4*>(y + (((n0 + img) * g.OH + oy0 + ty) * g.OW + ox0 + tx) * g.C_out + c0 +
+                              part * kChunkElems) = v;
   }
   if constexpr (STATS) {
     // Channel c = tid % 64 over the pixels of parity tid / 64: the tile's sum, then squared deviations from its mean.
     float* red = reinterpret_cast<float*>(smem + p.smem_bytes - 2 * kTcThreads * sizeof(float));
     const int c = tid & 63, half = tid >> 6;
     const T* stage = reinterpret_cast<const T*>(smem);
-    constexpr int kRow = kTcPitch / 2;
+    constexpr int kRow = kStage / E;
     float sum = 0.f;
     for (int pix = half; pix < pixels; pix += 2) {
       const int img = pix / img_pixels, lp = pix - img * img_pixels;
@@ -472,36 +398,6 @@ __global__ void conv_tc_stats_finalize_kernel(const float2* __restrict__ partial
   mean[c] = float(mu);
   var[c] = float(m2 / count);
   bn_affine(mean[c], var[c], gamma, beta, c, eps, a, b);
-}
-
-// out = relu?(y * a + b), 8 channels (16 bytes) per thread; C % 8 == 0.
-template <typename T>
-__global__ void normalize_relu_vec8_kernel(const T* __restrict__ y, const float* __restrict__ a,
-                                           const float* __restrict__ b, int64_t vectors, int64_t C, bool relu,
-                                           T* __restrict__ out) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= vectors) return;
-  const int64_t c = (i * 8) % C;
-  const uint4 v = reinterpret_cast<const uint4*>(y)[i];
-  const float4 a0 = reinterpret_cast<const float4*>(a + c)[0], a1 = reinterpret_cast<const float4*>(a + c)[1];
-  const float4 b0 = reinterpret_cast<const float4*>(b + c)[0], b1 = reinterpret_cast<const float4*>(b + c)[1];
-  const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-  const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-  const uint32_t in[4] = {v.x, v.y, v.z, v.w};
-  uint32_t res[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    uint32_t packed = 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float z = tc_to_float<T>(from_bits16<T>(static_cast<uint16_t>(in[k] >> (16 * h)))) * av[2 * k + h] +
-                bv[2 * k + h];
-      if (relu && z < 0.f) z = 0.f;
-      packed |= uint32_t(bits16(tc_from_float<T>(z))) << (16 * h);
-    }
-    res[k] = packed;
-  }
-  reinterpret_cast<uint4*>(out)[i] = make_uint4(res[0], res[1], res[2], res[3]);
 }
 
 }  // namespace cuda_kernels

@@ -1,21 +1,20 @@
-// CPU kernel of the grouped convolution's weight gradient (NHWC), used by the backward of the fused ops.
+// CPU kernel of the grouped convolution's weight gradient (NHWC), used by the training backward where
+// plan_cpu_conv_grads says so (conv_plan.h, which also splits the work: WgradPlan).
 //
 // dW[co][ci][kh][kw] = sum over output pixels p of gy[p][co] * x[src(p, kh, kw)][grp(co) * cpg_in + ci].
-//   * Channel-lane path (groups of c = cpg_in = cpg_out channels, c dividing the vector width: ResNeXt's 4, 8,
-//     16): vector lanes are consecutive input channels, so each tap's input is one contiguous load, and the gy
-//     multiplier of a lane is one in-register permute of the pixel's gy vector (wgrad_task_channel_lanes).
-//   * Other widths vectorize across output channels like the forward kernel: for a block of CB output channels
-//     the input rows are laid out as E[j][ci][lane] (expand mode: lane l holds the input channel of output
-//     channel co0 + l's group; broadcast mode, when the block lies inside one group: one value per ci), with
-//     zeros at padded columns. A microkernel keeps R columns (one column = one (tap, ci) pair) x NV vectors of
-//     output channels in registers over every pixel of a band of rows (wgrad_task_blocked).
-//   * Generic path (float64, CPUs without AVX2, other widths): the same arithmetic with the accumulator in memory.
+//   * wgrad_lanes (groups of c = cpg_in = cpg_out channels, c dividing the vector width or a multiple of it): vector
+//     lanes are consecutive input channels, so each tap's input is one contiguous load, and the gy multiplier of a
+//     lane is one in-register permute of the pixel's gy vector (wgrad_task_lanes).
+//   * wgrad_broadcast, wgrad_expand (other widths) vectorize across output channels like the forward kernels: for a
+//     block of CB output channels the input rows are laid out as E[j][ci][lane] (expand: lane l holds the input
+//     channel of output channel co0 + l's group; broadcast, when the block lies inside one group: one value per
+//     ci), with zeros at padded columns. A microkernel keeps R columns (one column = one (tap, ci) pair) x NV
+//     vectors of output channels in registers over every pixel of a band of rows (wgrad_task_broadcast_expand).
+//   * wgrad_generic (float64, CPUs without AVX2, other widths): the same arithmetic with the accumulator in memory.
 //   * Deterministic: the pixels are cut into fixed chunks of output rows whose size depends on the shape only
 //     (never on the thread count); each (chunk, channel block) task adds into its own partial sum, and the
 //     partial sums are merged in chunk order, in float64. Results are bitwise identical run to run and for any
 //     number of threads.
-// Where it runs: see weight_grad_kernel_preferred. The stride-1 data gradient is the forward kernel run on grad_y with
-// the group-transposed, flipped weight (conv_data_grad_cpu) where data_grad_kernel_preferred says so.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,84 +24,12 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/conv_blocked.h"
 #include "cpu/conv_cpu.h"
+#include "cpu/simd.h"
 
 namespace rk {
 namespace cpu {
 namespace {
-
-// Fewest output pixels per partial sum, and the most partial-sum elements a call may allocate.
-constexpr int64_t kWgradChunkPixels = 1024;
-constexpr int64_t kWgradPartialBudget = int64_t(16) << 20;
-// Output channels per task in the generic path.
-constexpr int64_t kGenericBlock = 64;
-
-struct WgradPlan {
-  int64_t rows;            // output rows (n, oh)
-  int64_t rows_per_chunk;  // output rows per partial sum
-  int64_t n_chunks;
-  int64_t cb;              // output channels per task
-  int64_t n_cblocks;
-  int64_t lanes;           // floats per (column, ci) in E: cb (expand) or 1 (broadcast)
-  int64_t span;            // input columns one output row reads
-  int64_t weight_size;     // taps * cpg_in * C_out
-  int nv;                  // vectors per block (blocked paths); 0: generic path
-  bool broadcast;
-  int jt;                  // > 0: the channel-lane path, with jt output channels per register tile
-};
-
-template <class V>
-void plan_blocked(WgradPlan& p, const ConvGeom& g) {
-  constexpr int L = V::kLanes;
-  const int64_t cpg_out = g.C_out / g.groups, cpg_in = g.C_in / g.groups;
-  if (g.groups > 1 && cpg_in == cpg_out && cpg_in >= 2 && (L % cpg_in == 0 || cpg_in % L == 0) && g.C_in % L == 0 &&
-      g.KW == 3) {
-    // Channel-lane path (see wgrad_task_channel_lanes): 3 taps x jt output channels of accumulators.
-    p.jt = int(std::min<int64_t>(cpg_in, V::kAccRegs / 3 >= 8 ? 8 : 4));
-    p.nv = 1;
-    p.cb = L;
-    return;
-  }
-  if (g.groups == 1 || cpg_out >= L) {
-    if (cpg_out % L != 0) return;
-    p.broadcast = true;
-    p.nv = cpg_out % (2 * L) == 0 ? 2 : 1;
-  } else {
-    if (g.C_out % L != 0) return;
-    p.broadcast = false;
-    p.nv = g.C_out % (2 * L) == 0 ? 2 : 1;
-  }
-  p.cb = int64_t(p.nv) * L;
-}
-
-WgradPlan plan_wgrad(const ConvGeom& g, bool vectorizable, bool avx512) {
-  WgradPlan p{};
-  p.rows = g.N * g.OH;
-  const int64_t cpg_in = g.C_in / g.groups;
-  p.weight_size = int64_t(g.KH) * g.KW * cpg_in * g.C_out;
-  p.rows_per_chunk = std::max<int64_t>(1, (kWgradChunkPixels + g.OW - 1) / g.OW);
-  int64_t n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
-  const int64_t max_chunks = std::max<int64_t>(1, kWgradPartialBudget / std::max<int64_t>(p.weight_size, 1));
-  if (n_chunks > max_chunks) {
-    p.rows_per_chunk = (p.rows + max_chunks - 1) / max_chunks;
-    n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
-  }
-  p.rows_per_chunk = (p.rows + n_chunks - 1) / n_chunks;  // even chunks: tasks of one size balance across threads
-  p.n_chunks = (p.rows + p.rows_per_chunk - 1) / p.rows_per_chunk;
-  if (vectorizable && g.KH <= kMaxBlockedKernel && g.KW <= kMaxBlockedKernel) {
-    if (avx512) plan_blocked<Avx512Vec>(p, g);
-    else plan_blocked<Avx2Vec>(p, g);
-  }
-  if (p.nv == 0) {
-    p.broadcast = false;
-    p.cb = std::min<int64_t>(g.C_out, kGenericBlock);
-  }
-  p.n_cblocks = (g.C_out + p.cb - 1) / p.cb;
-  p.lanes = p.broadcast ? 1 : p.cb;
-  p.span = (g.OW - 1) * g.stride_w + int64_t(g.KW - 1) * g.dil_w + 1;
-  return p;
-}
 
 // Everything a task needs, fixed for one call.
 template <typename scalar_t, typename acc_t>
@@ -111,7 +38,7 @@ struct WgradProblem {
   const WgradPlan* plan;
   const scalar_t* x;   // NHWC input
   const scalar_t* gy;  // NHWC gradient of the conv output
-  acc_t* partial;      // [n_chunks][taps * cpg_in][C_out], channel-lane path [n_chunks][taps][cpg][C_in]
+  acc_t* partial;      // [n_chunks][taps * cpg_in][C_out], lanes kernel [n_chunks][taps][cpg][C_in]
   const acc_t* zeros;  // one E row of zeros, read by the padding columns of a microkernel's last call
 };
 
@@ -155,7 +82,7 @@ struct WgradScratch {
   std::vector<int64_t> column_dh, column_offset;
   int64_t slots, row_size, band_rows;
 
-  // The generic path caches `slots` expanded rows; the blocked path expands whole bands of band_rows output rows.
+  // The generic kernel caches `slots` expanded rows; broadcast/expand expand whole bands of band_rows output rows.
   WgradScratch(const ConvGeom& g, const WgradPlan& pl, int64_t band_budget)
       : slots(int64_t(g.KH - 1) * g.dil_h + 1), row_size(pl.span * (g.C_in / g.groups) * pl.lanes) {
     const int64_t fit = band_budget / std::max<int64_t>(row_size, 1);  // input rows that fit the budget
@@ -223,8 +150,8 @@ RK_ALWAYS_INLINE typename V::vec load_partial(const scalar_t* p, int64_t k) {
   return vload<V>(buf);
 }
 
-// expand_row for the blocked path: when a vector's lanes cover whole groups and a group has no more inputs than
-// outputs, the inputs one vector of lanes needs are one contiguous chunk, and each ci is one in-register permute.
+// expand_row for the broadcast/expand kernel: when a vector's lanes cover whole groups and a group has no more inputs
+// than outputs, the inputs one vector of lanes needs are one contiguous chunk, and each ci is one in-register permute.
 template <class V, typename scalar_t>
 RK_ALWAYS_INLINE void expand_row_vec(const WgradProblem<scalar_t, float>& P, int64_t n, int64_t ih, int64_t co0,
                                      const int64_t* __restrict lane_channel, float* __restrict e) {
@@ -256,16 +183,16 @@ RK_ALWAYS_INLINE void expand_row_vec(const WgradProblem<scalar_t, float>& P, int
   }
 }
 
-// One task of the blocked path: output rows [row0, row1) x output channels [co0, co0 + cb) into `part`.
+// One task of the broadcast/expand kernel: output rows [row0, row1) x output channels [co0, co0 + cb) into `part`.
 // The rows are cut into bands inside one image whose expanded input rows fit kBandBudget floats; a band's input
 // rows are expanded once, then for each tile of R columns (column = (kh, kw, ci)) the accumulators stay in
-// registers over every pixel of the band and are added into the partial sum once. (Flushing per output row
-// instead cost more than the multiply-adds at 7x7: each flush touches a C_out-strided line per column.)
+// registers over every pixel of the band and are added into the partial sum once (a flush per output row would
+// touch a C_out-strided line per column, more than the multiply-adds at 7x7).
 constexpr int64_t kBandBudget = 64 * 1024;
 
 template <class V, int NV, bool BCAST, typename scalar_t>
-RK_ALWAYS_INLINE void wgrad_task_blocked(const WgradProblem<scalar_t, float>& P, WgradScratch<float>& S, int64_t row0,
-                                         int64_t row1, int64_t co0) {
+RK_ALWAYS_INLINE void wgrad_task_broadcast_expand(const WgradProblem<scalar_t, float>& P, WgradScratch<float>& S,
+                                                  int64_t row0, int64_t row1, int64_t co0) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   constexpr int R = V::kAccRegs / NV;
@@ -312,15 +239,15 @@ RK_ALWAYS_INLINE void wgrad_task_blocked(const WgradProblem<scalar_t, float>& P,
   }
 }
 
-// Channel-lane path, for groups of c = cpg_in = cpg_out channels with c dividing the vector width (ResNeXt's
+// The lanes kernel, for groups of c = cpg_in = cpg_out channels with c dividing the vector width (ResNeXt's
 // 4, 8 and 16): the lanes of a vector are L consecutive *input* channels (L / c whole groups), so the input of a
 // tap is one contiguous load and needs no expansion. The accumulator acc[j][kw] holds, in lane (group, ci), the
 // gradient of weight [group * c + j][ci][kh][kw]; its multiplier is gy of output channel group * c + j in every
 // lane of that group: one in-register permute of the pixel's gy vector, shared by the 3 taps of a kernel row.
 // Per pixel and kernel row: 1 gy load, jt permutes, 3 input loads and 3 * jt multiply-adds.
 template <class V, int JT, bool WIDE, typename scalar_t>
-RK_ALWAYS_INLINE void wgrad_task_channel_lanes(const WgradProblem<scalar_t, float>& P, int64_t row0, int64_t row1,
-                                               int64_t ch0) {
+RK_ALWAYS_INLINE void wgrad_task_lanes(const WgradProblem<scalar_t, float>& P, int64_t row0, int64_t row1,
+                                       int64_t ch0) {
   using vec = typename V::vec;
   using ivec = typename V::ivec;
   constexpr int L = V::kLanes;
@@ -338,7 +265,7 @@ RK_ALWAYS_INLINE void wgrad_task_channel_lanes(const WgradProblem<scalar_t, floa
   const int64_t gy_offset = WIDE ? (ch0 / c) * c : ch0;  // first gy channel a unit reads
   constexpr bool kPrefetchNextRow = L * sizeof(scalar_t) >= 64;
   // Accumulators live across all the chunk's rows for one (kernel row, output-channel tile), so the partial sum
-  // is read and written once per chunk, not once per output row (at 7x7 that flush cost as much as the math).
+  // is read and written once per chunk, not once per output row (at 7x7 a flush per row costs as much as the math).
   // The unit's input and gy slices of a chunk (one cache line per pixel) stay in L2 across the passes.
   for (int64_t j0 = 0; j0 < c; j0 += JT) {
     for (int32_t kh = 0; kh < g.KH; ++kh) {
@@ -351,10 +278,9 @@ RK_ALWAYS_INLINE void wgrad_task_channel_lanes(const WgradProblem<scalar_t, floa
         const scalar_t* gy_row = P.gy + row * g.OW * C + gy_offset;
         const scalar_t* x_row = P.x + (n * g.H + ih) * g.W * C + ch0;
         // Where a unit's slice of a pixel is a whole cache line (float32, 16 lanes), the next row's lines are
-        // prefetched one row ahead: C elements apart, the hardware prefetchers did not bring them in time. On a
-        // Sapphire Rapids class Xeon (weight gradient alone, N = 8, interleaved A/B): 1.10-1.12x faster at ResNeXt-50
-        // stage 1, 1.07-1.08x at stage 2, 1.03-1.24x at its stride-2 block. With 8 lanes (two units per line, run
-        // back to back in chunk-major order) it measured 0.93-1.16x, so AVX2 goes without.
+        // prefetched one row ahead: C elements apart, the hardware prefetchers do not bring them in time. With 8
+        // lanes (two units per line, run back to back in chunk-major order) it measured no consistent gain, so AVX2
+        // goes without.
         const bool next = kPrefetchNextRow && row + 1 < row1 && oh + 1 < g.OH && ih + g.stride_h < g.H;
         const scalar_t* gy_next = gy_row + g.OW * C;
         const scalar_t* x_next = x_row + g.stride_h * g.W * C;
@@ -402,35 +328,35 @@ RK_ALWAYS_INLINE void wgrad_task_dispatch(const WgradProblem<scalar_t, float>& P
   const WgradPlan& pl = *P.plan;
   if (pl.jt > 0) {
     if (P.g->C_in / P.g->groups >= V::kLanes) {  // wide groups
-      if constexpr (V::kAccRegs / 3 >= 8) return wgrad_task_channel_lanes<V, 8, true>(P, row0, row1, co0);
-      else return wgrad_task_channel_lanes<V, 4, true>(P, row0, row1, co0);
+      if constexpr (V::kAccRegs / 3 >= 8) return wgrad_task_lanes<V, 8, true>(P, row0, row1, co0);
+      else return wgrad_task_lanes<V, 4, true>(P, row0, row1, co0);
     }
     if constexpr (V::kAccRegs / 3 >= 8) {
-      if (pl.jt == 8) return wgrad_task_channel_lanes<V, 8, false>(P, row0, row1, co0);
+      if (pl.jt == 8) return wgrad_task_lanes<V, 8, false>(P, row0, row1, co0);
     }
-    if (pl.jt == 4) return wgrad_task_channel_lanes<V, 4, false>(P, row0, row1, co0);
-    return wgrad_task_channel_lanes<V, 2, false>(P, row0, row1, co0);
+    if (pl.jt == 4) return wgrad_task_lanes<V, 4, false>(P, row0, row1, co0);
+    return wgrad_task_lanes<V, 2, false>(P, row0, row1, co0);
   }
   if (pl.nv == 2) {
-    if (pl.broadcast) wgrad_task_blocked<V, 2, true>(P, S, row0, row1, co0);
-    else wgrad_task_blocked<V, 2, false>(P, S, row0, row1, co0);
+    if (pl.broadcast) wgrad_task_broadcast_expand<V, 2, true>(P, S, row0, row1, co0);
+    else wgrad_task_broadcast_expand<V, 2, false>(P, S, row0, row1, co0);
   } else {
-    if (pl.broadcast) wgrad_task_blocked<V, 1, true>(P, S, row0, row1, co0);
-    else wgrad_task_blocked<V, 1, false>(P, S, row0, row1, co0);
+    if (pl.broadcast) wgrad_task_broadcast_expand<V, 1, true>(P, S, row0, row1, co0);
+    else wgrad_task_broadcast_expand<V, 1, false>(P, S, row0, row1, co0);
   }
 }
 
 #if RK_X86_DISPATCH
-#define RK_DEFINE_WGRAD_BLOCKED(NAME, TARGET, VEC, scalar_t)                                                     \
+#define RK_DEFINE_WGRAD_TASK(NAME, TARGET, VEC, scalar_t)                                                     \
   __attribute__((target(TARGET))) void NAME(const WgradProblem<scalar_t, float>& P, WgradScratch<float>& S,     \
                                             int64_t row0, int64_t row1, int64_t co0) {                           \
     wgrad_task_dispatch<VEC>(P, S, row0, row1, co0);                                                             \
   }
-RK_DEFINE_WGRAD_BLOCKED(wgrad_task_avx512, "arch=x86-64-v4", Avx512Vec, float)
-RK_DEFINE_WGRAD_BLOCKED(wgrad_task_avx512, "arch=x86-64-v4", Avx512Vec, c10::BFloat16)
-RK_DEFINE_WGRAD_BLOCKED(wgrad_task_avx2, "arch=x86-64-v3", Avx2Vec, float)
-RK_DEFINE_WGRAD_BLOCKED(wgrad_task_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
-#undef RK_DEFINE_WGRAD_BLOCKED
+RK_DEFINE_WGRAD_TASK(wgrad_task_avx512, "arch=x86-64-v4", Avx512Vec, float)
+RK_DEFINE_WGRAD_TASK(wgrad_task_avx512, "arch=x86-64-v4", Avx512Vec, c10::BFloat16)
+RK_DEFINE_WGRAD_TASK(wgrad_task_avx2, "arch=x86-64-v3", Avx2Vec, float)
+RK_DEFINE_WGRAD_TASK(wgrad_task_avx2, "arch=x86-64-v3", Avx2Vec, c10::BFloat16)
+#undef RK_DEFINE_WGRAD_TASK
 #endif
 
 // One task of the generic path (any dtype, any width): the same arithmetic with the accumulator in memory.
@@ -470,10 +396,10 @@ void wgrad_task_generic(const WgradProblem<scalar_t, acc_t>& P, WgradScratch<acc
 }
 
 template <typename scalar_t, typename acc_t>
-void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor& gy, at::Tensor& grad_weight) {
+void weight_grad_typed(const ConvGeom& g, const WgradPlan& pl, const at::Tensor& x, const at::Tensor& gy,
+                       at::Tensor& grad_weight) {
   constexpr bool kFloatAcc = std::is_same_v<acc_t, float>;
   const CpuIsa isa = kFloatAcc ? detected_isa() : CpuIsa::kBaseline;
-  const WgradPlan pl = plan_wgrad(g, isa != CpuIsa::kBaseline, isa == CpuIsa::kAvx512);
   std::vector<acc_t> partial(pl.n_chunks * pl.weight_size, acc_t(0));
   const int64_t cpg_in = g.C_in / g.groups;
   std::vector<acc_t> zeros(pl.span * cpg_in * pl.lanes, acc_t(0));
@@ -484,9 +410,8 @@ void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor&
     WgradScratch<acc_t> S(g, pl, kBandBudget);
     for (int64_t t = t0; t < t1; ++t) {
       // Chunk-major: a thread's consecutive tasks are the channel blocks of one chunk of rows, so the input and
-      // gradient lines one block reads half of (8 of 16 channels) are still in cache for the next block. (Block-
-      // major, they had been evicted by the block's other chunks: interleaved A/B, N=8, the order made the weight
-      // gradient 1.30x faster at ResNeXt-50 stage 1 and 1.31x at stage 2's stride-2 block.)
+      // gradient lines one block reads half of (8 of 16 channels) are still in cache for the next block (block-major,
+      // the block's other chunks evict them).
       const int64_t chunk = t / pl.n_cblocks, co0 = (t % pl.n_cblocks) * pl.cb;
       const int64_t row0 = chunk * pl.rows_per_chunk, row1 = std::min(pl.rows, row0 + pl.rows_per_chunk);
 #if RK_X86_DISPATCH
@@ -501,9 +426,8 @@ void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor&
       wgrad_task_generic(P, S, row0, row1, co0);
     }
   });
-  // Merge the chunks in order (float64), in the partials' layout (contiguous, vectorized; gathering each weight
-  // element's chunks had been a strided scalar loop, 7% of a stage-2 weight gradient's samples), then transpose to
-  // weight [co][ci][kh][kw].
+  // Merge the chunks in order (float64), in the partials' layout (contiguous, vectorized, where gathering each
+  // weight element's chunks would be a strided scalar loop), then transpose to weight [co][ci][kh][kw].
   std::vector<double> total(pl.weight_size);
   at::parallel_for(0, pl.weight_size, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) total[i] = static_cast<double>(partial[i]);
@@ -529,7 +453,8 @@ void weight_grad_typed(const ConvGeom& g, const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const at::Tensor& input, const at::Tensor& grad_y) {
+at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const WgradPlan& plan, const at::Tensor& input,
+                                const at::Tensor& grad_y) {
   at::Tensor grad_weight =
       at::empty({g.C_out, g.C_in / g.groups, g.KH, g.KW}, input.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_weight.numel() == 0) return grad_weight;
@@ -538,56 +463,9 @@ at::Tensor conv_weight_grad_cpu(const ConvGeom& g, const at::Tensor& input, cons
   const at::Tensor gy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "conv_weight_grad_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    weight_grad_typed<scalar_t, acc_t>(g, x, gy, grad_weight);
+    weight_grad_typed<scalar_t, acc_t>(g, plan, x, gy, grad_weight);
   });
   return grad_weight;
-}
-
-bool weight_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype) {
-  if (at::globalContext().deterministicAlgorithms()) return true;
-  // Where the channel-lane path runs with groups of 2-8 channels (ResNeXt-50 32x4d stages 1-2).
-  const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && detected_isa() != CpuIsa::kBaseline && g.groups > 1 &&
-         cpg_in == cpg_out && cpg_in >= 2 && cpg_in <= 8 && g.C_in % 16 == 0 && g.KW == 3;
-}
-
-namespace {
-
-// The stride-1 data gradient as a convolution of grad_y: input gy (OH x OW x C_out), output dx (H x W x C_in),
-// same kernel and dilation, padding dil * (K - 1) - pad (negative when the forward's padding exceeds the kernel's
-// reach: then it is not a plain convolution, and ATen runs).
-ConvGeom data_grad_geometry(const ConvGeom& g) {
-  ConvGeom t = g;
-  t.H = g.OH, t.W = g.OW, t.C_in = g.C_out;
-  t.OH = g.H, t.OW = g.W, t.C_out = g.C_in;
-  t.pad_h = g.dil_h * (g.KH - 1) - g.pad_h;
-  t.pad_w = g.dil_w * (g.KW - 1) - g.pad_w;
-  return t;
-}
-
-}  // namespace
-
-bool data_grad_kernel_preferred(const ConvGeom& g, at::ScalarType dtype) {
-  const ConvGeom t = data_grad_geometry(g);
-  if (g.stride_h != 1 || g.stride_w != 1 || t.pad_h < 0 || t.pad_w < 0) return false;
-  // Measured against oneDNN's data gradient at ResNeXt-50 shapes, N = 8: the channel-lane kernel faster with 4
-  // channels per group (stage 1), even to slower with 8 and more; the F(4x4, 3x3) Winograd kernel 1.46x, 1.96x and
-  // 1.57x faster at stages 2, 3 and 4 on Zen 3 (AVX2), 1.16x, 1.16x and 1.36x on a Sapphire Rapids class AVX-512
-  // machine (F(2x2) was within noise of oneDNN there).
-  return (g.C_in / g.groups <= 4 && conv_uses_channel_lanes(t, dtype)) || conv_winograd_tile(t, dtype) == 4;
-}
-
-at::Tensor conv_data_grad_cpu(const ConvGeom& g, const at::Tensor& grad_y, const at::Tensor& weight) {
-  TORCH_INTERNAL_ASSERT(g.stride_h == 1 && g.stride_w == 1, "conv_data_grad_cpu: stride-1 convolutions only");
-  const ConvGeom t = data_grad_geometry(g);
-  // W'[group * c_in + i][j][kh][kw] = W[group * c_out + j][i][KH - 1 - kh][KW - 1 - kw]
-  const int64_t G = g.groups, c_in = g.C_in / G, c_out = g.C_out / G;
-  const at::Tensor w_t = weight.reshape({G, c_out, c_in, g.KH, g.KW})
-                             .transpose(1, 2)
-                             .flip({3, 4})
-                             .reshape({g.C_in, c_out, g.KH, g.KW})
-                             .contiguous();
-  return conv_affine_nhwc_cpu(t, grad_y, w_t, at::Tensor(), at::Tensor(), std::nullopt, /*relu=*/false);
 }
 
 }  // namespace cpu
