@@ -149,6 +149,8 @@ def _slug(text: str) -> str:
 def machine_slug(m: dict) -> str:
     if m["device"] == "cuda":
         return _slug(m["gpu"] or "gpu")
+    if m["device"] == "emulator":  # predicted by the emulator's GPU model (predict_cuda.py)
+        return "emulated-" + _slug(m["gpu"] or "gpu")
     vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(m["vendor"], _slug(m["vendor"]))
     name = m["microarchitecture"] or _slug(m["cpu"])
     isa = m["isa_class"] + ("" if m["kernel_isa"] == m["isa_class"] else f"-as-{m['kernel_isa']}")
@@ -260,7 +262,8 @@ def write(record: dict, markdown_body: str, results_dir: str = RESULTS_DIR) -> s
     os.makedirs(results_dir, exist_ok=True)
     stem = record_stem(record, results_dir)
     m = record["machine"]
-    where = m["gpu"] if m["device"] == "cuda" else describe_cpu(m)
+    where = {"cuda": m["gpu"], "emulator": f"{m['gpu']}, emulated on {describe_cpu(m)}"}.get(m["device"],
+                                                                                            describe_cpu(m))
     isa = ""
     if m["device"] == "cpu":
         isa = f"; CPU ISA {ISA_NAMES.get(m['isa_class'], m['isa_class'])}, kernels run with " \

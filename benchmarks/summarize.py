@@ -5,7 +5,8 @@ written by bench_kernels.py and bench_model.py through record.py), between the m
 
 Per CPU class (the vector ISA the project's kernels ran with: AVX-512, AVX2) it takes the latest kernel record with
 float32, channels_last, N=8 rows of ResNeXt-50's grouped convolutions, and the latest model record; per GPU the
-same. Records of --quick runs are skipped. The output depends on the files alone (no clock, no machine), so the
+same. While no GPU record exists, the latest record of benchmarks/predict_cuda.py (the emulator's predicted times)
+stands in, labelled as a prediction. Records of --quick runs are skipped. The output depends on the files alone (no clock, no machine), so the
 same files always give the same section.
 
 usage: python benchmarks/summarize.py            rewrite the section in README.md
@@ -110,6 +111,8 @@ def shape_label(shape: str) -> str:
 def describe_machine(m: dict) -> str:
     if m["device"] == "cuda":
         return f"{m['gpu']} (compute capability {m.get('gpu_capability', '?')})"
+    if m["device"] == "emulator":
+        return f"{m['gpu']} as modelled by the emulator (run on {m['cpu']})"
     details = [d for d in (m.get("microarchitecture"),
                            f"family {m['family']}, model {m['model']}" if m.get("family") is not None else "") if d]
     cpu = m["cpu"] + (f" ({'; '.join(details)})" if details else "")
@@ -169,8 +172,38 @@ def model_table(rec: dict) -> list[str]:
     return lines
 
 
+FORM_NAMES = {"inference": "inference", "training": "training forward", "backward": "training backward"}
+
+
+def predicted_table(rec: dict) -> list[str]:
+    """Per layer and form of the predicted record: the predicted time and its ratio to the larger of the layer's
+    compulsory DRAM time and its tensor-core time."""
+    dtype = rec["summaries"][0]["dtype"] if rec["summaries"] else "float16"
+    forms = [f for f in FORM_NAMES if any(s["form"] == f for s in rec["summaries"])]
+    cells = {(s["shape"], s["form"]): s for s in rec["summaries"] if s["dtype"] == dtype}
+    shapes = list(dict.fromkeys(s["shape"] for s in rec["summaries"]))
+    lines = [f"Predicted, not measured: the emulated CUDA kernels' counts through a model of the GPU's DRAM, L2, "
+             f"shared-memory and tensor-core rates ([docs/emulator.md](docs/emulator.md)), grouped 3x3 conv + BN + "
+             f"ReLU, {dtype}, N={rec['batch']}: us per call and, in brackets, over max(compulsory DRAM time, tensor-core "
+             f"time). " + provenance(rec), "",
+             "| layer | " + " | ".join(FORM_NAMES[f] for f in forms) + " |",
+             "|---|" + "---|" * len(forms)]
+    for shape in shapes:
+        model, _, rest = shape.partition(".")
+        label = {"x50": "ResNeXt-50 32x4d", "x101": "ResNeXt-101 32x8d"}.get(model, model) + ", " + \
+            shape_label(shape)
+        row = []
+        for f in forms:
+            c = cells.get((shape, f))
+            row.append(f"{c['predicted_us']:.1f} ({c['ratio']:.2f}x)" if c else "-")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return lines
+
+
 def section(records: list[dict]) -> str:
     """The generated markdown between the markers."""
+    predicted = [rec for rec in records if rec["bench"] == "predicted"]
+    records = [rec for rec in records if rec["bench"] != "predicted"]
     classes: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for rec in records:
         bench_records = classes.setdefault(device_class(rec), {}).setdefault(rec["bench"], [])
@@ -194,6 +227,8 @@ def section(records: list[dict]) -> str:
     if not any(device == "cuda" for device, _ in shown):
         out += ["### GPUs", "", "No GPU record yet: the CUDA kernels are verified in the emulator, not yet timed on a "
                 "GPU.", ""]
+        if predicted:
+            out += predicted_table(latest(predicted)) + [""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from resnext_kernels import emulator
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
@@ -111,3 +113,29 @@ def test_bench_model_quick(tmp_path):
     rec = _record(tmp_path, "models", len(rows))
     assert {(r["model"], r["mode"], r["impl"], r["batch"]) for r in rec["rows"]} == {
         (r["model"], r["mode"], r["impl"], int(r["batch"])) for r in rows}
+
+
+@pytest.mark.skipif(not emulator.available(), reason="resnext_kernels._emu (emulated CUDA) not built")
+def test_predict_cuda_writes_a_record_summarize_reads(tmp_path):
+    """benchmarks/predict_cuda.py at one layer: the emulator's predictions as a record with the benchmarks'
+    provenance, which summarize.py shows as a prediction while no GPU record exists."""
+    cmd = [sys.executable, os.path.join(BENCH, "predict_cuda.py"), "--shapes", "x50.stage4", "--forms", "inference",
+           "--batch", "4", "--results-dir", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    paths = glob.glob(str(tmp_path / "emulated-h100-sxm5-80gb-*-predicted.json"))
+    assert len(paths) == 1, paths
+    rec = json.load(open(paths[0]))
+    assert rec["bench"] == "predicted" and rec["machine"]["device"] == "emulator" and rec["batch"] == 4
+    assert rec["command"].endswith("python benchmarks/predict_cuda.py --shapes x50.stage4 --forms inference "
+                                   f"--batch 4 --results-dir {tmp_path}")
+    (summary,) = rec["summaries"]
+    assert summary["shape"] == "x50.stage4" and summary["form"] == "inference"
+    assert summary["predicted_us"] >= max(summary["compulsory_us"], summary["tensor_us"]) > 0
+    assert any("conv_tc_fwd_kernel" in r["kernel"] for r in rec["rows"])
+    assert "Predicted by the CUDA-on-CPU emulator" in open(paths[0][:-5] + ".md").read()
+    sys.path.insert(0, BENCH)
+    import summarize
+    text = summarize.section(summarize.load_records(str(tmp_path), str(tmp_path)))
+    assert "| ResNeXt-50 32x4d, stage 4 | " in text and "Predicted, not measured" in text

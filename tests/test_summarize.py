@@ -125,3 +125,28 @@ def test_missing_markers_are_an_error(tmp_path, results):
 
 def test_readme_matches_the_committed_records():
     assert summarize.main(["--check"]) == 0, "run python benchmarks/summarize.py"
+
+
+def _predicted_record(date, commit, us):
+    summaries = [dict(shape=shape, dtype="float16", form=form, gpu="h100", kernels=1, predicted_us=us * k,
+                      compulsory_us=us, tensor_us=us / 4, compulsory_bytes=1, ratio=float(k))
+                 for shape in SHAPES for k, form in ((1, "inference"), (2, "training"), (3, "backward"))]
+    machine = dict(_machine(), device="emulator", gpu="H100 SXM5 80GB")
+    return {"schema": 1, "bench": "predicted", "date": date, "time": "10:00:00", "commit": commit, "dirty": False,
+            "command": "python benchmarks/predict_cuda.py", "environment": {}, "machine": machine, "torch": "2.0",
+            "python": "3.11", "batch": 32, "summaries": summaries, "rows": []}
+
+
+def test_predicted_cuda_times_stand_in_for_a_gpu_record(tmp_path, results):
+    _write(results, "p-old", _predicted_record("2026-01-01", "5555555", 9.0))
+    _write(results, "p-new", _predicted_record("2026-02-01", "6666666", 2.0))
+    text = summarize.section(summarize.load_records(str(results), str(tmp_path)))
+    gpus = text.split("### GPUs")[1]
+    assert "No GPU record yet" in gpus and "Predicted, not measured" in gpus and "5555555" not in text
+    assert "H100 SXM5 80GB as modelled by the emulator" in gpus and "commit 6666666" in gpus
+    assert "| layer | inference | training forward | training backward |" in gpus
+    assert "| ResNeXt-50 32x4d, stage 4, stride 2 | 2.0 (1.00x) | 4.0 (2.00x) | 6.0 (3.00x) |" in gpus
+    # the CPU tables are unchanged by it
+    assert text.split("### GPUs")[0] == summarize.section(
+        [r for r in summarize.load_records(str(results), str(tmp_path)) if r["bench"] != "predicted"]).split(
+        "### GPUs")[0]
