@@ -50,10 +50,6 @@ _MICROARCHITECTURES = [
     ("GenuineIntel", 6, 0xCF, 0xCF, "emeraldrapids"),
     ("GenuineIntel", 6, 0xAD, 0xAE, "graniterapids"),
 ]
-_ISA_FLAGS = {
-    "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
-    "avx2": {"avx2", "fma"},
-}
 ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2", "baseline": "baseline x86-64"}
 
 
@@ -72,22 +68,6 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def isa_class(flags: set[str]) -> str:
-    for name in ("avx512", "avx2"):
-        if _ISA_FLAGS[name] <= flags:
-            return name
-    return "baseline"
-
-
-def kernel_isa(cpu_isa: str) -> str:
-    """The ISA the project's CPU kernels run with: the CPU's, capped by RESNEXT_KERNELS_CPU_ISA (avx2, baseline)."""
-    order = ["baseline", "avx2", "avx512"]
-    cap = os.environ.get("RESNEXT_KERNELS_CPU_ISA", "")
-    if cap in order:
-        return order[min(order.index(cap), order.index(cpu_isa))] if cpu_isa in order else cpu_isa
-    return cpu_isa
-
-
 def microarchitecture(vendor: str, family: int | None, model: int | None) -> str:
     for v, fam, lo, hi, name in _MICROARCHITECTURES:
         if vendor == v and family == fam and model is not None and lo <= model <= hi:
@@ -96,12 +76,13 @@ def microarchitecture(vendor: str, family: int | None, model: int | None) -> str
 
 
 def machine(device: torch.device) -> dict:
+    from resnext_kernels._dispatch import cpu_config  # the kernels' own ISA detection (csrc/cpu/isa.h)
+
     info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
     vendor = info.get("vendor_id", platform.machine())
     family = int(info["cpu family"]) if info.get("cpu family", "").isdigit() else None
     model = int(info["model"]) if info.get("model", "").isdigit() else None
-    cpu_isa = isa_class(flags) if platform.machine() in ("x86_64", "AMD64") else platform.machine()
+    cpu = cpu_config()
     m = {
         "device": device.type,
         "cpu": info.get("model name", platform.processor() or platform.machine()),
@@ -109,9 +90,9 @@ def machine(device: torch.device) -> dict:
         "family": family,
         "model": model,
         "microarchitecture": microarchitecture(vendor, family, model),
-        "isa_class": cpu_isa,
-        "kernel_isa": kernel_isa(cpu_isa),
-        "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "isa_class": cpu.supported_isa,
+        "kernel_isa": cpu.isa,
+        "native_bf16": cpu.native_bf16,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
