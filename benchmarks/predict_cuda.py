@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--forms", default="inference,training,backward")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--shapes", default=None, help="a subset, as the profiler takes it (default: every layer)")
-    parser.add_argument("--ptxas-log", default=os.path.join(record.ROOT, "logs", "build.log"),
+    parser.add_argument("--ptxas-log", default=os.path.join("logs", "build.log"),
                         help="the build log with nvcc's ptxas report (registers, hence occupancy)")
     parser.add_argument("--results-dir", default=record.RESULTS_DIR)
     args = parser.parse_args(argv)

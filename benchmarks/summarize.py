@@ -176,27 +176,24 @@ FORM_NAMES = {"inference": "inference", "training": "training forward", "backwar
 
 
 def predicted_table(rec: dict) -> list[str]:
-    """Per layer and form of the predicted record: the predicted time and its ratio to the larger of the layer's
-    compulsory DRAM time and its tensor-core time."""
+    """Per ResNeXt-50 layer and form of the predicted record (as the CPU tables): the predicted time and its ratio to
+    the larger of the layer's compulsory DRAM time and its tensor-core time."""
     dtype = rec["summaries"][0]["dtype"] if rec["summaries"] else "float16"
     forms = [f for f in FORM_NAMES if any(s["form"] == f for s in rec["summaries"])]
     cells = {(s["shape"], s["form"]): s for s in rec["summaries"] if s["dtype"] == dtype}
-    shapes = list(dict.fromkeys(s["shape"] for s in rec["summaries"]))
+    shapes = list(dict.fromkeys(s["shape"] for s in rec["summaries"] if s["shape"].startswith("x50.")))
     lines = [f"Predicted, not measured: the emulated CUDA kernels' counts through a model of the GPU's DRAM, L2, "
-             f"shared-memory and tensor-core rates ([docs/emulator.md](docs/emulator.md)), grouped 3x3 conv + BN + "
-             f"ReLU, {dtype}, N={rec['batch']}: us per call and, in brackets, over max(compulsory DRAM time, tensor-core "
-             f"time). " + provenance(rec), "",
+             f"shared-memory and tensor-core rates ([docs/emulator.md](docs/emulator.md)), ResNeXt-50 32x4d grouped "
+             f"3x3 conv + BN + ReLU, {dtype}, N={rec['batch']}: us per call and, in brackets, over max(compulsory DRAM "
+             f"time, tensor-core time); ResNeXt-101 32x8d's layers are in the record. " + provenance(rec), "",
              "| layer | " + " | ".join(FORM_NAMES[f] for f in forms) + " |",
              "|---|" + "---|" * len(forms)]
     for shape in shapes:
-        model, _, rest = shape.partition(".")
-        label = {"x50": "ResNeXt-50 32x4d", "x101": "ResNeXt-101 32x8d"}.get(model, model) + ", " + \
-            shape_label(shape)
         row = []
         for f in forms:
             c = cells.get((shape, f))
             row.append(f"{c['predicted_us']:.1f} ({c['ratio']:.2f}x)" if c else "-")
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append(f"| {shape_label(shape)} | " + " | ".join(row) + " |")
     return lines
 
 
