@@ -43,7 +43,13 @@ CASES = [  # (N, C, H, W, groups, kernel, stride, padding, channels_last)
     (2, 128, 8, 8, 32, 1, 1, 0, True),      # 1x1
     (1, 192, 40, 36, 48, 3, 1, 1, True),    # three channel blocks, several tiles per image
     (1, 2048, 3, 3, 32, 3, 1, 1, True),     # ResNeXt-101's widest layer: 64 per group, > 48 KiB of BN staging
+    (2, 128, 7, 7, 4, 3, 1, 1, True),       # groups of 32 at stride 1: two 7x7 images over a warp's 8 m16 tiles
+    (1, 64, 20, 18, 2, 3, 1, 1, False),     # groups of 32, several tiles per image, a partial last m16 tile
+    (3, 128, 7, 7, 2, 3, 1, 1, True),       # groups of 64 at stride 1 (64-channel warps), an odd batch
+    (2, 128, 14, 14, 2, 3, 2, 1, False),    # groups of 64 at stride 2, two channel blocks
 ]
+# Threads of the forward kernel's CTA by channels per group: the warp tiling (conv_tc_plan.h's TcWarpTile).
+THREADS = {4: 128, 8: 128, 16: 64, 32: 64, 64: 64}
 
 
 def _case_id(case):
@@ -89,6 +95,8 @@ def test_inference_matches_float64(case, dtype, order, seed):
     with emulator.schedule(order, seed):
         records = emulator.profile(lambda: out.append(E.conv_bn_relu_infer(x, wt, scale, shift, *conv, True)))
     assert "conv_tc_fwd_kernel" in _kernels(records)
+    fwd = next(r for r in records if "conv_tc_fwd_kernel" in r.kernel)
+    assert fwd.block[0] == THREADS[wt.shape[1]] and fwd.smem_conflict_wavefronts == 0
     d = torch.float64
     ref = F.relu(F.conv2d(x.to(d), wt.to(d), None, *conv) * scale.to(d).view(1, -1, 1, 1) +
                  shift.to(d).view(1, -1, 1, 1))

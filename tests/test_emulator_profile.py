@@ -107,7 +107,7 @@ def test_profile_cli_prints_and_writes_every_launch(tmp_path, capsys):
     fwd = [r for r in data["rows"] if r["form"] == "inference" and r["gpu"] == "h100"]
     assert len(fwd) == 1 and fwd[0]["predicted_us"] > 0 and fwd[0]["bound"] in fwd[0]["terms_us"]
     printed = capsys.readouterr().out
-    assert "| x50.stage4 | float16 | inference | conv_tc_fwd_kernel<__half, 1, false> |" in printed
+    assert "| x50.stage4 | float16 | inference | conv_tc_fwd_kernel<__half, 1, false, 1, 8, 4> |" in printed
 
 
 def _nvcc():

@@ -116,13 +116,14 @@ void launch_fwd(const char* op, const ConvGeom& g, const cuda_kernels::TcPlan& p
                 const at::Tensor& packed, const float* scale, const float* shift, at::Tensor& y, float2* partials,
                 bool relu, cudaStream_t stream) {
   using namespace cuda_kernels;
-  const int64_t cpg = g.C_in / g.groups;
-  auto kernel = cpg <= 8    ? conv_tc_fwd_kernel<T, 4, STATS>
-                : cpg == 16 ? conv_tc_fwd_kernel<T, 2, STATS>
-                            : conv_tc_fwd_kernel<T, 1, STATS>;
+  const int64_t cpg = g.C_in / g.groups;  // the plan's warp tiling follows from it (conv_tc_plan)
+  auto kernel = cpg <= 8     ? conv_tc_fwd_kernel<T, 4, STATS, 2, 4, 4>
+                : cpg == 16  ? conv_tc_fwd_kernel<T, 2, STATS, 1, 8, 4>
+                : cpg == 32  ? conv_tc_fwd_kernel<T, 1, STATS, 1, 8, 4>
+                             : conv_tc_fwd_kernel<T, 1, STATS, 2, 4, 8>;
   if (plan.smem_bytes > 48 * 1024) check(set_max_dynamic_smem(kernel, plan.smem_bytes), op);
-  check(launch_kernel(kernel, dim3(unsigned(plan.grid_x), unsigned(plan.grid_y)), dim3(kTcThreads), plan.smem_bytes,
-                      stream, reinterpret_cast<const T*>(x.const_data_ptr()),
+  check(launch_kernel(kernel, dim3(unsigned(plan.grid_x), unsigned(plan.grid_y)), dim3(unsigned(plan.threads)),
+                      plan.smem_bytes, stream, reinterpret_cast<const T*>(x.const_data_ptr()),
                       reinterpret_cast<const uint2*>(packed.const_data_ptr()), scale, shift,
                       reinterpret_cast<T*>(y.mutable_data_ptr()), partials, g, plan, relu),
         op);

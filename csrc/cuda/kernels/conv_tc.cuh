@@ -4,7 +4,7 @@
 //
 // Implicit GEMM on mma.sync: M = output pixels, N = output channels, K = (tap, input channel) of the output
 // channel's group. Below, k16 steps are those of 16-bit types; float32 takes k8 steps (TF32, the same 16 bytes of a
-// pixel's channels per ldmatrix half-row: 4 channels instead of 8; operands rounded by cvt.rna.tf32). A CTA (4
+// pixel's channels per ldmatrix half-row: 4 channels instead of 8; operands rounded by cvt.rna.tf32). A CTA (2 or 4
 // warps) computes a tile of up to 128 output pixels (th x tw of tn images) for 64 output channels, which read the
 // same 64 input channels (groups of 4 to 64 channels, C_in == C_out).
 //   * The input tile with its halo is copied once into shared memory by 16-byte cp.async (zero-filled outside the
@@ -18,8 +18,11 @@
 //     x 16 channels. ldmatrix.x4 loads a 16-pixel x k16 A fragment straight from the tile rows; the n8 tiles of
 //     one window reuse it. B fragments, packed once in fragment order, are staged one tap at a time in two
 //     shared-memory buffers by cp.async, the next tap's copy in flight while the current one is multiplied.
-//   * Warps: 2 along pixels (m16 tiles alternate) x 2 along channels (32 each): 4 m16 tiles x 4 n8 tiles of fp32
-//     accumulators per thread at most.
+//   * Warps (TcWarpTile): WM along pixels (m16 tiles alternate) x 64 / (8 NT) along channels, MI m16 x NT n8 tiles
+//     of fp32 accumulators each: 2 x 2 warps of 4 x 4 (windows of 8), 1 x 2 of 8 x 4 (16, 32), 2 x 1 of 4 x 8 (64).
+//     An A fragment (ldmatrix.x4: 4 wavefronts) serves the n8 tiles of its window, a B fragment (2 wavefronts) the
+//     warp's m16 tiles. An SM's shared memory serves a wavefront a cycle, its tensor cores about an mma: the
+//     larger warp tiles bring windows of 32 and 64 from 1.5 wavefronts an mma to 1.25 and 1.0 (conv_tc_plan).
 //   * Epilogue: BN scale/shift and ReLU in fp32 (inference), or the raw convolution (training), rounded to T and
 //     staged through shared memory, then stored by 16-byte coalesced writes: every output byte written once.
 //     In training the CTA also reduces its tile's per-channel sum and squared deviations from the tile mean (of
@@ -156,11 +159,11 @@ __device__ __forceinline__ uint32_t tf32_of_bits(uint32_t bits) {
   return rk::ptx::cvt_rna_tf32(f);
 }
 
-// WINDOWS: input-channel windows of a warp's 32 channels: 4 (groups of 4, 8), 2 (16), 1 (32, 64).
-// STATS: training form (raw convolution out, per-tile channel statistics to `partials`); else inference form
-// (relu?(conv * scale + shift); scale == nullptr: relu?(conv)).
-template <typename T, int WINDOWS, bool STATS>
-__global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 registers, no spills
+// WM, MI, NT: the warp tiling (TcWarpTile). WINDOWS: input-channel windows of a warp's 8 NT channels: 4 (groups of
+// 4, 8), 2 (16), 1 (32, 64). STATS: training form (raw convolution out, per-tile channel statistics to `partials`);
+// else inference form (relu?(conv * scale + shift); scale == nullptr: relu?(conv)).
+template <typename T, int WINDOWS, bool STATS, int WM, int MI, int NT>
+__global__ void __launch_bounds__(TcWarpTile<WM, MI, NT>::kThreads, TcWarpTile<WM, MI, NT>::kMinBlocks)
     conv_tc_fwd_kernel(const T* __restrict__ x, const uint2* __restrict__ wfrag, const float* __restrict__ scale,
                        const float* __restrict__ shift, T* __restrict__ y, float2* __restrict__ partials, ConvGeom g,
                        TcPlan p, bool relu) {
@@ -168,8 +171,9 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   constexpr int E = sizeof(T), kPitch = tc_pitch(E), kStage = tc_stage_pitch(E);
   constexpr int kChunks = 64 * E / 16, kChunkLog2 = E == 2 ? 3 : 4;  // 16-byte chunks of a pixel's 64 channels
   constexpr int kChunkElems = 16 / E;
+  constexpr int kThreads = TcWarpTile<WM, MI, NT>::kThreads, kWarpCh = 8 * NT;  // channels of a warp
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp & 1, warp_n = warp >> 1;
+  const int warp_m = warp % WM, warp_n = warp / WM;
   const int64_t tiles = p.tiles_h * p.tiles_w;
   const int64_t n0 = blockIdx.x / tiles * p.tn, tile = blockIdx.x % tiles;
   const int oy0 = int(tile / p.tiles_w) * p.th, ox0 = int(tile % p.tiles_w) * p.tw;
@@ -185,7 +189,7 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
     const int64_t iy0 = int64_t(oy0) * s - g.pad_h, ix0 = int64_t(ox0) * s - g.pad_w;
     const int in_px = p.in_th * p.in_tw;
     const int chunks = p.tn * in_px * kChunks;
-    for (int i = tid; i < chunks; i += kTcThreads) {
+    for (int i = tid; i < chunks; i += kThreads) {
       const int part = i & (kChunks - 1), px = i >> kChunkLog2;
       const int img = px / in_px, rest = px - img * in_px;
       const int ty = rest / p.in_tw, tx = rest - ty * p.in_tw;
@@ -204,7 +208,7 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   const uint2* wsrc = wfrag + int64_t(blockIdx.y) * p.ksteps * 8 * 32;
   uint2* bbuf = reinterpret_cast<uint2*>(smem + p.b_offset);
   auto stage_b = [&](int chunk) {
-    for (int v = tid * 2; v < chunk_vectors; v += kTcThreads * 2) {  // 16 bytes a copy
+    for (int v = tid * 2; v < chunk_vectors; v += kThreads * 2) {  // 16 bytes a copy
       rk::ptx::cp_async_cg(bbuf + (chunk & 1) * chunk_vectors + v, wsrc + int64_t(chunk) * chunk_vectors + v);
     }
   };
@@ -212,18 +216,18 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   rk::ptx::cp_async_commit();  // the input tiles and the first B chunk
 
   const int mtiles = (pixels + 15) / 16;
-  float acc[4][4][4];
+  float acc[MI][NT][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < MI; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
   // The tile row of the input pixel under tap (0, 0) for this lane's pixel of each of the warp's m16 tiles.
-  int base[4];
+  int base[MI];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int pix = (warp_m + 2 * i) * 16 + (lane & 15);
+  for (int i = 0; i < MI; ++i) {
+    int pix = (warp_m + WM * i) * 16 + (lane & 15);
     if (pix >= pixels) pix = pixels - 1;  // the last m16 tile's spare rows: computed, never stored
     const int img = pix / img_pixels, lp = pix - img * img_pixels;
     const int oy = lp / p.tw, ox = lp - oy * p.tw;
@@ -231,7 +235,7 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   }
   int window[WINDOWS];  // first channel (of the CTA's 64) of each window of this warp
 #pragma unroll
-  for (int w = 0; w < WINDOWS; ++w) window[w] = ((warp_n * 32 + w * (32 / WINDOWS)) / p.kw) * p.kw;
+  for (int w = 0; w < WINDOWS; ++w) window[w] = ((warp_n * kWarpCh + w * (kWarpCh / WINDOWS)) / p.kw) * p.kw;
   const int khalf = lane >> 4;
   const int q = p.chunk_steps, q_log2 = q >= 8 ? 3 : q >= 4 ? 2 : q >= 2 ? 1 : 0;  // k steps per tap
   const int chunks = p.ksteps / p.chunk_steps;
@@ -249,10 +253,10 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
       }
       __syncthreads();  // every thread's copies are visible
     }
-    uint2 bf[4];
-    const uint2* bw = bbuf + (chunk & 1) * chunk_vectors + (in_chunk * 8 + warp_n * 4) * 32 + lane;
+    uint2 bf[NT];
+    const uint2* bw = bbuf + (chunk & 1) * chunk_vectors + (in_chunk * 8 + warp_n * NT) * 32 + lane;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) bf[j] = bw[j * 32];
+    for (int j = 0; j < NT; ++j) bf[j] = bw[j * 32];
     int tap, choff;  // this lane's half of k: a tap and a channel offset in the window
     if (E == 2 && p.kw == 8) {
       tap = 2 * step + khalf;
@@ -267,8 +271,8 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
       tap_row = ky * p.plane_w + (p.planes == 2 ? (kx & 1) * plane_px + (kx >> 1) : kx);
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (warp_m + 2 * i >= mtiles) continue;
+    for (int i = 0; i < MI; ++i) {
+      if (warp_m + WM * i >= mtiles) continue;
       const int row = tap_row < 0 ? zero_px : base[i] + tap_row;
 #pragma unroll
       for (int w = 0; w < WINDOWS; ++w) {
@@ -279,7 +283,9 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
           for (int r = 0; r < 4; ++r) a[r] = tf32_of_bits(a[r]);
         }
 #pragma unroll
-        for (int u = 0; u < 4 / WINDOWS; ++u) tc_mma<T>(acc[i][w * (4 / WINDOWS) + u], a, bf[w * (4 / WINDOWS) + u]);
+        for (int u = 0; u < NT / WINDOWS; ++u) {
+          tc_mma<T>(acc[i][w * (NT / WINDOWS) + u], a, bf[w * (NT / WINDOWS) + u]);
+        }
       }
     }
   }
@@ -287,22 +293,22 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
 
   // Epilogue: rounded to T in a [pixel][kStage] staging tile; lane (g, t) holds channels 2t, 2t+1 of rows g, g+8.
   const int gq = lane >> 2, t4 = lane & 3;
-  float2 sc[4], sf[4];  // the lane's channel pairs' BN scale and shift (8-byte loads: one sector per warp)
+  float2 sc[NT], sf[NT];  // the lane's channel pairs' BN scale and shift (8-byte loads: one sector per warp)
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < NT; ++j) {
     if (!STATS && scale != nullptr) {
-      const int64_t ch = c0 + warp_n * 32 + j * 8 + 2 * t4;
+      const int64_t ch = c0 + warp_n * kWarpCh + j * 8 + 2 * t4;
       sc[j] = *reinterpret_cast<const float2*>(scale + ch);
       sf[j] = *reinterpret_cast<const float2*>(shift + ch);
     }
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int mt = warp_m + 2 * i;
+  for (int i = 0; i < MI; ++i) {
+    const int mt = warp_m + WM * i;
     if (mt >= mtiles) continue;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int ch = warp_n * 32 + j * 8 + 2 * t4;
+    for (int j = 0; j < NT; ++j) {
+      const int ch = warp_n * kWarpCh + j * 8 + 2 * t4;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int pix = mt * 16 + gq + 8 * h;
@@ -330,7 +336,7 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
   __syncthreads();
   const int rows = p.th < g.OH - oy0 ? p.th : int(g.OH - oy0);
   const int cols = p.tw < g.OW - ox0 ? p.tw : int(g.OW - ox0);
-  for (int c = tid; c < pixels * kChunks; c += kTcThreads) {
+  for (int c = tid; c < pixels * kChunks; c += kThreads) {
     const int pix = c >> kChunkLog2, part = c & (kChunks - 1);
     const int img = pix / img_pixels, lp = pix - img * img_pixels;
     const int ty = lp / p.tw, tx = lp - ty * p.tw;
@@ -340,23 +346,27 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
                               part * kChunkElems) = v;
   }
   if constexpr (STATS) {
-    // Channel c = tid % 64 over the pixels of parity tid / 64: the tile's sum, then squared deviations from its mean.
-    float* red = reinterpret_cast<float*>(smem + p.smem_bytes - 2 * kTcThreads * sizeof(float));
+    // Channel c = tid % 64 over the pixels p with p % kParts == tid / 64: the tile's sum, then squared deviations
+    // from its mean.
+    constexpr int kParts = kThreads / 64;
+    float* red = reinterpret_cast<float*>(smem + p.smem_bytes - 2 * kThreads * sizeof(float));
     const int c = tid & 63, half = tid >> 6;
     const T* stage = reinterpret_cast<const T*>(smem);
     constexpr int kRow = kStage / E;
     float sum = 0.f;
-    for (int pix = half; pix < pixels; pix += 2) {
+    for (int pix = half; pix < pixels; pix += kParts) {
       const int img = pix / img_pixels, lp = pix - img * img_pixels;
       const int ty = lp / p.tw, tx = lp - ty * p.tw;
       if (img < images && ty < rows && tx < cols) sum += tc_to_float<T>(stage[pix * kRow + c]);
     }
     red[tid] = sum;
     __syncthreads();
-    const float total = red[c] + red[c + 64];
+    float total = 0.f;
+#pragma unroll
+    for (int k = 0; k < kParts; ++k) total += red[c + 64 * k];
     const float mean = total / float(images * rows * cols);
     float m2 = 0.f;
-    for (int pix = half; pix < pixels; pix += 2) {
+    for (int pix = half; pix < pixels; pix += kParts) {
       const int img = pix / img_pixels, lp = pix - img * img_pixels;
       const int ty = lp / p.tw, tx = lp - ty * p.tw;
       if (img < images && ty < rows && tx < cols) {
@@ -364,11 +374,13 @@ __global__ void __launch_bounds__(kTcThreads, 4)  // 4 resident CTAs: <= 128 reg
         m2 += d * d;
       }
     }
-    red[kTcThreads + tid] = m2;
+    red[kThreads + tid] = m2;
     __syncthreads();
     if (half == 0) {
-      partials[int64_t(blockIdx.x) * g.C_out + c0 + c] = make_float2(total, red[kTcThreads + c] +
-                                                                              red[kTcThreads + c + 64]);
+      float m2_total = 0.f;
+#pragma unroll
+      for (int k = 0; k < kParts; ++k) m2_total += red[kThreads + c + 64 * k];
+      partials[int64_t(blockIdx.x) * g.C_out + c0 + c] = make_float2(total, m2_total);
     }
   }
 }

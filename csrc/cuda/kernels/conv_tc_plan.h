@@ -11,9 +11,17 @@
 namespace rk {
 namespace cuda_kernels {
 
-constexpr int kTcThreads = 128;
 constexpr int kTcChannels = 64;       // output channels of a CTA (and the input channels it reads)
 constexpr int kTcMaxPixels = 128;     // output pixels of a CTA: 8 m16 tiles
+
+// A CTA's warps: WM along pixels, each with MI m16 tiles (m16 tile i of warp w: w + WM i), x 64 / (8 NT) along
+// channels, each with NT n8 tiles; WM * MI = 8. Up to 128 registers a thread for 16 accumulator tiles, 255 for 32.
+template <int WM, int MI, int NT>
+struct TcWarpTile {
+  static_assert(WM * MI * 16 == kTcMaxPixels && NT * 8 <= kTcChannels, "a CTA's 128 pixels x 64 channels");
+  static constexpr int kThreads = WM * (kTcChannels / (8 * NT)) * 32;
+  static constexpr int kMinBlocks = 65536 / (kThreads * (MI * NT <= 16 ? 128 : 256));
+};
 // Bytes of shared memory per tile pixel: its 64 channels + 16 bytes that shift consecutive pixels by 4 banks.
 constexpr int tc_pitch(int elem_bytes) { return 64 * elem_bytes + 16; }
 // Bytes per pixel of the epilogue's staging tile: a lane (g, t) stores channels 2t, 2t+1 of pixel g (+8), as one
@@ -22,6 +30,8 @@ constexpr int tc_stage_pitch(int elem_bytes) { return elem_bytes == 2 ? 144 : 28
 constexpr size_t kTcMaxSmem = 64 * 1024;  // over 48 KiB the launcher raises the kernel's limit (sm_80+: 163 KiB)
 
 struct TcPlan {
+  int warps_m, m16, n8;  // the warp tiling: TcWarpTile<warps_m, m16, n8>
+  int threads;
   int th, tw;            // output tile of one image
   int tn;                // images per CTA (small images: a whole image is one tile); tn * th * tw <= 128
   int in_th, in_tw;      // input tile of one image, with its halo
@@ -110,6 +120,14 @@ inline const char* conv_tc_plan(const ConvGeom& g, int elem_bytes, TcPlan* plan)
   if (const char* why = conv_tc_geometry_coverage(g)) return why;
   const int64_t cpg = g.C_in / g.groups;
   TcPlan p{};
+  // Warp tiles of 32 accumulator tiles where an A fragment serves enough n8 tiles: per mma, shared memory serves
+  // 4 wavefronts of A / the n8 tiles of its window + 2 of B / the warp's m16 tiles. Windows of 64: 4 m16 x 8 n8
+  // (0.5 + 0.5); of 16 and 32: 8 m16 x 4 n8 (1 + 0.25, or 2 + 0.25); of 8: 4 m16 x 4 n8 (4 + 0.5: A-bound either
+  // way, and half the registers).
+  p.m16 = cpg == 16 || cpg == 32 ? 8 : 4;
+  p.n8 = cpg == 64 ? 8 : 4;
+  p.warps_m = 8 / p.m16;
+  p.threads = p.warps_m * (kTcChannels / (8 * p.n8)) * 32;
   p.taps = g.KH * g.KW;
   p.elem_bytes = elem_bytes;
   p.pitch = tc_pitch(elem_bytes);
@@ -133,7 +151,7 @@ inline const char* conv_tc_plan(const ConvGeom& g, int elem_bytes, TcPlan* plan)
     p.b_offset = size_t(p.smem_pixels) * p.pitch;
     const size_t staging = size_t(n) * h * tw * tc_stage_pitch(elem_bytes);
     const size_t used = p.b_offset + b_bytes;
-    p.smem_bytes = (used > staging ? used : staging) + 2 * kTcThreads * 4;  // + the statistics' reduction
+    p.smem_bytes = (used > staging ? used : staging) + 2 * size_t(p.threads) * 4;  // + the statistics' reduction
     return p.smem_bytes <= kTcMaxSmem;
   });
   if (!fits) return "the tensor-core kernel's input tile does not fit 64 KiB of shared memory";
