@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.nn.functional as F
+
+# Examples per CPU path of the property tests in this run, by form ("inference", "training"): printed at the end of
+# the run (conftest.py) and asserted by test_properties.py.
+FUZZ_PATHS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 # The grouped 3x3 convolutions of ResNeXt-50 32x4d: (channels, spatial size) per stage, 32 groups.
 RESNEXT50_STAGES = [(128, 56), (256, 28), (512, 14), (1024, 7)]
@@ -87,12 +93,14 @@ LOW_PRECISION_FACTOR = 3
 
 
 def tolerance(dtype, torch_own_err=None):
-    """The bound on rel_err for an output of `dtype`; for float16/bfloat16 `torch_own_err` is PyTorch's own
-    same-dtype rel_err against the same float64 reference."""
+    """The bound on rel_err for an output of `dtype`; `torch_own_err` is PyTorch's own same-dtype rel_err against
+    the same float64 reference: required for float16/bfloat16, optional for float32 (the fuzz passes it: with 2-9
+    values per channel the BN backward cancels most of a gradient, and PyTorch's own float32 error there can pass
+    1e-5)."""
     if dtype == torch.float64:
         return 1e-12
-    if dtype == torch.float32:
-        return FP32_TOL
+    if dtype == torch.float32:  # PyTorch's own, where given: an ill-conditioned problem may need more than FP32_TOL
+        return FP32_TOL if torch_own_err is None else max(FP32_TOL, LOW_PRECISION_FACTOR * torch_own_err)
     assert torch_own_err is not None, "a low-precision bound needs PyTorch's own same-dtype error"
     return LOW_PRECISION_FACTOR * max(torch_own_err, torch.finfo(dtype).eps / 2)
 

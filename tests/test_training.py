@@ -540,3 +540,21 @@ def test_winograd_forward_with_statistics(channels, groups, size, dtype):
         for name, got, want, torch_own in zip(("input", "weight", "bn_weight", "bn_bias"),
                                               (xr.grad, wr.grad, gr.grad, br.grad), ref[3], own[3]):
             assert_close_to_reference(got, want, torch_own, f"{name} gradient", dtype)
+
+
+@pytest.mark.xfail(reason="PyTorch's bfloat16 CPU weight gradient (ATen's convolution_backward, which the training "
+                          "backward calls for wgrad_aten) returns garbage here, in about 3 calls of 4", strict=False)
+def test_bfloat16_weight_gradient_of_one_pixel_wide_input():
+    """A 1-pixel-wide bfloat16 input at stride 2 with width padding: the weight gradient against float64 autograd.
+    Found by the property fuzz (which leaves this case out); fixed when this shape leaves wgrad_aten."""
+    args = ([1, 2], [0, 1], [1, 1], 2, False)
+    worst = 0.0
+    for _ in range(8):  # fresh tensors each time: the garbage varies between calls
+        x = torch.randn(1, 64, 9, 1).bfloat16()
+        w = torch.randn(32, 32, 3, 3).bfloat16()
+        assert rk.ops.explain(x, w, stride=(1, 2), padding=(0, 1), groups=2, training=True).weight_grad == "wgrad_aten"
+        out, conv_out, mean, var = train_op(x, w, None, None, 1e-5, *args)
+        g = torch.randn(out.shape).bfloat16()
+        grad_w = backward_op(g, x, w, conv_out, mean, var, None, None, 1e-5, *args, [False, True, False])[1]
+        worst = max(worst, rel_err(grad_w, reference_train(x, w, None, None, g, (1, 2), (0, 1), 1, 2, False)[3][1]))
+    assert worst < 0.05, worst
