@@ -93,7 +93,7 @@ MUTANTS = [
            ("tests/test_training.py", "-k", "stage_shapes")),
     Mutant("cpu_data_grad_float32", "csrc/cpu/conv_bn_relu_train.cpp",
            "                             .contiguous();\n  return conv_affine_nhwc_cpu(plan.data_plan",
-           "                             .contiguous() * 1.0001;\n  return conv_affine_nhwc_cpu(plan.data_plan",
+           "                             .contiguous().mul(1.0001);\n  return conv_affine_nhwc_cpu(plan.data_plan",
            ("tests/test_training.py", "-k", "data_gradient_against")),
     Mutant("cpu_weight_grad_bfloat16", "csrc/cpu/conv_wgrad.cpp",
            "= static_cast<scalar_t>(total[idx]);",
@@ -145,12 +145,11 @@ def _env(tree: str) -> dict:
     return env
 
 
-def _build(tree, env, log) -> float:
+def _build(tree, env, log) -> float | None:
+    """Seconds the (incremental) build took; None when it failed."""
     start = time.time()
     rc = _run([sys.executable, "setup.py", "build_ext", "--inplace"], tree, env, log, 3600)
-    if rc != 0:
-        sys.exit(f"mutation_check: the build failed (log: {log})")
-    return time.time() - start
+    return time.time() - start if rc == 0 else None
 
 
 def _pytest(tree, env, args, log, timeout=900):
@@ -209,7 +208,10 @@ def main() -> int:
     start = time.time()
     _copy_tree(tree)
     env = _env(tree)
-    print(f"scratch tree {tree}: build {_build(tree, env, os.path.join(logs, 'build.log')):.0f} s", flush=True)
+    build_s = _build(tree, env, os.path.join(logs, "build.log"))
+    if build_s is None:
+        sys.exit(f"mutation_check: the unmutated tree does not build (log: {os.path.join(logs, 'build.log')})")
+    print(f"scratch tree {tree}: build {build_s:.0f} s", flush=True)
     # The subsets must pass on the unmutated tree, or a "kill" would mean nothing.
     subsets = [] if args.no_baseline else sorted({m.tests for m in mutants})
     t0 = time.time()
@@ -224,13 +226,17 @@ def main() -> int:
         t0 = time.time()
         original = _apply(tree, m)
         try:
-            build_s = _build(tree, env, os.path.join(logs, f"{m.name}-build.log")) if m.compiled else 0.0
-            log = os.path.join(logs, f"{m.name}.log")
-            rc = _pytest(tree, env, list(m.tests), log)
+            log = os.path.join(logs, f"{m.name}-build.log")
+            build_s = _build(tree, env, log) if m.compiled else 0.0
+            if build_s is not None:
+                log = os.path.join(logs, f"{m.name}.log")
+                rc = _pytest(tree, env, list(m.tests), log)
         finally:
             with open(os.path.join(tree, m.path), "w") as f:
                 f.write(original)
-        if rc == 1:
+        if build_s is None:
+            verdict, build_s = f"ERROR (the mutant does not build; log {log})", 0.0
+        elif rc == 1:
             killed += 1
             verdict = f"killed by {_first_failure(log)}"
         elif rc == 0:
