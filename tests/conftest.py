@@ -42,3 +42,12 @@ def deterministic_algorithms():
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Examples per CPU path of the property tests (tests/test_properties.py), when they ran."""
+    from reference import FUZZ_PATHS
+    for form, counts in sorted(FUZZ_PATHS.items()):
+        if counts:
+            terminalreporter.write_line(f"fuzz examples per CPU path ({form}): " +
+                                        ", ".join(f"{path} {n}" for path, n in sorted(counts.items())))

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import (RESNEXT50_STAGES, assert_dtype_tolerance, random_bn, reference_conv_affine_relu,
-                       reference_conv_bn_relu, rel_err, vector_cpu)
+from reference import (RESNEXT50_STAGES, assert_close_to_reference, assert_dtype_tolerance, random_bn,
+                       reference_conv_affine_relu, reference_conv_bn_relu, rel_err, vector_cpu)
 from torch import nn
 
 import resnext_kernels as rk
@@ -400,20 +400,22 @@ def test_module_torch_compile_fullgraph():
 
 
 def test_autocast_cpu_bfloat16():
+    """Under CPU autocast the fused layer computes in bfloat16: its output against float64 within a small multiple
+    of PyTorch's own Conv2d -> BatchNorm2d -> ReLU error under the same autocast."""
+    ref = _sequential(32, 32, 1, 8)
+    _randomize_bn(ref[1])
+    ref.eval()
     ours = rk.nn.FusedGroupedConvBNReLU(32, 32, groups=8).eval()
-    _randomize_bn(ours.bn)
+    ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 32, 9, 9)
     with torch.no_grad():
-        expected = ours(x)
+        expected = copy.deepcopy(ref).double()(x.double())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = ours(x)
-    assert out.dtype == torch.bfloat16
-    assert rel_err(out, expected.double()) < 2e-2
+            assert ours.explain(x).path == "cpu"
+            out, own = ours(x), ref(x)
+    assert out.dtype == own.dtype == torch.bfloat16
+    assert_close_to_reference(out, expected, own, "autocast output")
 
-
-# --------------------------------------------------------------------------------------------------
-# Dispatch decisions and the forced reference path
-# --------------------------------------------------------------------------------------------------
 
 def test_fp16_on_cpu_falls_back_with_reason():
     x = torch.randn(1, 8, 5, 5).half()

@@ -1,10 +1,12 @@
 """The fused op on a real CUDA device (skipped without one; the emulated tests cover the same kernel)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from reference import random_bn, reference_conv_bn_relu, rel_err
+from reference import assert_close_to_reference, random_bn, reference_conv_bn_relu, rel_err
 from test_conv_bn_relu import EDGE_CASES, _make
 
 import resnext_kernels as rk
@@ -68,11 +70,19 @@ def test_cuda_opcheck_and_compile():
 
 
 def test_cuda_autocast_float16():
+    """Under CUDA autocast the fused layer computes in float16: its output against float64 within a small multiple
+    of PyTorch's own Conv2d -> BatchNorm2d -> ReLU error under the same autocast."""
+    ref = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, 1, 1, groups=32, bias=False), torch.nn.BatchNorm2d(64),
+                              torch.nn.ReLU()).cuda().eval()
     m = rk.nn.FusedGroupedConvBNReLU(64, 64, groups=32).cuda().eval()
+    m.load_state_dict(ref.state_dict())
     x = torch.randn(2, 64, 9, 9, device="cuda")
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
-        out = m(x)
-    assert out.dtype == torch.float16
+    with torch.no_grad():
+        expected = copy.deepcopy(ref).double()(x.double())
+        with torch.autocast("cuda", dtype=torch.float16):
+            out, own = m(x), ref(x)
+    assert out.dtype == own.dtype == torch.float16
+    assert_close_to_reference(out, expected, own, "autocast output")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

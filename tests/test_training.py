@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import RESNEXT50_STAGES, rel_err, vector_cpu
+from reference import RESNEXT50_STAGES, assert_close_to_reference, reference_train, rel_err, vector_cpu
 from torch import nn
 
 import resnext_kernels as rk
@@ -61,28 +61,33 @@ def test_gradcheck_every_input(case):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("channels,size", RESNEXT50_STAGES)
 def test_stage_shapes_match_torch_nn(channels, size, channels_last):
-    """Output, input/weight/BN gradients and running stats against the PyTorch sequence (fp32)."""
+    """Output, input/weight/BN gradients and running stats (fp32) against float64 autograd of the PyTorch sequence,
+    and the module's state against BatchNorm2d's."""
     ref = _sequential(channels, channels, 3, 1, 1, 1, 32)
     ours = _fused_like(ref)
+    truth = _sequential(channels, channels, 3, 1, 1, 1, 32).double()
+    truth.load_state_dict(ref.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, channels, size // 2, size // 2).contiguous(memory_format=fmt)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x1, x2 = x.clone().requires_grad_(), x.double().requires_grad_()
     assert ours.explain(x1).path == "cpu"
-    y1, y2 = ours(x1), ref(x2)
+    y1, y2 = ours(x1), truth(x2)
     assert y1.is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(y2)
+    assert_close_to_reference(y1, y2, what="output")
+    g = torch.randn_like(y1)
     y1.backward(g)
-    y2.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
-    for (name, p1), p2 in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-3, msg=name)
-    for key, value in ref.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+    y2.backward(g.double())
+    assert_close_to_reference(x1.grad, x2.grad, what="input gradient")
+    for (name, p1), p2 in zip(ours.named_parameters(), truth.parameters()):
+        assert_close_to_reference(p1.grad, p2.grad, what=name)
+    for key, value in truth.state_dict().items():
+        assert_close_to_reference(ours.state_dict()[key], value, what=key, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+@pytest.mark.parametrize("momentum", [0.1, 0.7, None])
 def test_running_stats_after_100_steps(momentum):
+    """Running statistics after 100 steps of varying batches; momenta other than 0.5 tell the batch's weight from
+    the running value's (a swapped update passes at 0.5)."""
     ref = _sequential(8, 8, 3, 1, 1, 1, 4, momentum=momentum)
     ours = _fused_like(ref)
     gen = torch.Generator().manual_seed(1)
@@ -243,13 +248,32 @@ def test_torch_compile_training_step_matches_eager():
 
 
 def test_autocast_cpu_training():
-    ours = rk.nn.FusedGroupedConvBNReLU(16, 16, groups=4)
+    """A training step under CPU autocast: bfloat16 output, float32 parameter gradients, each against float64
+    autograd within a small multiple of PyTorch's own Conv2d -> BatchNorm2d -> ReLU error under the same autocast."""
+    ref = _sequential(16, 16, 3, 1, 1, 1, 4)
+    ours = _fused_like(ref)
+    truth = _sequential(16, 16, 3, 1, 1, 1, 4).double()
+    truth.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # autocast rounds the convolution's operands: the reference starts from the same values
+        truth[0].weight.copy_(ref[0].weight.bfloat16())
     x = torch.randn(2, 16, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ours(x)
-    assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    assert ours.conv.weight.grad.dtype == torch.float32 and ours.bn.weight.grad.dtype == torch.float32
+    g = torch.randn(2, 16, 6, 6)
+    expected = truth(x.bfloat16().double())
+    expected.backward(g.double())
+    outs = []
+    for model in (ours, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().backward(g)
+        outs.append(out)
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    assert_close_to_reference(outs[0], expected, outs[1], "autocast output")
+    for (name, p_ours), p_ref, p_truth in zip(ours.named_parameters(), ref.parameters(), truth.parameters()):
+        assert p_ours.grad.dtype == torch.float32
+        assert_close_to_reference(p_ours.grad, p_truth.grad, p_ref.grad, name, dtype=torch.bfloat16)
+    for key, value in truth.state_dict().items():
+        if "running" in key:
+            assert_close_to_reference(ours.state_dict()[key], value, ref.state_dict()[key], key, torch.bfloat16)
 
 
 def test_autocast_cpu_training_of_a_block_matches_torchvision():
@@ -320,38 +344,21 @@ WEIGHT_GRAD_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", WEIGHT_GRAD_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_weight_gradient_kernel_against_float64_reference(case, dtype, deterministic_algorithms):
+    """The weight gradient of the training op (its own kernels: deterministic mode) against float64 autograd of
+    conv2d -> batch_norm; bfloat16 within a small multiple of PyTorch's own bfloat16 autograd error."""
     cin, cout, k, stride, padding, dilation, groups, n, h, w_ = case
     torch.manual_seed(0)
-    x = torch.randn(n, cin, h, w_, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
+    x = torch.randn(n, cin, h, w_).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // groups, k, k).to(dtype)
     args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups, False)
-    out = F.batch_norm(F.conv2d(x, w.requires_grad_(), None, stride, padding, dilation, groups), None, None,
-                       training=True, eps=1e-5)
-    g = torch.randn_like(out)
-    (expected,) = torch.autograd.grad(out, w, g)
-    xd, wd = x.to(dtype), w.detach().to(dtype)
-    _, conv_out, mean, var = train_op(xd, wd, None, None, 1e-5, *args)
-    _, grad_w, _, _ = backward_op(g.to(dtype), xd, wd, conv_out, mean, var, None, None, 1e-5, *args,
-                                  [False, True, False])
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=False)
+    out, conv_out, mean, var = train_op(x, w, None, None, 1e-5, *args)
+    g = torch.randn(out.shape).to(dtype)
+    _, grad_w, _, _ = backward_op(g, x, w, conv_out, mean, var, None, None, 1e-5, *args, [False, True, False])
     assert grad_w.dtype == dtype and grad_w.shape == w.shape
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
-    if dtype == torch.bfloat16:
-        # The kernel's own error: the reference from the same bf16 grad_y and input, in float64.
-        expected = torch.ops.aten.convolution_backward(
-            _grad_y_of(g.to(dtype), conv_out, mean, var).double(), xd.double(), wd.double(), None, *args[:3],
-            False, [0, 0], groups, [False, True, False])[1]
-    assert rel_err(grad_w.double(), expected) < tol
-
-
-def _grad_y_of(g, conv_out, mean, var):
-    """What the training backward feeds the convolution (no affine, no ReLU), rounded like the kernel's."""
-    y = conv_out.double()
-    m = y.shape[0] * y.shape[2] * y.shape[3]
-    invstd = (var.double() + 1e-5).rsqrt().view(1, -1, 1, 1)
-    xhat = (y - mean.double().view(1, -1, 1, 1)) * invstd
-    gd = g.double()
-    gy = invstd * (gd - gd.sum((0, 2, 3), keepdim=True) / m - xhat * (gd * xhat).sum((0, 2, 3), keepdim=True) / m)
-    return gy.to(g.dtype)
+    expected = reference_train(x, w, None, None, g, **conv)[3][1]
+    own = reference_train(x, w, None, None, g, **conv, dtype=dtype)[3][1] if dtype == torch.bfloat16 else None
+    assert_close_to_reference(grad_w, expected, own, "weight gradient")
 
 
 def test_weight_gradient_kernel_gradcheck(deterministic_algorithms):
@@ -422,13 +429,12 @@ def test_data_gradient_against_float64_reference(case, dtype):
     _, conv_out, mean, var = train_op(xd, wd, None, None, 1e-5, *args)
     g = torch.randn(conv_out.shape, dtype=torch.float64).to(dtype)
     grad_x, _, _, _ = backward_op(g, xd, wd, conv_out, mean, var, None, None, 1e-5, *args, [True, False, False])
-    # Reference: the same grad_y (rounded as the kernel's) through float64 autograd of conv2d.
-    gy = _grad_y_of(g, conv_out, mean, var)
-    xr = xd.double().requires_grad_()
-    (expected,) = torch.autograd.grad(F.conv2d(xr, wd.double(), None, 1, padding, dilation, ch // c), xr, gy.double())
+    conv = dict(stride=1, padding=padding, dilation=dilation, groups=ch // c, relu=False)
+    expected = reference_train(xd, wd, None, None, g, **conv)[3][0]
+    own = reference_train(xd, wd, None, None, g, **conv, dtype=dtype)[3][0] if dtype == torch.bfloat16 else None
     assert grad_x.dtype == dtype and grad_x.shape == x.shape
     assert grad_x.is_contiguous(memory_format=torch.channels_last)
-    assert rel_err(grad_x, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert_close_to_reference(grad_x, expected, own, "input gradient")
     decision = rk.ops.explain(xd, wd, stride=1, padding=padding, dilation=dilation, groups=ch // c, training=True)
     expected = {"lanes": "dgrad_lanes", "winograd": "dgrad_winograd_f4x4", "aten": "dgrad_aten"}[source]
     assert decision.data_grad == (expected if vector_cpu() else "dgrad_aten"), decision
@@ -503,23 +509,52 @@ def test_winograd_forward_with_statistics(channels, groups, size, dtype):
     """3x3 stride-1 convolutions with 8-32 channels per group run through the Winograd path, whose epilogue also
     collects the per-row statistics of the training form (pivot from each row's first tile; on AVX2 the first three
     shapes take F(4x4, 3x3), the last F(2x2, 3x3)). An offset mean makes a wrong pivot or a dropped partial tile
-    visible. Output, gradients and running stats against float64."""
-    x = (torch.randn(2, channels, *size) + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    visible: output and running stats with it, output and gradients without it. In bfloat16 the gradients are taken
+    without the ReLU: a rounding that flips one ReLU mask moves a BN gradient by ~10% (PyTorch's own error was 4-15%
+    with it), which would hide a 3% bug. All against float64 autograd."""
     w = (torch.randn(channels, channels // groups, 3, 3) / (channels // groups * 9) ** 0.5 + 0.05).to(dtype)
     gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels)
-    if vector_cpu():
-        assert rk.ops.explain(x, w, groups=groups, training=True).kernel.startswith("winograd")
-    rm, rv = torch.zeros(channels), torch.ones(channels)
-    rm_ref, rv_ref = rm.double(), rv.double()
-    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
-    out = rk.conv_bn_relu(xr, wr, rm, rv, gamma, beta, training=True, groups=groups)
-    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
-    expected = F.relu(F.batch_norm(F.conv2d(xd, wd, None, 1, 1, 1, groups), rm_ref, rv_ref, gamma.double(),
-                                   beta.double(), True, 0.1, 1e-5))
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    assert out.dtype == dtype and rel_err(out, expected) < tol
-    assert rel_err(rm, rm_ref) < tol and rel_err(rv, rv_ref) < tol
-    grad = torch.randn(expected.shape, dtype=torch.float64)
-    out.backward(grad.to(dtype))
-    expected.backward(grad)
-    assert rel_err(xr.grad, xd.grad) < 10 * tol and rel_err(wr.grad, wd.grad) < 10 * tol
+    for offset in (3.0, 0.0):
+        x = (torch.randn(2, channels, *size) + offset).to(dtype).contiguous(memory_format=torch.channels_last)
+        if vector_cpu():
+            assert rk.ops.explain(x, w, groups=groups, training=True).kernel.startswith("winograd")
+        rm, rv = torch.zeros(channels), torch.ones(channels)
+        xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+        gr, br = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+        relu = bool(offset) or dtype != torch.bfloat16
+        out = rk.conv_bn_relu(xr, wr, rm, rv, gr, br, training=True, groups=groups, relu=relu)
+        grad = torch.randn(out.shape).to(dtype)
+        out.backward(grad)
+        ref = reference_train(x, w, gamma, beta, grad, groups=groups, relu=relu)
+        own = reference_train(x, w, gamma.to(dtype), beta.to(dtype), grad, groups=groups, relu=relu, dtype=dtype) \
+            if dtype == torch.bfloat16 else (None, None, None, [None] * 4)
+        assert out.dtype == dtype
+        assert_close_to_reference(out, ref[0], own[0], "output")
+        if offset:  # running statistics after one step from (0, 1) with momentum 0.1 (unbiased variance)
+            m = out.numel() // channels
+            assert_close_to_reference(rm, 0.1 * ref[1], None if own[1] is None else 0.1 * own[1], "running_mean",
+                                      dtype)
+            unbiased = [None if v is None else 0.9 + 0.1 * v * m / (m - 1) for v in (ref[2], own[2])]
+            assert_close_to_reference(rv, unbiased[0], unbiased[1], "running_var", dtype)
+            continue
+        for name, got, want, torch_own in zip(("input", "weight", "bn_weight", "bn_bias"),
+                                              (xr.grad, wr.grad, gr.grad, br.grad), ref[3], own[3]):
+            assert_close_to_reference(got, want, torch_own, f"{name} gradient", dtype)
+
+
+@pytest.mark.xfail(reason="PyTorch's bfloat16 CPU weight gradient (ATen's convolution_backward, which the training "
+                          "backward calls for wgrad_aten) returns garbage here, in about 3 calls of 4", strict=False)
+def test_bfloat16_weight_gradient_of_one_pixel_wide_input():
+    """A 1-pixel-wide bfloat16 input at stride 2 with width padding: the weight gradient against float64 autograd.
+    Found by the property fuzz (which leaves this case out); fixed when this shape leaves wgrad_aten."""
+    args = ([1, 2], [0, 1], [1, 1], 2, False)
+    worst = 0.0
+    for _ in range(8):  # fresh tensors each time: the garbage varies between calls
+        x = torch.randn(1, 64, 9, 1).bfloat16()
+        w = torch.randn(32, 32, 3, 3).bfloat16()
+        assert rk.ops.explain(x, w, stride=(1, 2), padding=(0, 1), groups=2, training=True).weight_grad == "wgrad_aten"
+        out, conv_out, mean, var = train_op(x, w, None, None, 1e-5, *args)
+        g = torch.randn(out.shape).bfloat16()
+        grad_w = backward_op(g, x, w, conv_out, mean, var, None, None, 1e-5, *args, [False, True, False])[1]
+        worst = max(worst, rel_err(grad_w, reference_train(x, w, None, None, g, (1, 2), (0, 1), 1, 2, False)[3][1]))
+    assert worst < 0.05, worst

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Mutation check: plants small bugs in a scratch copy of the tree and checks that the test suite catches each.
+
+Each mutant is one textual change (a numeric slip of 1e-4 relative in float32 code, 3% in bfloat16/float16 code, or a
+logic slip) in the Python layer, a CPU kernel path (forward and gradients) or a CUDA kernel (run by the emulator). The
+tree is copied once to a scratch directory and built there (RESNEXT_KERNELS_NO_CUDA=1: no nvcc, the emulated CUDA
+kernels are still built); each mutant is applied, rebuilt incrementally (ninja recompiles what the changed file
+reaches; ccache, when installed, makes the reverted files' recompiles hits) and tested with the test subset that
+should catch it, then reverted. Prints "killed K of M"; the exit status is nonzero unless every mutant is killed.
+
+Usage: python scripts/mutation_check.py [--list] [--only NAME,...] [--scratch DIR] [--keep] [--no-baseline]
+MAX_JOBS sets the build's parallel jobs (default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the tree
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: the subset that must fail
+
+    @property
+    def compiled(self) -> bool:
+        return not self.path.endswith(".py")
+
+
+def _fuzz(family: str) -> tuple[str, ...]:
+    """The property fuzz's inference and training properties of one shape family."""
+    return ("tests/test_properties.py", "-k", f"(test_inference_matches_reference or "
+            f"test_training_forward_backward_match_reference) and {family}")
+
+
+MUTANTS = [
+    # Python layer: running statistics, autocast, BatchNorm folding.
+    Mutant("py_running_stats_momentum_swapped", "resnext_kernels/ops.py",
+           "running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)",
+           "running_mean.copy_((1 - momentum) * mean + momentum * running_mean)",
+           ("tests/test_training.py", "-k", "running_stats_after")),
+    Mutant("py_running_var_biased", "resnext_kernels/ops.py",
+           "unbiased = var * (count / (count - 1))", "unbiased = var",
+           ("tests/test_training.py", "-k", "running_stats_after")),
+    Mutant("py_autocast_weight_scaled", "resnext_kernels/_common.py",
+           "                 else t for t in tensors)",
+           "                 else t for t in tensors)[:1] + tuple(t.to(dtype) * 1.03 for t in tensors[1:])",
+           ("tests/test_conv_bn_relu.py", "tests/test_training.py", "tests/test_models.py", "-k", "autocast")),
+    Mutant("py_fold_without_eps", "resnext_kernels/_common.py",
+           "inv_std = torch.rsqrt(running_var.to(dtype) + eps)", "inv_std = torch.rsqrt(running_var.to(dtype))",
+           ("tests/test_conv_bn_relu.py", "-k", "fold_batch_norm or matches_reference")),
+    # CPU forward paths: 1e-4 relative in float32.
+    Mutant("cpu_winograd_f2x2", "csrc/cpu/conv_winograd.h",
+           "y[1] = 0.5f * (x0 + x1 + x2);", "y[1] = 0.5001f * (x0 + x1 + x2);", _fuzz("winograd_small")),
+    Mutant("cpu_winograd_f4x4", "csrc/cpu/conv_winograd.h",
+           "y[4] = fifteenth * (x0 - 2 * x1 + 4 * x2);", "y[4] = 1.0002f * fifteenth * (x0 - 2 * x1 + 4 * x2);",
+           _fuzz("winograd and not small")),
+    Mutant("cpu_lanes", "csrc/cpu/conv_lanes.h",
+           "for (int j = 0; j < C; ++j) acc[p][j] += x * wv[j];",
+           "for (int j = 0; j < C; ++j) acc[p][j] += x * wv[j] * 1.0001f;", _fuzz("lanes")),
+    Mutant("cpu_broadcast", "csrc/cpu/conv_microkernel.h",
+           "for (int v = 0; v < NV; ++v) acc[p][v] += x * wv[v];",
+           "for (int v = 0; v < NV; ++v) acc[p][v] += x * wv[v] * 1.0001f;", _fuzz("broadcast")),
+    Mutant("cpu_expand", "csrc/cpu/conv_microkernel.h",
+           "acc[p][v] += vload<V>(e + v * L) * wv[v];", "acc[p][v] += vload<V>(e + v * L) * (wv[v] * 1.0001f);",
+           _fuzz("expand")),
+    Mutant("cpu_generic", "csrc/cpu/conv_generic.cpp",
+           "for (int64_t i = 0; i < n; ++i) acc[i] += a * w[i];",
+           "for (int64_t i = 0; i < n; ++i) acc[i] += a * w[i] * acc_t(1.0001);", _fuzz("generic")),
+    Mutant("cpu_onednn_epilogue", "csrc/cpu/conv_onednn.cpp",
+           "float z = static_cast<float>(y[c]) * scale[c] + shift[c];",
+           "float z = static_cast<float>(y[c]) * (scale[c] * 1.0001f) + shift[c];", _fuzz("pointwise")),
+    Mutant("cpu_training_statistics", "csrc/cpu/row_stats.cpp",
+           "var[c] = m2[c - c0] / double(M);", "var[c] = m2[c - c0] / double(M) * 1.0002;",
+           ("tests/test_properties.py", "-k", "test_training_forward_backward_match_reference and winograd")),
+    # CPU gradients.
+    Mutant("cpu_bn_backward_input", "csrc/cpu/conv_bn_relu_train.cpp",
+           "out[c] = static_cast<scalar_t>(k1[c] * gi - k2[c]",
+           "out[c] = static_cast<scalar_t>(k1[c] * gi * acc_t(1.0001) - k2[c]",
+           ("tests/test_training.py", "-k", "stage_shapes")),
+    Mutant("cpu_data_grad_float32", "csrc/cpu/conv_bn_relu_train.cpp",
+           "                             .contiguous();\n  return conv_affine_nhwc_cpu(plan.data_plan",
+           "                             .contiguous().mul(1.0001);\n  return conv_affine_nhwc_cpu(plan.data_plan",
+           ("tests/test_training.py", "-k", "data_gradient_against")),
+    Mutant("cpu_weight_grad_bfloat16", "csrc/cpu/conv_wgrad.cpp",
+           "= static_cast<scalar_t>(total[idx]);",
+           "= static_cast<scalar_t>(total[idx] * (std::is_same_v<scalar_t, c10::BFloat16> ? 1.03 : 1.0));",
+           ("tests/test_training.py", "-k", "weight_gradient_kernel_against and bfloat16")),
+    Mutant("cpu_weight_grad_lanes", "csrc/cpu/conv_wgrad.cpp",
+           "for (int kw = 0; kw < 3; ++kw) acc[j][kw] += xv[kw] * gs;",
+           "for (int kw = 0; kw < 3; ++kw) acc[j][kw] += xv[kw] * gs * 1.0001f;",
+           ("tests/test_training.py", "-k", "weight_gradient_kernel_against and float32")),
+    # CUDA kernels, run by the emulator.
+    Mutant("cuda_direct_forward", "csrc/cuda/kernels/conv_bn_relu_fwd.cuh",
+           "for (int c = c_begin; c < c_end; ++c) sum += x[c * in_plane] * wk[c];",
+           "for (int c = c_begin; c < c_end; ++c) sum += x[c * in_plane] * wk[c] * Acc(1.0001);",
+           ("tests/test_cuda_emulated.py", "-k", "test_emulated_cuda_kernel_matches_reference and float32")),
+    Mutant("cuda_bn_backward", "csrc/cuda/kernels/bn_train.cuh",
+           "k1[c] = Acc(s);", "k1[c] = Acc(s * 1.0001);",
+           ("tests/test_cuda_emulated.py", "-k", "test_emulated_cuda_training_forward_backward and float32")),
+    Mutant("cuda_tensor_core_epilogue", "csrc/cuda/kernels/conv_tc.cuh",
+           "v0 = v0 * sc[j].x + sf[j].x;", "v0 = v0 * sc[j].x * 1.03f + sf[j].x;",
+           ("tests/test_cuda_tensor_core.py", "-k", "test_inference_matches_float64 and float16 and forward")),
+]
+
+
+def _run(cmd, cwd, env, log, timeout):
+    with open(log, "w") as f:
+        try:
+            return subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def _copy_tree(dest: str) -> None:
+    """The tracked and untracked-but-not-ignored files of the checkout (no build outputs)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = os.path.join(ROOT, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+
+
+def _env(tree: str) -> dict:
+    env = dict(os.environ, RESNEXT_KERNELS_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"), PYTHONPATH=tree,
+               CCACHE_BASEDIR=tree, CCACHE_NOHASHDIR="1")
+    if os.path.isdir("/usr/lib/ccache"):
+        env["PATH"] = "/usr/lib/ccache" + os.pathsep + env.get("PATH", "")
+    env.pop("RESNEXT_KERNELS_EXPECT_SANITIZED", None)
+    return env
+
+
+def _build(tree, env, log) -> float | None:
+    """Seconds the (incremental) build took; None when it failed."""
+    start = time.time()
+    rc = _run([sys.executable, "setup.py", "build_ext", "--inplace"], tree, env, log, 3600)
+    return time.time() - start if rc == 0 else None
+
+
+def _pytest(tree, env, args, log, timeout=900):
+    return _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args], tree, env, log, timeout)
+
+
+def _first_failure(log) -> str:
+    with open(log) as f:
+        for line in f:
+            m = re.match(r"FAILED (\S+)", line)
+            if m:
+                return m.group(1)
+    return "?"
+
+
+def _apply(tree: str, m: Mutant) -> str:
+    path = os.path.join(tree, m.path)
+    with open(path) as f:
+        original = f.read()
+    count = original.count(m.old)
+    if count != 1:
+        sys.exit(f"mutation_check: {m.name}: the text to change occurs {count} times in {m.path} (must be once)")
+    with open(path, "w") as f:
+        f.write(original.replace(m.old, m.new))
+    return original
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--only", help="comma-separated mutant names")
+    ap.add_argument("--scratch", help="scratch directory (default: a new temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip running the subsets on the unmutated tree (when the full suite just passed on it)")
+    args = ap.parse_args()
+    mutants = MUTANTS
+    if args.only:
+        names = set(args.only.split(","))
+        unknown = names - {m.name for m in MUTANTS}
+        if unknown:
+            sys.exit(f"mutation_check: unknown mutants {sorted(unknown)}")
+        mutants = [m for m in MUTANTS if m.name in names]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:36s} {m.path}: {' '.join(m.tests)}")
+        return 0
+    # Python mutants first: they need no rebuild while the build still matches the unmutated tree.
+    mutants = sorted(mutants, key=lambda m: m.compiled)
+    scratch = args.scratch or tempfile.mkdtemp(prefix="rk-mutants-")
+    tree = os.path.join(scratch, "tree")
+    logs = os.path.join(scratch, "logs")
+    if os.path.exists(tree):
+        shutil.rmtree(tree)
+    os.makedirs(logs, exist_ok=True)
+    start = time.time()
+    _copy_tree(tree)
+    env = _env(tree)
+    build_s = _build(tree, env, os.path.join(logs, "build.log"))
+    if build_s is None:
+        sys.exit(f"mutation_check: the unmutated tree does not build (log: {os.path.join(logs, 'build.log')})")
+    print(f"scratch tree {tree}: build {build_s:.0f} s", flush=True)
+    # The subsets must pass on the unmutated tree, or a "kill" would mean nothing.
+    subsets = [] if args.no_baseline else sorted({m.tests for m in mutants})
+    t0 = time.time()
+    for i, tests in enumerate(subsets):
+        log = os.path.join(logs, f"baseline-{i}.log")
+        if _pytest(tree, env, list(tests), log) != 0:
+            sys.exit(f"mutation_check: a test subset fails without a mutant: {' '.join(tests)} (log: {log})")
+    if subsets:
+        print(f"baseline: {len(subsets)} test subsets pass unmutated ({time.time() - t0:.0f} s)", flush=True)
+    killed, rows = 0, []
+    for m in mutants:
+        t0 = time.time()
+        original = _apply(tree, m)
+        try:
+            log = os.path.join(logs, f"{m.name}-build.log")
+            build_s = _build(tree, env, log) if m.compiled else 0.0
+            if build_s is not None:
+                log = os.path.join(logs, f"{m.name}.log")
+                rc = _pytest(tree, env, list(m.tests), log)
+        finally:
+            with open(os.path.join(tree, m.path), "w") as f:
+                f.write(original)
+        if build_s is None:
+            verdict, build_s = f"ERROR (the mutant does not build; log {log})", 0.0
+        elif rc == 1:
+            killed += 1
+            verdict = f"killed by {_first_failure(log)}"
+        elif rc == 0:
+            verdict = "SURVIVED"
+        else:
+            verdict = f"ERROR (pytest exit {rc}; log {log})"
+        rows.append(f"{m.name:36s} {time.time() - t0:5.0f} s (build {build_s:3.0f} s)  {verdict}")
+        print(rows[-1], flush=True)
+    print(f"killed {killed} of {len(mutants)} ({time.time() - start:.0f} s in all)")
+    if not args.keep and not args.scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0 if killed == len(mutants) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
