@@ -542,19 +542,26 @@ def test_winograd_forward_with_statistics(channels, groups, size, dtype):
             assert_close_to_reference(got, want, torch_own, f"{name} gradient", dtype)
 
 
-@pytest.mark.xfail(reason="PyTorch's bfloat16 CPU weight gradient (ATen's convolution_backward, which the training "
-                          "backward calls for wgrad_aten) returns garbage here, in about 3 calls of 4", strict=False)
 def test_bfloat16_weight_gradient_of_one_pixel_wide_input():
-    """A 1-pixel-wide bfloat16 input at stride 2 with width padding: the weight gradient against float64 autograd.
-    Found by the property fuzz (which leaves this case out); fixed when this shape leaves wgrad_aten."""
+    """A 1-pixel-wide bfloat16 input at column stride 2 with width padding: ATen's bfloat16 CPU weight gradient returns
+    garbage here (huge values or NaN, in about 3 calls of 4), so the planner gives it the project's kernel. Against
+    float64 autograd; ATen's own result is checked to still be wrong, so the rule can go when PyTorch fixes it."""
     args = ([1, 2], [0, 1], [1, 1], 2, False)
-    worst = 0.0
+    worst = aten_worst = 0.0
     for _ in range(8):  # fresh tensors each time: the garbage varies between calls
         x = torch.randn(1, 64, 9, 1).bfloat16()
         w = torch.randn(32, 32, 3, 3).bfloat16()
-        assert rk.ops.explain(x, w, stride=(1, 2), padding=(0, 1), groups=2, training=True).weight_grad == "wgrad_aten"
+        decision = rk.ops.explain(x, w, stride=(1, 2), padding=(0, 1), groups=2, training=True)
+        assert decision.weight_grad != "wgrad_aten" and "1-pixel-wide" in decision.reason
         out, conv_out, mean, var = train_op(x, w, None, None, 1e-5, *args)
         g = torch.randn(out.shape).bfloat16()
         grad_w = backward_op(g, x, w, conv_out, mean, var, None, None, 1e-5, *args, [False, True, False])[1]
-        worst = max(worst, rel_err(grad_w, reference_train(x, w, None, None, g, (1, 2), (0, 1), 1, 2, False)[3][1]))
+        want = reference_train(x, w, None, None, g, (1, 2), (0, 1), 1, 2, False)[3][1]
+        worst = max(worst, rel_err(grad_w, want))
+        aten = torch.ops.aten.convolution_backward(g, x, w, None, [1, 2], [0, 1], [1, 1], False, [0, 0], 2,
+                                                   [False, True, False])[1]
+        aten_err = rel_err(aten, want)
+        aten_worst = max(aten_worst, aten_err if aten_err == aten_err else float("inf"))  # NaN counts as wrong
     assert worst < 0.05, worst
+    if aten_worst < 0.05:
+        pytest.skip("ATen's bfloat16 weight gradient is right here now: aten_weight_grad_wrong (conv_plan.cpp) can go")

@@ -279,6 +279,12 @@ ConvPlan plan_cpu_conv(const ConvGeom& g, at::ScalarType dtype, ConvForm form) {
   return p;
 }
 
+// ATen's bfloat16 CPU weight gradient returns garbage (huge values or NaN, varying call to call) for a 1-pixel-wide
+// input at a column stride above 1 (tests/test_training.py): the project's kernel computes those.
+static bool aten_weight_grad_wrong(const ConvGeom& g, at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && g.W == 1 && g.stride_w > 1;
+}
+
 GradPlan plan_cpu_conv_grads(const ConvGeom& g, at::ScalarType dtype) {
   GradPlan p{};
   p.data = DataGradSource::kAten;
@@ -290,9 +296,11 @@ GradPlan plan_cpu_conv_grads(const ConvGeom& g, at::ScalarType dtype) {
     if (p.data_plan.path == ConvPath::kWinogradF4x4) p.data = DataGradSource::kWinogradF4x4;
   }
   const int64_t cpg_in = g.C_in / g.groups, cpg_out = g.C_out / g.groups;
+  p.aten_weight_wrong = aten_weight_grad_wrong(g, dtype);
   const bool own_weight_grad = at::globalContext().deterministicAlgorithms() ||
                                (vector_dtype(dtype) && detected_isa() != CpuIsa::kBaseline && g.groups > 1 &&
-                                cpg_in == cpg_out && cpg_in >= 2 && cpg_in <= 8 && g.C_in % 16 == 0 && g.KW == 3);
+                                cpg_in == cpg_out && cpg_in >= 2 && cpg_in <= 8 && g.C_in % 16 == 0 && g.KW == 3) ||
+                               p.aten_weight_wrong;
   if (own_weight_grad) {
     p.wgrad = plan_wgrad(g, dtype);
     p.weight = p.wgrad.jt > 0    ? WeightGradSource::kLanes
@@ -363,9 +371,11 @@ std::string describe(const GradPlan& p) {
   s += ", weight gradient from ";
   if (p.weight == WeightGradSource::kAten) return s + "ATen";
   s += std::string("the project's deterministic kernel (") + grad_name(p.weight) + ")";
-  return s + (at::globalContext().deterministicAlgorithms() ? ": torch.use_deterministic_algorithms is on"
-                                                            : ": groups of 2-8 channels, where it measured at least "
-                                                              "as fast as oneDNN");
+  if (at::globalContext().deterministicAlgorithms()) return s + ": torch.use_deterministic_algorithms is on";
+  if (p.aten_weight_wrong) {
+    return s + ": ATen's bfloat16 weight gradient is wrong for a 1-pixel-wide input at column stride 2 or more";
+  }
+  return s + ": groups of 2-8 channels, where it measured at least as fast as oneDNN";
 }
 
 std::vector<std::pair<std::string, int64_t>> parameters(const ConvPlan& p) {

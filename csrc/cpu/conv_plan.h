@@ -136,6 +136,7 @@ struct GradPlan {
   ConvGeom data_geom;  // the stride-1 data gradient as a convolution of grad_y (valid where data != kAten)
   ConvPlan data_plan;  // the forward kernel's plan for data_geom (where data != kAten)
   WgradPlan wgrad;     // the weight gradient kernel's split (where weight != kAten)
+  bool aten_weight_wrong;  // ATen's weight gradient is wrong for this problem (aten_weight_grad_wrong)
 };
 
 // The gradient sources for a validated geometry and dtype; reads torch.use_deterministic_algorithms.
