@@ -102,6 +102,8 @@ def tolerance(dtype, torch_own_err=None):
     if dtype == torch.float32:  # PyTorch's own, where given: an ill-conditioned problem may need more than FP32_TOL
         return FP32_TOL if torch_own_err is None else max(FP32_TOL, LOW_PRECISION_FACTOR * torch_own_err)
     assert torch_own_err is not None, "a low-precision bound needs PyTorch's own same-dtype error"
+    if not torch_own_err <= 0.5:  # NaN or garbage: PyTorch's own is broken here (test_training.py, 1-pixel-wide
+        torch_own_err = 1.5 * torch.finfo(dtype).eps  # bf16 weight gradient): the rounding of x, w and grad alone
     return LOW_PRECISION_FACTOR * max(torch_own_err, torch.finfo(dtype).eps / 2)
 
 
