@@ -28,14 +28,6 @@ END = "<!-- END benchmarks/summarize.py -->"
 ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2", "baseline": "baseline x86-64"}
 CLASS_ORDER = ["avx512", "avx2", "baseline"]
 SHAPE_NAMES = {"stage1": "stage 1", "stage2": "stage 2", "stage3": "stage 3", "stage4": "stage 4"}
-# Today's explain() reasons, for records whose build names no kernel (no profiler scopes, no path field).
-REASON_PATHS = [
-    ("convolution runs as Winograd F(4x4", "winograd_f4x4"),
-    ("convolution runs as Winograd F(2x2", "winograd_f2x2"),
-    ("convolution itself is a dense 1x1", "oneDNN 1x1 GEMM"),
-    ("convolution itself has more weights per block", "oneDNN (block over L1)"),
-    ("convolution itself would take the fused kernel's broadcast path", "oneDNN (Intel AVX-512)"),
-]
 
 
 def load_records(results_dir: str, link_base: str = ROOT) -> list[dict]:
@@ -89,17 +81,13 @@ def ratio(row: dict, key: str) -> str:
 
 def path_label(row: dict) -> str:
     """The kernels the record names for a fused row: its profiler scopes, else a path field of explain()'s decision
-    other than the device, else what today's reason text says."""
+    other than the device."""
     if row.get("kernels"):
         return ", ".join(str(row["kernels"]).split())
     decision = row.get("decision") or {}
     named = [str(v) for k, v in decision.items() if k not in ("path", "reason") and isinstance(v, str) and v]
     if named:
         return ", ".join(named)
-    reason = decision.get("reason", "")
-    for text, label in REASON_PATHS:
-        if text in reason:
-            return label
     return {"cpu": "direct", "cuda": "cuda", "aten": "ATen"}.get(decision.get("path"), "-")
 
 
