@@ -99,6 +99,22 @@ def _cuda_scopes(fn) -> list[str]:
                    if e.name.startswith("resnext_kernels::") and e.name.split("::", 1)[1] in CUDA_SCOPES})
 
 
+def _assert_emulated_scopes(x, wt, args, path, data_grad, weight_grad):
+    """The emulated inference, training forward and backward open the scopes the planner named."""
+    E = torch.ops.resnext_kernels_emu
+    c = wt.shape[0]
+    scale, shift = torch.rand(c) + 0.5, torch.randn(c)
+    assert _cuda_scopes(lambda: E.conv_bn_relu_infer(x, wt, scale, shift, *args, True)) == [path]
+    out = []
+    assert _cuda_scopes(lambda: out.append(E.conv_bn_relu_train(x, wt, None, None, 1e-5, *args, True))) == sorted(
+        [path, "cuda_bn_stats"])
+    _, conv_out, mean, var = out[0]
+    g = torch.randn_like(conv_out)
+    seen = _cuda_scopes(lambda: E.conv_bn_relu_train_backward(g, x, wt, conv_out, mean, var, None, None, 1e-5, *args,
+                                                               True, [True, True, True]))
+    assert seen == sorted(["cuda_bn_backward", data_grad, weight_grad])
+
+
 @pytest.mark.skipif(not emulator.available(), reason="resnext_kernels._emu (emulated CUDA) not built")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("kernel,dilation", [(3, 1), (1, 1), (15, 8)], ids=["3x3", "1x1", "uncovered"])
@@ -118,16 +134,7 @@ def test_emulated_cuda_path_runs_what_the_planner_names(kernel, dilation, determ
             return
         assert path == "cuda_direct"
         assert weight_grad == ("wgrad_cuda" if deterministic else "wgrad_aten") and data_grad == "dgrad_aten"
-        scale, shift = torch.rand(8) + 0.5, torch.randn(8)
-        assert _cuda_scopes(lambda: E.conv_bn_relu_infer(x, wt, scale, shift, *args, True)) == [path]
-        out = []
-        assert _cuda_scopes(lambda: out.append(E.conv_bn_relu_train(x, wt, None, None, 1e-5, *args, True))) == sorted(
-            [path, "cuda_bn_stats"])
-        _, conv_out, mean, var = out[0]
-        g = torch.randn_like(conv_out)
-        seen = _cuda_scopes(lambda: E.conv_bn_relu_train_backward(g, x, wt, conv_out, mean, var, None, None, 1e-5,
-                                                                   *args, True, [True, True, True]))
-        assert seen == sorted(["cuda_bn_backward", data_grad, weight_grad])
+        _assert_emulated_scopes(x, wt, args, path, data_grad, weight_grad)
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -139,7 +146,6 @@ def test_emulated_cuda_path_runs_what_the_planner_names(kernel, dilation, determ
 def test_emulated_tensor_core_path_runs_what_the_planner_names(dtype, stride, tf32):
     """Groups of 4 over 64-channel blocks: the tensor cores for 16-bit types, and for float32 where TF32 is allowed
     (else the direct kernel); the stride-1 data gradient on them too, and the weight gradient for 16-bit types."""
-    E = torch.ops.resnext_kernels_emu
     x = torch.randn(2, 128, 9, 8).to(dtype)
     wt = torch.randn(128, 4, 3, 3).to(dtype)
     args = ([stride] * 2, [1, 1], [1, 1], 32)
@@ -152,15 +158,6 @@ def test_emulated_tensor_core_path_runs_what_the_planner_names(dtype, stride, tf
         assert path == ("cuda_tc" if tensor_cores else "cuda_direct")
         assert data_grad == ("dgrad_cuda_tc" if tensor_cores and stride == 1 else "dgrad_aten")
         assert weight_grad == ("wgrad_cuda_tc" if dtype != torch.float32 else "wgrad_aten")
-        scale, shift = torch.rand(128) + 0.5, torch.randn(128)
-        assert _cuda_scopes(lambda: E.conv_bn_relu_infer(x, wt, scale, shift, *args, True)) == [path]
-        out = []
-        assert _cuda_scopes(lambda: out.append(E.conv_bn_relu_train(x, wt, None, None, 1e-5, *args, True))) == sorted(
-            [path, "cuda_bn_stats"])
-        _, conv_out, mean, var = out[0]
-        g = torch.randn_like(conv_out)
-        seen = _cuda_scopes(lambda: E.conv_bn_relu_train_backward(g, x, wt, conv_out, mean, var, None, None, 1e-5,
-                                                                   *args, True, [True, True, True]))
-        assert seen == sorted(["cuda_bn_backward", data_grad, weight_grad])
+        _assert_emulated_scopes(x, wt, args, path, data_grad, weight_grad)
     finally:
         torch.backends.cudnn.allow_tf32 = allowed
