@@ -8,8 +8,15 @@ kernels are still built); each mutant is applied, rebuilt incrementally (ninja r
 reaches; ccache, when installed, makes the reverted files' recompiles hits) and tested with the test subset that
 should catch it, then reverted. Prints "killed K of M"; the exit status is nonzero unless every mutant is killed.
 
+With --workers 2 (the default on a machine with 2 or more cores) two scratch trees take mutants in turn, each
+building with one job: a mutant's rebuild is mostly one translation unit, which one job compiles no slower, so two
+trees halve the wall time. The second tree's first build takes the first's objects from ccache.
+
+--suite-from REV measures an older test suite instead: the scratch trees take tests/ from git revision REV, and each
+mutant runs that whole suite (stopping at the first failure), after the suite passed once on the unmutated tree.
+
 Usage: python scripts/mutation_check.py [--list] [--only NAME,...] [--scratch DIR] [--keep] [--no-baseline]
-MAX_JOBS sets the build's parallel jobs (default 2).
+                                        [--workers N] [--suite-from REV]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -45,6 +53,9 @@ def _fuzz(family: str) -> tuple[str, ...]:
     return ("tests/test_properties.py", "-k", f"(test_inference_matches_reference or "
             f"test_training_forward_backward_match_reference) and {family}")
 
+
+# The path matrix under the native CPU configuration: every CPU path, forward and gradients.
+_MATRIX_CPU = ("tests/test_path_matrix.py", "-k", "native")
 
 MUTANTS = [
     # Python layer: running statistics, autocast, BatchNorm folding.
@@ -103,6 +114,17 @@ MUTANTS = [
            "for (int kw = 0; kw < 3; ++kw) acc[j][kw] += xv[kw] * gs;",
            "for (int kw = 0; kw < 3; ++kw) acc[j][kw] += xv[kw] * gs * 1.0001f;",
            ("tests/test_training.py", "-k", "weight_gradient_kernel_against and float32")),
+    Mutant("cpu_weight_grad_broadcast", "csrc/cpu/conv_wgrad.cpp",
+           "for (int v = 0; v < NV; ++v) acc[r][v] += G[v] * xs;",
+           "for (int v = 0; v < NV; ++v) acc[r][v] += G[v] * (xs * 1.0001f);", _MATRIX_CPU),
+    Mutant("cpu_weight_grad_expand", "csrc/cpu/conv_wgrad.cpp",
+           "for (int v = 0; v < NV; ++v) acc[r][v] += G[v] * vload<V>(s + v * L);",
+           "for (int v = 0; v < NV; ++v) acc[r][v] += G[v] * (vload<V>(s + v * L) * 1.0001f);", _MATRIX_CPU),
+    Mutant("cpu_weight_grad_generic", "csrc/cpu/conv_wgrad.cpp",
+           "d[l] += static_cast<acc_t>(gp[l]) * sp[l];", "d[l] += static_cast<acc_t>(gp[l]) * sp[l] * acc_t(1.0001);",
+           _MATRIX_CPU),
+    Mutant("cpu_data_grad_kernel_not_flipped", "csrc/cpu/conv_bn_relu_train.cpp",
+           ".flip({3, 4})", ".flip({3})", _MATRIX_CPU),
     # CUDA kernels, run by the emulator.
     Mutant("cuda_direct_forward", "csrc/cuda/kernels/conv_bn_relu_fwd.cuh",
            "for (int c = c_begin; c < c_end; ++c) sum += x[c * in_plane] * wk[c];",
@@ -114,6 +136,10 @@ MUTANTS = [
     Mutant("cuda_tensor_core_epilogue", "csrc/cuda/kernels/conv_tc.cuh",
            "v0 = v0 * sc[j].x + sf[j].x;", "v0 = v0 * sc[j].x * 1.03f + sf[j].x;",
            ("tests/test_cuda_tensor_core.py", "-k", "test_inference_matches_float64 and float16 and forward")),
+    Mutant("cuda_tensor_core_weight_grad", "csrc/cuda/kernels/conv_wgrad_tc.cuh",
+           "const float v = stage[co * row_len + wt_stage_skew(co, p.cw) + rest];",
+           "const float v = stage[co * row_len + wt_stage_skew(co, p.cw) + rest] * 1.03f;",
+           ("tests/test_path_matrix.py", "-k", "cuda")),
 ]
 
 
@@ -136,8 +162,15 @@ def _copy_tree(dest: str) -> None:
             shutil.copy2(src, os.path.join(dest, rel))
 
 
-def _env(tree: str) -> dict:
-    env = dict(os.environ, RESNEXT_KERNELS_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"), PYTHONPATH=tree,
+def _tests_from(tree: str, rev: str) -> None:
+    """Replaces the tree's tests/ with revision `rev`'s."""
+    shutil.rmtree(os.path.join(tree, "tests"))
+    archive = subprocess.run(["git", "archive", rev, "tests"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+
+
+def _env(tree: str, jobs: int) -> dict:
+    env = dict(os.environ, RESNEXT_KERNELS_NO_CUDA="1", MAX_JOBS=str(jobs), PYTHONPATH=tree,
                CCACHE_BASEDIR=tree, CCACHE_NOHASHDIR="1")
     if os.path.isdir("/usr/lib/ccache"):
         env["PATH"] = "/usr/lib/ccache" + os.pathsep + env.get("PATH", "")
@@ -152,17 +185,18 @@ def _build(tree, env, log) -> float | None:
     return time.time() - start if rc == 0 else None
 
 
-def _pytest(tree, env, args, log, timeout=900):
-    return _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args], tree, env, log, timeout)
+def _pytest(tree, env, args, log, timeout=900, stop_first=True):
+    return _run([sys.executable, "-m", "pytest", "-q", *(["-x"] if stop_first else []), "-p", "no:cacheprovider",
+                 *args], tree, env, log, timeout)
+
+
+def _failures(log) -> list[str]:
+    with open(log) as f:
+        return [m.group(1) for m in (re.match(r"FAILED (\S+)", line) for line in f) if m]
 
 
 def _first_failure(log) -> str:
-    with open(log) as f:
-        for line in f:
-            m = re.match(r"FAILED (\S+)", line)
-            if m:
-                return m.group(1)
-    return "?"
+    return (_failures(log) or ["?"])[0]
 
 
 def _apply(tree: str, m: Mutant) -> str:
@@ -177,6 +211,31 @@ def _apply(tree: str, m: Mutant) -> str:
     return original
 
 
+def _run_mutant(tree: str, env: dict, logs: str, m: Mutant) -> tuple[bool, str]:
+    """Applies one mutant to `tree`, rebuilds, runs its subset, reverts. Returns (killed, report line)."""
+    t0 = time.time()
+    original = _apply(tree, m)
+    rc = None
+    try:
+        log = os.path.join(logs, f"{m.name}-build.log")
+        build_s = _build(tree, env, log) if m.compiled else 0.0
+        if build_s is not None:
+            log = os.path.join(logs, f"{m.name}.log")
+            rc = _pytest(tree, env, list(m.tests), log)
+    finally:
+        with open(os.path.join(tree, m.path), "w") as f:
+            f.write(original)
+    if build_s is None:
+        verdict, build_s = f"ERROR (the mutant does not build; log {log})", 0.0
+    elif rc == 1:
+        verdict = f"killed by {_first_failure(log)}"
+    elif rc == 0:
+        verdict = "SURVIVED"
+    else:
+        verdict = f"ERROR (pytest exit {rc}; log {log})"
+    return rc == 1, f"{m.name:36s} {time.time() - t0:5.0f} s (build {build_s:3.0f} s)  {verdict}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -185,6 +244,10 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip running the subsets on the unmutated tree (when the full suite just passed on it)")
+    ap.add_argument("--suite-from", metavar="REV", help="test with revision REV's whole test suite instead")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                    help="scratch trees testing mutants in parallel, each building with one job (default: 2 where "
+                         "there are 2 cores)")
     args = ap.parse_args()
     mutants = MUTANTS
     if args.only:
@@ -197,55 +260,66 @@ def main() -> int:
         for m in mutants:
             print(f"{m.name:36s} {m.path}: {' '.join(m.tests)}")
         return 0
-    # Python mutants first: they need no rebuild while the build still matches the unmutated tree.
-    mutants = sorted(mutants, key=lambda m: m.compiled)
+    workers = max(1, min(args.workers, len(mutants)))
+    jobs = int(os.environ.get("MAX_JOBS", "2")) if workers == 1 else 1
     scratch = args.scratch or tempfile.mkdtemp(prefix="rk-mutants-")
-    tree = os.path.join(scratch, "tree")
     logs = os.path.join(scratch, "logs")
-    if os.path.exists(tree):
-        shutil.rmtree(tree)
     os.makedirs(logs, exist_ok=True)
     start = time.time()
-    _copy_tree(tree)
-    env = _env(tree)
-    build_s = _build(tree, env, os.path.join(logs, "build.log"))
-    if build_s is None:
-        sys.exit(f"mutation_check: the unmutated tree does not build (log: {os.path.join(logs, 'build.log')})")
-    print(f"scratch tree {tree}: build {build_s:.0f} s", flush=True)
+    trees = []
+    for i in range(workers):
+        tree = os.path.join(scratch, f"tree{i}")
+        if os.path.exists(tree):
+            shutil.rmtree(tree)
+        _copy_tree(tree)
+        if args.suite_from:
+            _tests_from(tree, args.suite_from)
+        env = _env(tree, int(os.environ.get("MAX_JOBS", "2")))  # the first builds use every core
+        build_s = _build(tree, env, os.path.join(logs, f"build{i}.log"))
+        if build_s is None:
+            sys.exit(f"mutation_check: the unmutated tree does not build (log: {os.path.join(logs, f'build{i}.log')})")
+        print(f"scratch tree {tree}: build {build_s:.0f} s", flush=True)
+        trees.append((tree, _env(tree, jobs)))
+    if args.suite_from:
+        # The older suite's tests that fail on the unmutated tree (they test what has changed since) are left out.
+        log = os.path.join(logs, "baseline-suite.log")
+        t0 = time.time()
+        _pytest(trees[0][0], trees[0][1], ["tests"], log, timeout=3600, stop_first=False)
+        failing = _failures(log)
+        print(f"suite of {args.suite_from}: {len(failing)} tests fail unmutated and are left out "
+              f"({time.time() - t0:.0f} s): {' '.join(failing)}", flush=True)
+        tests = ("tests", *(arg for t in failing for arg in ("--deselect", t)))
+        mutants = [Mutant(m.name, m.path, m.old, m.new, tests) for m in mutants]
+        args.no_baseline = True
     # The subsets must pass on the unmutated tree, or a "kill" would mean nothing.
     subsets = [] if args.no_baseline else sorted({m.tests for m in mutants})
     t0 = time.time()
     for i, tests in enumerate(subsets):
         log = os.path.join(logs, f"baseline-{i}.log")
-        if _pytest(tree, env, list(tests), log) != 0:
+        if _pytest(trees[0][0], trees[0][1], list(tests), log) != 0:
             sys.exit(f"mutation_check: a test subset fails without a mutant: {' '.join(tests)} (log: {log})")
     if subsets:
         print(f"baseline: {len(subsets)} test subsets pass unmutated ({time.time() - t0:.0f} s)", flush=True)
-    killed, rows = 0, []
-    for m in mutants:
-        t0 = time.time()
-        original = _apply(tree, m)
-        try:
-            log = os.path.join(logs, f"{m.name}-build.log")
-            build_s = _build(tree, env, log) if m.compiled else 0.0
-            if build_s is not None:
-                log = os.path.join(logs, f"{m.name}.log")
-                rc = _pytest(tree, env, list(m.tests), log)
-        finally:
-            with open(os.path.join(tree, m.path), "w") as f:
-                f.write(original)
-        if build_s is None:
-            verdict, build_s = f"ERROR (the mutant does not build; log {log})", 0.0
-        elif rc == 1:
-            killed += 1
-            verdict = f"killed by {_first_failure(log)}"
-        elif rc == 0:
-            verdict = "SURVIVED"
-        else:
-            verdict = f"ERROR (pytest exit {rc}; log {log})"
-        rows.append(f"{m.name:36s} {time.time() - t0:5.0f} s (build {build_s:3.0f} s)  {verdict}")
-        print(rows[-1], flush=True)
-    print(f"killed {killed} of {len(mutants)} ({time.time() - start:.0f} s in all)")
+    # Compiled mutants first, longest rebuilds first, so the workers finish together; Python ones fill in at the end.
+    queue = sorted(mutants, key=lambda m: not m.compiled)
+    lock, results = threading.Lock(), {}
+
+    def worker(tree: str, env: dict) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                m = queue.pop(0)
+            results[m.name] = _run_mutant(tree, env, logs, m)
+            print(results[m.name][1], flush=True)
+
+    threads = [threading.Thread(target=worker, args=tree) for tree in trees]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    killed = sum(results[m.name][0] for m in mutants)
+    print(f"killed {killed} of {len(mutants)} ({time.time() - start:.0f} s in all, {workers} workers)")
     if not args.keep and not args.scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0 if killed == len(mutants) else 1

@@ -45,8 +45,12 @@ def deterministic_algorithms():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Examples per CPU path of the property tests (tests/test_properties.py), when they ran."""
-    from reference import FUZZ_PATHS
+    """Examples per CPU path of the property tests (tests/test_properties.py) and cells per path of the path matrix
+    (tests/test_path_matrix.py), when they ran."""
+    from reference import FUZZ_PATHS, PATH_MATRIX
+    for config, cells in PATH_MATRIX.items():
+        terminalreporter.write_line(f"path matrix cells per path ({config}): " +
+                                    ", ".join(f"{path} {n}" for path, n in cells.items()))
     for form, counts in sorted(FUZZ_PATHS.items()):
         if counts:
             terminalreporter.write_line(f"fuzz examples per CPU path ({form}): " +

@@ -10,7 +10,6 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 from reference import reference_conv_affine_relu, rel_err
 
 import resnext_kernels as rk

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 # Examples per CPU path of the property tests in this run, by form ("inference", "training"): printed at the end of
 # the run (conftest.py) and asserted by test_properties.py.
 FUZZ_PATHS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+# Cells (dtype x layout x batch size x form) per path of the path matrix (test_path_matrix.py), by configuration:
+# printed at the end of the run.
+PATH_MATRIX: dict[str, dict[str, int]] = {}
 
 # The grouped 3x3 convolutions of ResNeXt-50 32x4d: (channels, spatial size) per stage, 32 groups.
 RESNEXT50_STAGES = [(128, 56), (256, 28), (512, 14), (1024, 7)]
@@ -44,6 +47,13 @@ def cuda_plan(x, wt, stride, padding, dilation, groups=1, training=False):
     r = torch.ops.resnext_kernels._plan_cuda_conv(list(x.shape), list(wt.shape), pair(stride), pair(padding),
                                                   pair(dilation), groups, x.dtype, training)
     return r[0], r[1]
+
+
+def round_to_tf32(t):
+    """t rounded to TF32 as cvt.rna.tf32.f32 rounds (nearest, ties away from zero; 10 mantissa bits): how cuDNN and
+    the tensor-core kernels take float32 convolution inputs where TF32 is allowed (PyTorch's default)."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
 def random_bn(c, dtype=torch.float32, generator=None):
@@ -92,27 +102,39 @@ FP32_TOL = 1e-5
 LOW_PRECISION_FACTOR = 3
 
 
-def tolerance(dtype, torch_own_err=None):
+def tolerance(dtype, torch_own_err=None, tf32=False, fp32_own_err=None):
     """The bound on rel_err for an output of `dtype`; `torch_own_err` is PyTorch's own same-dtype rel_err against
-    the same float64 reference: required for float16/bfloat16, optional for float32 (the fuzz passes it: with 2-9
-    values per channel the BN backward cancels most of a gradient, and PyTorch's own float32 error there can pass
-    1e-5)."""
+    the same float64 reference: required for float16/bfloat16 and TF32, optional for float32 (the fuzz passes it:
+    with 2-9 values per channel the BN backward cancels most of a gradient, and PyTorch's own float32 error there can
+    pass 1e-5). `tf32`: float32 computed by the tensor cores as TF32, held like a 16-bit type with TF32's epsilon.
+    `fp32_own_err`: PyTorch's own float32 error, for where its low-precision one is no estimate (below)."""
     if dtype == torch.float64:
         return 1e-12
-    if dtype == torch.float32:  # PyTorch's own, where given: an ill-conditioned problem may need more than FP32_TOL
+    if dtype == torch.float32 and not tf32:  # PyTorch's own where given: an ill-conditioned problem may need more
         return FP32_TOL if torch_own_err is None else max(FP32_TOL, LOW_PRECISION_FACTOR * torch_own_err)
     assert torch_own_err is not None, "a low-precision bound needs PyTorch's own same-dtype error"
-    if not torch_own_err <= 0.5:  # NaN or garbage: PyTorch's own is broken here (test_training.py, 1-pixel-wide
-        torch_own_err = 1.5 * torch.finfo(dtype).eps  # bf16 weight gradient): the rounding of x, w and grad alone
-    return LOW_PRECISION_FACTOR * max(torch_own_err, torch.finfo(dtype).eps / 2)
+    eps = 2.0 ** -10 if tf32 else torch.finfo(dtype).eps
+    if not torch_own_err <= 0.5:
+        # PyTorch's own is no estimate here: NaN or garbage from an ATen bug (test_training.py, the 1-pixel-wide bf16
+        # weight gradient), or an ill-conditioned problem (a BN backward that cancels nearly all of a gradient). Its
+        # float32 error scaled by the epsilons' ratio tells the two apart (the conditioning shows in float32 too);
+        # without it, the rounding of x, w and grad alone.
+        torch_own_err = 1.5 * eps
+        if fp32_own_err is not None:
+            torch_own_err = max(torch_own_err, fp32_own_err * eps / torch.finfo(torch.float32).eps)
+    return LOW_PRECISION_FACTOR * max(torch_own_err, eps / 2)
 
 
-def assert_close_to_reference(out, ref, torch_own=None, what="", dtype=None):
+def assert_close_to_reference(out, ref, torch_own=None, what="", dtype=None, fp32_own=None):
     """rel_err(out, ref) within tolerance(dtype of out): `ref` is the float64 reference, `torch_own` PyTorch's
-    result in the same low-precision dtype (a tensor, or its rel_err as a float)."""
+    result in the same low-precision dtype (a tensor, or its rel_err as a float), `fp32_own` PyTorch's float32 one
+    (a tensor, or a function returning it: asked for only where the low-precision one is no estimate)."""
     dtype = out.dtype if dtype is None else dtype
     own = torch_own if torch_own is None or isinstance(torch_own, float) else rel_err(torch_own, ref)
-    err, bound = rel_err(out, ref), tolerance(dtype, own)
+    fp32_err = None
+    if fp32_own is not None and own is not None and not own <= 0.5:
+        fp32_err = rel_err(fp32_own() if callable(fp32_own) else fp32_own, ref)
+    err, bound = rel_err(out, ref), tolerance(dtype, own, fp32_own_err=fp32_err)
     assert err <= bound, f"{what}: rel_err {err:.3g} > {bound:.3g} ({dtype}, PyTorch's own {own})"
     return err
 

@@ -3,7 +3,6 @@ emulated ops with injected times (the emulator's own speed means nothing): the f
 problem, RESNEXT_KERNELS_CUDA_BACKEND forces one, deterministic algorithms take ours untimed; and the library path
 (csrc/cuda/library_path.h) itself against float64 references, since a user may run it."""
 
-import os
 
 import pytest
 import torch

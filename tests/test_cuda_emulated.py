@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_dtype_tolerance, cuda_plan, random_bn, reference_conv_affine_relu, rel_err
+from reference import (assert_close_to_reference, assert_dtype_tolerance, cuda_plan, random_bn,
+                       reference_conv_affine_relu, reference_train, rel_err, tolerance)
 from test_conv_bn_relu import EDGE_CASES, _make
 from test_cuda_tensor_core_wgrad import CASES as WGRAD_TC_CASES
 from test_cuda_tensor_core_wgrad import _autograd_weight_grad, _case_id, _inputs
@@ -239,7 +240,8 @@ WGRAD_CASES = TRAIN_CASES + [
 @pytest.mark.parametrize("case", WGRAD_CASES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
 def test_emulated_weight_gradient_kernel(case, dtype, deterministic_algorithms):
     """Under torch.use_deterministic_algorithms(True) the CUDA backward's weight gradient comes from the
-    project's two-pass kernel: against float64 autograd, and (half types) against the library path."""
+    project's two-pass kernel: against float64 autograd (half types: within the suite's bound from PyTorch's own
+    error), and for half types also within a few roundings of the library path from the same BN backward."""
     gen, x, w, gamma, beta, args = _train_inputs(case, seed=11)
     E = torch.ops.resnext_kernels_emu
     xd, wd = x.to(dtype), w.to(dtype)
@@ -258,7 +260,12 @@ def test_emulated_weight_gradient_kernel(case, dtype, deterministic_algorithms):
         ref, leaves = _train_reference(x, w, gamma, beta, case)
         ref.backward(grad.double())
         assert rel_err(ours, leaves[1].grad) <= (1e-12 if dtype == torch.float64 else 2e-5)
-    else:
+    else:  # against float64 autograd within the suite's multiple of PyTorch's own same-dtype step
+        conv = (args[1], args[2], args[3], args[4], args[5])
+        ref = reference_train(x, w, gamma, beta, grad, *conv)[3][1]
+        own = reference_train(x.to(dtype), w.to(dtype), gamma, beta, grad, *conv, dtype=dtype)[3][1]
+        assert_close_to_reference(ours, ref, own, "weight gradient")
+        # and within a few roundings of the library path's (ATen) from the same BN backward
         torch.use_deterministic_algorithms(False)
         before = emulator.launch_stats()["launches"]
         library = grad_weight()
@@ -307,11 +314,12 @@ def _block_args(ours, x):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_emulated_cuda_bottleneck_matches_torchvision(case, dtype, channels_last):
     """The CUDA bottleneck_infer (cuDNN's role played by ATen on the CPU, the grouped conv by the emulated
-    kernel) against torchvision's Bottleneck in float64."""
+    kernel) against torchvision's Bottleneck in float64; float16/bfloat16 within the suite's multiple of
+    torchvision's own error in the same dtype (weights folded and rounded to it, intermediates in it)."""
     ref, ours = _block_pair(case, torch.float64)
     ours = ours.to(dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -320,12 +328,10 @@ def test_emulated_cuda_bottleneck_matches_torchvision(case, dtype, channels_last
     with torch.no_grad():
         out = torch.ops.resnext_kernels_emu.bottleneck_infer(*_block_args(ours, x.to(dtype)))
         want = ref(x)
+        own = copy.deepcopy(ref).to(dtype)(x.to(dtype)) if dtype in (torch.float16, torch.bfloat16) else None
     assert emulator.launch_stats()["launches"] == launches + 1  # the grouped conv ran the project's kernel
     assert out.shape == want.shape and out.dtype == dtype and out.is_contiguous(memory_format=fmt)
-    if dtype == torch.bfloat16:  # weights folded and rounded to bf16, intermediates in bf16
-        assert rel_err(out, want) <= 3e-2
-    else:
-        assert_dtype_tolerance(rel_err(out, want), dtype, 0)
+    assert_close_to_reference(out, want, own, "block output")
 
 
 def test_emulated_cuda_bottleneck_routes_uncovered_grouped_conv_to_cudnn_path():
@@ -355,6 +361,10 @@ def test_emulated_cuda_bottleneck_opcheck():
 TRAINING_BLOCKS = [(128, 32, 1, 16, 8, 1, False), (64, 32, 2, 16, 8, 1, True)]
 
 
+def _norm_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
 def _training_step(block, x, grad):
     x = x.detach().clone().requires_grad_()
     out = block(x)
@@ -363,12 +373,13 @@ def _training_step(block, x, grad):
     return out.detach(), grads, {name: b.clone() for name, b in block.named_buffers()}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", TRAINING_BLOCKS, ids=lambda c: "-".join(map(str, c)))
 def test_emulated_block_training_step_matches_torchvision(case, dtype):
     """One training step of FusedResNeXtBlock run by the CUDA code under the emulator (emulator.cuda_on_cpu():
     the CUDA planner, launchers, kernels and autograd formulas), against torchvision's Bottleneck in float64: the
-    output, every gradient and the running statistics. bfloat16: no worse than torchvision's own bfloat16 step."""
+    output, every gradient and the running statistics. float16/bfloat16: no worse than torchvision's own step in the
+    same dtype."""
     ref, ours = _block_pair(case, torch.float64)
     ref.train()
     ours.train().to(dtype)
@@ -386,24 +397,28 @@ def test_emulated_block_training_step_matches_torchvision(case, dtype):
             results.append(_training_step(ours, x.to(dtype), grad.to(dtype)))
     scopes = {e.name.split("::", 1)[1] for e in prof.events() if e.name.startswith("resnext_kernels::")}
     assert {"cuda_tc", "dgrad_cuda_tc", "wgrad_cuda_tc", "cuda_bn_backward"} <= scopes \
-        if dtype == torch.bfloat16 else {"cuda_direct", "cuda_bn_stats", "cuda_bn_backward"} <= scopes
+        if dtype != torch.float64 else {"cuda_direct", "cuda_bn_stats", "cuda_bn_backward"} <= scopes
     out, grads, buffers = results[0]
     ref_out, ref_grads, ref_buffers = _training_step(ref, x, grad)
     assert out.dtype == dtype and out.shape == ref_out.shape
+    err = rel_err
     if dtype == torch.float64:
         bound = {name: 1e-12 for name in ("out", *ref_grads, *ref_buffers)}
     else:
+        # A whole block's step in 16 bits flips ReLU masks and BN backward cancels: single elements of torchvision's
+        # own gradients are off by 10-80% of the largest. Compared by norm there (its own: 1-2% float16, ~10%
+        # bfloat16); the path matrix holds each kernel to the per-element rule.
+        err = _norm_err
         own_out, own_grads, own_buffers = _training_step(own, x.to(dtype), grad.to(dtype))
-        eps = torch.finfo(dtype).eps
-        bound = {"out": 1.5 * rel_err(own_out, ref_out) + 4 * eps}
-        bound.update({k: 1.5 * rel_err(own_grads[k], ref_grads[k]) + 4 * eps for k in ref_grads})
-        bound.update({k: 1.5 * rel_err(own_buffers[k], ref_buffers[k]) + 4 * eps for k in ref_buffers
+        bound = {"out": tolerance(dtype, err(own_out, ref_out))}
+        bound.update({k: tolerance(dtype, err(own_grads[k], ref_grads[k])) for k in ref_grads})
+        bound.update({k: tolerance(dtype, err(own_buffers[k], ref_buffers[k])) for k in ref_buffers
                       if ref_buffers[k].is_floating_point()})
-    assert rel_err(out, ref_out) <= bound["out"]
+    assert err(out, ref_out) <= bound["out"]
     for name, want in ref_grads.items():
-        assert rel_err(grads[name], want) <= bound[name], name
+        assert err(grads[name], want) <= bound[name], name
     for name, want in ref_buffers.items():
         if want.is_floating_point():
-            assert rel_err(buffers[name], want) <= bound[name], name
+            assert err(buffers[name], want) <= bound[name], name
         else:
             assert torch.equal(buffers[name], want), name  # num_batches_tracked

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import rel_err
+from reference import rel_err, round_to_tf32
 
 from resnext_kernels import emulator
 from resnext_kernels.emulator import __main__ as profile_cli
@@ -29,10 +29,6 @@ def _tf32_allowed():
     torch.backends.cudnn.allow_tf32 = allowed
 
 
-def _tf32(t):
-    """t rounded to TF32 as cvt.rna.tf32.f32 rounds (nearest, ties away from zero; 10 mantissa bits)."""
-    bits = t.float().contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 CASES = [  # (N, C, H, W, groups, kernel, stride, padding, channels_last)
     (2, 128, 12, 12, 32, 3, 1, 1, True),    # groups of 4: two per n8 tile, block-diagonal weights
@@ -76,7 +72,7 @@ def _own_bound(dtype, x, wt, conv, ref, affine=None, relu=False):
     rounded to the dtype, or to TF32 for float32; the result rounded once to the dtype) plus 4 ulp."""
     stride, pad, dil, groups = conv
     if dtype == torch.float32:
-        x, wt = _tf32(x).double(), _tf32(wt).double()
+        x, wt = round_to_tf32(x).double(), round_to_tf32(wt).double()
     own = F.conv2d(x.double(), wt.double(), None, stride, pad, dil, groups)
     if affine is not None:
         own = own * affine[0].double().view(1, -1, 1, 1) + affine[1].double().view(1, -1, 1, 1)
@@ -119,7 +115,7 @@ def _own_training(x, wt, gamma, beta, conv, grad):
     """PyTorch's own training step in x's dtype (float32: with the convolution's inputs rounded to TF32, as cuDNN
     takes them on a GPU by default)."""
     if x.dtype == torch.float32:
-        x, wt = _tf32(x), _tf32(wt)
+        x, wt = round_to_tf32(x), round_to_tf32(wt)
     leaves = [t.detach().clone().requires_grad_() for t in (x, wt)] + [t.detach().clone().requires_grad_()
                                                                        for t in (gamma, beta)]
     out = F.relu(F.batch_norm(F.conv2d(leaves[0], leaves[1], None, *conv), None, None, leaves[2], leaves[3], True,
