@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from . import _dispatch, _prepacked
+from . import nn as _nn
 from .nn import FusedBasicBlock, FusedResNeXtBlock, _is_fusable_norm, conv_bn
 
 __all__ = [
@@ -62,8 +64,27 @@ class ResNet(_torchvision_resnet()):
         if zero_init_residual:
             _zero_init_residual(self)
 
+    def train(self, mode: bool = True) -> ResNet:
+        if mode:
+            _prepacked.release(self)  # the stem's prepared weights serve inference only
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_prepared", None)  # oneDNN's packed tensors cannot be copied; a copy prepares its own
+        return state
+
+    def _stem(self, x: Tensor) -> Tensor:
+        """The stem's conv + BN + ReLU; in inference on CPU with prepared weights, as the blocks'."""
+        bn = self.bn1
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.conv1.weight.requires_grad)
+        if not bn.training and bn.running_mean is not None and not grad and _nn._is_plain_conv(self.conv1) \
+                and _prepacked.unavailable(x) is None and not _dispatch.reference_forced():
+            return _prepacked.conv_bn_forward(self, self.conv1, bn, x, relu=True)
+        return conv_bn(x, self.conv1, bn, relu=True)
+
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = conv_bn(x, self.conv1, self.bn1, relu=True)
+        x = self._stem(x)
         x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))

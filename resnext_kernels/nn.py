@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _build_info, _dispatch, ops, sync_batch_norm
+from . import _build_info, _dispatch, _prepacked, ops, sync_batch_norm
 
 __all__ = ["FusedBasicBlock", "FusedGroupedConvBNReLU", "FusedResNeXtBlock", "conv_bn", "convert_sync_batchnorm",
            "explain_block"]
@@ -206,7 +206,16 @@ def explain_block(block: nn.Module, x: Tensor) -> ops.Decision:
     if x.device.type == "cpu":
         if x.dtype not in _dispatch.CPU_DTYPES:
             return ops.Decision("layers", f"the CPU kernels cover float32, float64 and bfloat16, not {x.dtype}")
-        return ops.Decision("block", "the whole block in one fused operator call (inference)")
+        why_not = _prepacked.unavailable(x)
+        if why_not is None:
+            choice = _prepacked.conv2_choice(block, x) or "the faster, timed on the first call at this size"
+            return ops.Decision("block", "prepared inference: BatchNorm folded into the weights and the 1x1 "
+                                         "convolutions' weights prepacked for oneDNN once (rebuilt when a weight "
+                                         "changes), their bias, shortcut and ReLU in its post-ops; the 3x3 "
+                                         f"convolution by the fused kernel or prepacked oneDNN: {choice}",
+                                kernel="onednn_prepacked")
+        return ops.Decision("block", f"the whole block in one fused operator call (inference); not prepared: "
+                                     f"{why_not}", kernel="bottleneck_infer")
     if x.device.type == "cuda":
         if not _build_info.WITH_CUDA:
             return ops.Decision("layers", "resnext_kernels was built without CUDA kernels")
@@ -251,8 +260,22 @@ class FusedResNeXtBlock(nn.Module):
     def explain(self, x: Tensor) -> ops.Decision:
         return explain_block(self, x)
 
+    def train(self, mode: bool = True) -> FusedResNeXtBlock:
+        if mode:
+            _prepacked.release(self)  # the prepared weights serve inference only
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        # oneDNN's packed tensors cannot be copied or pickled; a copy prepares its own on its first call
+        state = self.__dict__.copy()
+        state.pop("_prepared", None)
+        return state
+
     def forward(self, x: Tensor) -> Tensor:
-        if explain_block(self, x).path == "block":
+        decision = explain_block(self, x)
+        if decision.kernel == "onednn_prepacked":
+            return _prepacked.bottleneck_forward(self, x)
+        if decision.path == "block":
             down = None
             if self.downsample is not None:
                 down = (self.downsample[0].weight, *_bn_inference_args(self.downsample[1]))

@@ -73,6 +73,12 @@ MUTANTS = [
     Mutant("py_fold_without_eps", "resnext_kernels/_common.py",
            "inv_std = torch.rsqrt(running_var.to(dtype) + eps)", "inv_std = torch.rsqrt(running_var.to(dtype))",
            ("tests/test_conv_bn_relu.py", "-k", "fold_batch_norm or matches_reference")),
+    Mutant("py_prepared_weights_scaled", "resnext_kernels/_prepacked.py",
+           "weight = (conv.weight.detach().float() * scale.view(-1, 1, 1, 1))",
+           "weight = (conv.weight.detach().float() * scale.view(-1, 1, 1, 1) * 1.0001)",
+           ("tests/test_models.py", "-k", "prepared")),
+    Mutant("py_prepared_weights_stale", "resnext_kernels/_prepacked.py",
+           "(t.data_ptr(), t._version)", "(t.data_ptr(),)", ("tests/test_models.py", "-k", "prepared")),
     # CPU forward paths: 1e-4 relative in float32.
     Mutant("cpu_winograd_f2x2", "csrc/cpu/conv_winograd.h",
            "y[1] = 0.5f * (x0 + x1 + x2);", "y[1] = 0.5001f * (x0 + x1 + x2);", _fuzz("winograd_small")),

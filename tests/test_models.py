@@ -1,6 +1,7 @@
 """The aggregated bottleneck, the drop-in blocks and the model family, against torchvision."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import resnext_kernels as rk
+from resnext_kernels import _prepacked
 from resnext_kernels.models import FusedPreActBottleneck
 
 IMAGENET_MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -42,9 +44,14 @@ def test_imagenet_models_load_torchvision_and_match_in_eval(name, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=fmt)
     with torch.no_grad():
-        out = ours(x)
+        out = ours(x)  # prepares the weights (ours(x) again: the prepared path as timed calls run it)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            again = ours(x)
         assert_close_to_reference(out, ref.double()(x.double()), what="logits")
-    assert out.is_contiguous()  # (N, classes) logits
+    assert out.is_contiguous() and torch.equal(out, again)  # (N, classes) logits
+    bottlenecks = any(isinstance(m, rk.nn.FusedResNeXtBlock) for m in ours.modules())
+    if bottlenecks and _prepacked.unavailable(x) is None:
+        assert "onednn_prepacked" in _scopes(prof, {"onednn_prepacked"})
 
 
 def test_parameter_counts():
@@ -201,6 +208,10 @@ _CPU_PATH_SCOPES = {"onednn_1x1", "onednn_large_block", "onednn_intel", "winogra
                     "broadcast", "expand", "generic"}
 
 
+def _bn_args(bn):
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+
+
 def _block_conv_kernels(ours, x):
     """The kernel explain() names for each of the block's convolutions, in bottleneck_infer's order."""
     n, _, h, w = x.shape
@@ -216,8 +227,8 @@ def _block_conv_kernels(ours, x):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", CPU_ROUTE_BLOCKS)
-def test_block_cpu_routes_match_torchvision_float64(name, dtype, channels_last):
-    """The CPU bottleneck_infer in float32 and bfloat16 against torchvision's Bottleneck in float64: each
+def test_block_op_cpu_routes_match_torchvision_float64(name, dtype, channels_last):
+    """The CPU bottleneck_infer op (the block's path where the prepared one is not available) in float32 and bfloat16 against torchvision's Bottleneck in float64: each
     convolution runs the kernel explain() names (its profiler scope), and the routes above are reached on a CPU with
     vector kernels and the oneDNN routes on (the AMD rules: the Intel ones send more to oneDNN)."""
     case = CPU_ROUTE_BLOCKS[name]
@@ -225,8 +236,11 @@ def test_block_cpu_routes_match_torchvision_float64(name, dtype, channels_last):
     ours = ours.to(dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, case[0], 10, 10, dtype=torch.float64).contiguous(memory_format=fmt)
+    layers = [(conv.weight, *_bn_args(bn)) for conv, bn in ((ours.conv1, ours.bn1), (ours.conv2, ours.bn2),
+                                                             (ours.conv3, ours.bn3))]
+    down = (ours.downsample[0].weight, *_bn_args(ours.downsample[1])) if ours.downsample is not None else None
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = ours(x.to(dtype))
+        out = rk.ops.bottleneck_inference(x.to(dtype), layers, down, stride=case[2], groups=case[3], dilation=1)
         expected = ref(x)
         own = copy.deepcopy(ref).to(dtype)(x.to(dtype)) if dtype != torch.float32 else None
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
@@ -243,6 +257,88 @@ def test_block_cpu_routes_match_torchvision_float64(name, dtype, channels_last):
             assert ran == routes[name]
     assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
     assert_close_to_reference(out, expected, own, f"{name} block")
+
+
+def _scopes(prof, names):
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    return [e.name.split("::", 1)[1] for e in events if e.name.startswith("resnext_kernels::") and
+            e.name.split("::", 1)[1] in names]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", CPU_ROUTE_BLOCKS)
+def test_block_prepared_inference_matches_torchvision_float64(name, dtype, channels_last, batch):
+    """The block's prepared CPU inference (BatchNorm folded, the 1x1 convolutions prepacked for oneDNN with their
+    epilogues in its post-ops, the grouped 3x3 by the fused kernel) against torchvision's Bottleneck in float64:
+    the scopes show which ran, the output keeps the input's layout."""
+    case = CPU_ROUTE_BLOCKS[name]
+    ref, ours = _block_pair(case, torch.float64)
+    ours = ours.to(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, case[0], 10, 10, dtype=torch.float64).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        decision = ours.explain(x.to(dtype))
+    if rk.ops.cpu_config().aten_routes and (dtype == torch.float32 or rk.ops.cpu_config().native_bf16):
+        assert decision.kernel == "onednn_prepacked", decision
+    else:
+        pytest.skip(f"no prepared path here: {decision.reason}")
+    with torch.no_grad():
+        out = ours(x.to(dtype))  # prepares, and times the 3x3 convolution's two implementations at this size
+        expected = ref(x)
+        own = copy.deepcopy(ref).to(dtype)(x.to(dtype)) if dtype != torch.float32 else None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            again = ours(x.to(dtype))
+        reason = ours.explain(x.to(dtype)).reason
+    choice = _prepacked.conv2_choice(ours, x.to(dtype))
+    assert choice in ("fused", "onednn_prepacked") and reason.endswith(choice)
+    kernels = _block_conv_kernels(ours, x.to(dtype))
+    conv2 = kernels[1] if choice == "fused" else "onednn_prepacked"
+    pointwise = ["onednn_prepacked"] * (len(kernels) - 1)
+    assert _scopes(prof, _CPU_PATH_SCOPES | {"onednn_prepacked"}) == pointwise[:1] + [conv2] + pointwise[1:]
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt) and torch.equal(out, again)
+    assert_close_to_reference(out, expected, own, f"{name} block")
+
+
+def test_block_prepared_weights_follow_the_parameters():
+    """The prepared weights are rebuilt when a weight or BatchNorm tensor changes in place or is replaced, and when
+    the dtype changes; a copy and a pickled block prepare their own; train() drops them."""
+    ref, ours = _block_pair(CPU_ROUTE_BLOCKS["stride2-onednn_projection"], torch.float64)
+    ours = ours.float()
+    x = torch.randn(1, 256, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        prepared = ours.explain(x.float()).kernel == "onednn_prepacked"
+    if not prepared:
+        pytest.skip("no prepared path here")
+
+    def check(block, dtype=torch.float32):
+        with torch.no_grad():
+            want, own = ref(x), copy.deepcopy(ref).to(dtype)(x.to(dtype)) if dtype != torch.float32 else None
+            assert_close_to_reference(block(x.to(dtype)), want, own)
+
+    check(ours)
+    with torch.no_grad():
+        for block in (ref, ours):  # in place: the version counters move
+            block.conv3.weight.mul_(1.5)
+            block.downsample[1].running_var.mul_(2.0)
+            block.bn2.bias.add_(0.25)
+    check(ours)
+    state = {k: v * 0.5 if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    ref.load_state_dict(state)
+    ours.load_state_dict(state)
+    check(ours)
+    ours.conv1.weight = nn.Parameter(ours.conv1.weight.detach() * -1)  # replaced
+    with torch.no_grad():
+        ref.conv1.weight.mul_(-1)
+    check(ours)
+    check(copy.deepcopy(ours))
+    check(pickle.loads(pickle.dumps(ours)))
+    assert "_prepared" in ours.__dict__
+    ours.train()
+    assert "_prepared" not in ours.__dict__
+    ours.eval()
+    check(ours.bfloat16(), torch.bfloat16)
 
 
 @pytest.mark.parametrize("case", [BLOCK_CASES[2], CPU_ROUTE_BLOCKS["winograd-onednn_residual"]],

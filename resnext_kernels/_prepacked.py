@@ -1,0 +1,206 @@
+"""The bottleneck's CPU inference with prepared weights: every BatchNorm folded into its convolution's weights once,
+the 1x1 convolutions' weights prepacked once in oneDNN's blocked layout (what torch.compile's freezing does), their
+bias, the shortcut and the ReLUs in oneDNN's post-ops. The 3x3 convolution runs the faster of the fused kernel the
+planner picks and prepacked oneDNN, timed on the first call at each input size (prepacked oneDNN wins at wide dense
+layers and at batch 1 in the last stage; the fused kernel at ResNeXt's grouped layers): the choice is then fixed
+for that size, so repeated calls give identical results.
+
+Unprepared, oneDNN reorders each 1x1 convolution's weights on every call: at batch 1 that reorder costs more than
+the convolution in ResNeXt-50's last stages. The prepared tensors live on the block (not in its state dict) and are
+rebuilt when a weight or BatchNorm tensor is replaced or modified in place (its version counter), or the dtype
+changes; ``train()`` drops them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import contextlib
+import time
+
+import torch
+from torch import Tensor, nn
+
+from ._common import autocast_tensors, fold_batch_norm
+from ._dispatch import cpu_config, emulating
+
+SCOPE = "resnext_kernels::onednn_prepacked"  # the profiler scope of each prepacked 1x1 convolution
+
+
+class _Pointwise(NamedTuple):
+    weight: Tensor  # oneDNN-packed, BatchNorm scale folded in, in the compute dtype
+    bias: Tensor  # the BatchNorm shift, in the compute dtype (oneDNN's fused paths take the weight's)
+
+
+class _Prepared(NamedTuple):
+    key: tuple
+    conv1: _Pointwise
+    conv2: tuple[Tensor, Tensor, Tensor]  # weight in the compute dtype, BatchNorm (scale, shift) in float32
+    conv2_packed: _Pointwise
+    conv3: _Pointwise
+    down: _Pointwise | None
+    choice: dict  # input size -> the 3x3 convolution's implementation: FUSED or SCOPE's name
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """x's dtype after autocast (without casting x)."""
+    return autocast_tensors(x.new_empty(0))[0].dtype
+
+
+def unavailable(x: Tensor) -> str | None:
+    """Why the prepared path cannot run a block on ``x``, or None."""
+    if x.device.type != "cpu" or emulating(x):
+        return "not a CPU tensor"
+    if torch.compiler.is_compiling():
+        return "under torch.compile (Inductor packs the 1x1 convolutions itself)"
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return "oneDNN is not available or disabled (torch.backends.mkldnn)"
+    config = cpu_config()
+    if not config.aten_routes:
+        return "the oneDNN routes are off (RESNEXT_KERNELS_CPU_ATEN_ROUTES=off)"
+    dtype = compute_dtype(x)
+    if dtype == torch.bfloat16 and not config.native_bf16:
+        return "this CPU has no native bfloat16 multiply (oneDNN would emulate it)"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN's prepacked path covers float32 and bfloat16, not {dtype}"
+    return None
+
+
+def _layers(block: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    layers = [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
+    return layers + ([(block.downsample[0], block.downsample[1])] if block.downsample is not None else [])
+
+
+def _key(block: nn.Module, dtype: torch.dtype) -> tuple:
+    """Identifies the tensors the prepared ones derive from: a replaced tensor changes its address, one modified in
+    place (an optimizer step, load_state_dict) its version."""
+    return (dtype, *(part for conv, bn in _layers(block) for part in _key_parts(conv, bn)))
+
+
+def _key_parts(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    return (*(None if t is None else (t.data_ptr(), t._version)
+              for t in (conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias)), bn.eps)
+
+
+def _pointwise(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, input_size: list[int]) -> _Pointwise:
+    scale, shift = fold_batch_norm(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, torch.float32)
+    weight = (conv.weight.detach().float() * scale.view(-1, 1, 1, 1)).to(dtype)  # folded in float32, rounded once
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
+                                                          list(conv.dilation), conv.groups, input_size)
+    return _Pointwise(packed, shift.to(dtype))
+
+
+def _prepare(block: nn.Module, x: Tensor, key: tuple) -> _Prepared:
+    n, _, h, w = x.shape
+    s = block.conv2.stride[0]
+    width = block.conv1.out_channels
+    out_size = [n, width, (h - 1) // s + 1, (w - 1) // s + 1]
+    bn2 = block.bn2
+    conv2 = (block.conv2.weight.detach().to(x.dtype),
+             *fold_batch_norm(bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, bn2.eps, torch.float32))
+    down = None
+    if block.downsample is not None:
+        down = _pointwise(block.downsample[0], block.downsample[1], x.dtype, list(x.shape))
+    return _Prepared(key, _pointwise(block.conv1, block.bn1, x.dtype, list(x.shape)), conv2,
+                     _pointwise(block.conv2, bn2, x.dtype, [n, width, h, w]),
+                     _pointwise(block.conv3, block.bn3, x.dtype, out_size), down, {})
+
+
+FUSED = "fused"  # the 3x3 convolution's choice: the project's fused kernel (else "onednn_prepacked")
+
+
+def _scope():
+    """The profiler scope of a prepacked convolution; none (no cost) when no profiler runs."""
+    return torch.profiler.record_function(SCOPE) if torch.autograd.profiler._is_profiler_enabled \
+        else contextlib.nullcontext()
+
+
+def _packed_conv(x: Tensor, p: _Pointwise, conv: nn.Conv2d, relu: bool) -> Tensor:
+    with _scope():
+        return torch.ops.mkldnn._convolution_pointwise(x, p.weight, p.bias, list(conv.padding), list(conv.stride),
+                                                       list(conv.dilation), conv.groups, "relu" if relu else "none",
+                                                       [], "")
+
+
+def _fastest(candidates: dict) -> str:
+    """The candidate with the smallest of 3 interleaved timed runs, after a warm-up run of each."""
+    for fn in candidates.values():
+        fn()
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(3):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
+def conv2_choice(block: nn.Module, x: Tensor) -> str | None:
+    """The (3x3) convolution's implementation chosen for ``x``'s size, or None before the first call at that size."""
+    prepared = block.__dict__.get("_prepared")
+    return None if prepared is None else prepared.choice.get(tuple(x.shape))
+
+
+class _PreparedConv(NamedTuple):
+    key: tuple
+    fused: tuple[Tensor, Tensor, Tensor]  # weight in the compute dtype, BatchNorm (scale, shift) in float32
+    packed: _Pointwise
+    choice: dict  # input size -> FUSED or SCOPE's name
+
+
+def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool) -> Tensor:
+    """relu?(bn(conv(x))) in inference by the faster of the fused kernel and prepacked oneDNN (timed on the first
+    call at each input size), the prepared weights kept on ``owner`` (as a block keeps its own); the caller checked
+    unavailable() and that ``bn`` is in inference form."""
+    x = autocast_tensors(x)[0]
+    key = (x.dtype, *_key_parts(conv, bn))
+    prepared = owner.__dict__.get("_prepared")
+    if prepared is None or prepared.key != key:
+        fused = (conv.weight.detach().to(x.dtype),
+                 *fold_batch_norm(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, torch.float32))
+        prepared = owner.__dict__["_prepared"] = _PreparedConv(key, fused, _pointwise(conv, bn, x.dtype,
+                                                                                      list(x.shape)), {})
+    candidates = {
+        FUSED: lambda: torch.ops.resnext_kernels.conv_bn_relu_infer(x, *prepared.fused, list(conv.stride),
+                                                                    list(conv.padding), list(conv.dilation),
+                                                                    conv.groups, relu),
+        SCOPE.split("::")[1]: lambda: _packed_conv(x, prepared.packed, conv, relu),
+    }
+    size = tuple(x.shape)
+    if size not in prepared.choice:
+        prepared.choice[size] = _fastest(candidates)
+    out = candidates[prepared.choice[size]]()
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """The block's inference on ``x`` with its prepared weights (prepared now if missing or stale); the caller
+    checked explain_block() and unavailable()."""
+    x = autocast_tensors(x)[0]
+    key = _key(block, x.dtype)
+    prepared = block.__dict__.get("_prepared")
+    if prepared is None or prepared.key != key:
+        prepared = block.__dict__["_prepared"] = _prepare(block, x, key)
+    c2 = block.conv2
+    s, d = c2.stride[0], c2.dilation[0]
+    h = _packed_conv(x, prepared.conv1, block.conv1, relu=True)
+    candidates = {
+        FUSED: lambda: torch.ops.resnext_kernels.conv_bn_relu_infer(h, *prepared.conv2, [s, s], [d, d], [d, d],
+                                                                    c2.groups, True),
+        SCOPE.split("::")[1]: lambda: _packed_conv(h, prepared.conv2_packed, c2, relu=True),
+    }
+    size = tuple(x.shape)
+    if size not in prepared.choice:
+        prepared.choice[size] = _fastest(candidates)
+    h = candidates[prepared.choice[size]]()
+    shortcut = x if prepared.down is None else _packed_conv(x, prepared.down, block.downsample[0], relu=False)
+    p = prepared.conv3
+    with _scope():
+        out = torch.ops.mkldnn._convolution_pointwise.binary(h, shortcut, p.weight, p.bias, [0, 0], [1, 1], [1, 1],
+                                                             1, "add", 1.0, "relu", [], "")
+    # oneDNN computes in channels_last; the output keeps the input's layout, as the other paths' do
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def release(block: nn.Module) -> None:
+    block.__dict__.pop("_prepared", None)
