@@ -6,17 +6,17 @@ layers and at batch 1 in the last stage; the fused kernel at ResNeXt's grouped l
 for that size, so repeated calls give identical results.
 
 Unprepared, oneDNN reorders each 1x1 convolution's weights on every call: at batch 1 that reorder costs more than
-the convolution in ResNeXt-50's last stages. The prepared tensors live on the block (not in its state dict) and are
-rebuilt when a weight or BatchNorm tensor is replaced or modified in place (its version counter), or the dtype
-changes; ``train()`` drops them.
+the convolution in ResNeXt-50's last stages. The prepared tensors live on the block (and on the model, for its
+stem), not in the state dict, and are rebuilt when a weight or BatchNorm tensor is replaced or modified in place
+(its version counter), or the dtype changes. A change through ``.data`` keeps the version counter: ``eval()`` (or
+``train()``) drops the prepared tensors.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import contextlib
 import time
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ._common import autocast_tensors, fold_batch_norm
 from ._dispatch import cpu_config, emulating
 
-SCOPE = "resnext_kernels::onednn_prepacked"  # the profiler scope of each prepacked 1x1 convolution
+SCOPE = "resnext_kernels::onednn_prepacked"  # the profiler scope of each prepacked oneDNN convolution
 
 
 class _Pointwise(NamedTuple):

@@ -65,8 +65,7 @@ class ResNet(_torchvision_resnet()):
             _zero_init_residual(self)
 
     def train(self, mode: bool = True) -> ResNet:
-        if mode:
-            _prepacked.release(self)  # the stem's prepared weights serve inference only
+        _prepacked.release(self)  # eval() too: the way to drop weights prepared before a change through .data
         return super().train(mode)
 
     def __getstate__(self) -> dict:

@@ -261,8 +261,7 @@ class FusedResNeXtBlock(nn.Module):
         return explain_block(self, x)
 
     def train(self, mode: bool = True) -> FusedResNeXtBlock:
-        if mode:
-            _prepacked.release(self)  # the prepared weights serve inference only
+        _prepacked.release(self)  # eval() too: the way to drop weights prepared before a change through .data
         return super().train(mode)
 
     def __getstate__(self) -> dict:

@@ -303,7 +303,7 @@ def test_block_prepared_inference_matches_torchvision_float64(name, dtype, chann
 
 def test_block_prepared_weights_follow_the_parameters():
     """The prepared weights are rebuilt when a weight or BatchNorm tensor changes in place or is replaced, and when
-    the dtype changes; a copy and a pickled block prepare their own; train() drops them."""
+    the dtype changes; a copy and a pickled block prepare their own; train() and eval() drop them."""
     ref, ours = _block_pair(CPU_ROUTE_BLOCKS["stride2-onednn_projection"], torch.float64)
     ours = ours.float()
     x = torch.randn(1, 256, 8, 8, dtype=torch.float64)
@@ -338,6 +338,11 @@ def test_block_prepared_weights_follow_the_parameters():
     ours.train()
     assert "_prepared" not in ours.__dict__
     ours.eval()
+    check(ours)
+    for block in (ref, ours):  # .data has its own version counter: eval() drops the prepared weights
+        block.conv2.weight.data.mul_(0.5)
+    ours.eval()
+    check(ours)
     check(ours.bfloat16(), torch.bfloat16)
 
 
