@@ -224,7 +224,9 @@ def _run_mutant(tree: str, env: dict, logs: str, m: Mutant) -> tuple[bool, str]:
     rc = None
     try:
         log = os.path.join(logs, f"{m.name}-build.log")
-        build_s = _build(tree, env, log) if m.compiled else 0.0
+        # Always rebuild: the build may still hold the previous compiled mutant (reverted in the sources only), which
+        # would then kill a Python mutant in its place. Unchanged, that is a no-op; after a revert, ccache hits.
+        build_s = _build(tree, env, log)
         if build_s is not None:
             log = os.path.join(logs, f"{m.name}.log")
             rc = _pytest(tree, env, list(m.tests), log)
