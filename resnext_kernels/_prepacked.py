@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from ._common import autocast_tensors, fold_batch_norm
 from ._dispatch import cpu_config, emulating
 
-SCOPE = "resnext_kernels::onednn_prepacked"  # the profiler scope of each prepacked oneDNN convolution
+PACKED = "onednn_prepacked"  # the choice of prepacked oneDNN for a convolution
+SCOPE = f"resnext_kernels::{PACKED}"  # the profiler scope of each prepacked oneDNN convolution
 
 
 class _Pointwise(NamedTuple):
@@ -39,7 +40,7 @@ class _Prepared(NamedTuple):
     conv2_packed: _Pointwise
     conv3: _Pointwise
     down: _Pointwise | None
-    choice: dict  # input size -> the 3x3 convolution's implementation: FUSED or SCOPE's name
+    choice: dict  # input size -> the 3x3 convolution's implementation: FUSED or PACKED
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -106,7 +107,7 @@ def _prepare(block: nn.Module, x: Tensor, key: tuple) -> _Prepared:
                      _pointwise(block.conv3, block.bn3, x.dtype, out_size), down, {})
 
 
-FUSED = "fused"  # the 3x3 convolution's choice: the project's fused kernel (else "onednn_prepacked")
+FUSED = "fused"  # the choice of the project's fused kernel for a convolution
 
 
 def _scope():
@@ -122,17 +123,20 @@ def _packed_conv(x: Tensor, p: _Pointwise, conv: nn.Conv2d, relu: bool) -> Tenso
                                                        [], "")
 
 
-def _fastest(candidates: dict) -> str:
-    """The candidate with the smallest of 3 interleaved timed runs, after a warm-up run of each."""
-    for fn in candidates.values():
-        fn()
-    best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(3):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
+def _run_faster(choice: dict, size: tuple, candidates: dict) -> Tensor:
+    """Runs the candidate chosen for ``size``; on the first call at that size, chooses the one with the smallest of
+    3 interleaved timed runs (after a warm-up run of each) and keeps it, so later calls give identical results."""
+    if size not in choice:
+        for fn in candidates.values():
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return min(best, key=best.get)
+        best = dict.fromkeys(candidates, float("inf"))
+        for _ in range(3):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+        choice[size] = min(best, key=best.get)
+    return candidates[choice[size]]()
 
 
 def conv2_choice(block: nn.Module, x: Tensor) -> str | None:
@@ -145,7 +149,7 @@ class _PreparedConv(NamedTuple):
     key: tuple
     fused: tuple[Tensor, Tensor, Tensor]  # weight in the compute dtype, BatchNorm (scale, shift) in float32
     packed: _Pointwise
-    choice: dict  # input size -> FUSED or SCOPE's name
+    choice: dict  # input size -> FUSED or PACKED
 
 
 def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool) -> Tensor:
@@ -164,12 +168,9 @@ def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Te
         FUSED: lambda: torch.ops.resnext_kernels.conv_bn_relu_infer(x, *prepared.fused, list(conv.stride),
                                                                     list(conv.padding), list(conv.dilation),
                                                                     conv.groups, relu),
-        SCOPE.split("::")[1]: lambda: _packed_conv(x, prepared.packed, conv, relu),
+        PACKED: lambda: _packed_conv(x, prepared.packed, conv, relu),
     }
-    size = tuple(x.shape)
-    if size not in prepared.choice:
-        prepared.choice[size] = _fastest(candidates)
-    out = candidates[prepared.choice[size]]()
+    out = _run_faster(prepared.choice, tuple(x.shape), candidates)
     return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
@@ -187,12 +188,9 @@ def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
     candidates = {
         FUSED: lambda: torch.ops.resnext_kernels.conv_bn_relu_infer(h, *prepared.conv2, [s, s], [d, d], [d, d],
                                                                     c2.groups, True),
-        SCOPE.split("::")[1]: lambda: _packed_conv(h, prepared.conv2_packed, c2, relu=True),
+        PACKED: lambda: _packed_conv(h, prepared.conv2_packed, c2, relu=True),
     }
-    size = tuple(x.shape)
-    if size not in prepared.choice:
-        prepared.choice[size] = _fastest(candidates)
-    h = candidates[prepared.choice[size]]()
+    h = _run_faster(prepared.choice, tuple(x.shape), candidates)
     shortcut = x if prepared.down is None else _packed_conv(x, prepared.down, block.downsample[0], relu=False)
     p = prepared.conv3
     with _scope():
