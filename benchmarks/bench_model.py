@@ -1,12 +1,16 @@
-"""Model benchmark: images per second of resnext_kernels' models against torchvision's eager model and
-against torch.compile (Inductor) of torchvision's model, for ResNeXt-50 32x4d and ResNet-50, in inference
-(eval, no grad) and a training step (SGD with momentum: zero_grad, forward, cross-entropy, backward, step),
-channels_last, float32, measured in the same process.
+"""Model benchmark: images per second of resnext_kernels' models against torchvision's eager model, against
+torch.compile (Inductor) of torchvision's model and against torch.compile of ours, for ResNeXt-50 32x4d and
+ResNet-50, in inference (eval, no grad) and a training step (SGD with momentum: zero_grad, forward, cross-entropy,
+backward, step), measured in the same process.
+
+Dtypes and layouts: eval in every --dtypes (default float32, + bfloat16 where the CPU multiplies bfloat16 natively)
+x --layouts (default channels_last and NCHW; bfloat16 channels_last only); the training step in float32,
+channels_last.
 
 Ours is ``rk.models.<name>()`` loaded with the torchvision model's state_dict; each contender gets its own
 copy of the same initial weights. Before timing, every row is checked against torchvision eager: eval
 logits, and for training the logits of the first (batch-statistics) forward and the loss, max relative
-difference <= 1e-3 of the largest value; a mismatch is reported as WRONG and not timed, a compile failure
+difference <= 1e-3 of the largest value (bfloat16: 5e-2, a few roundings of its 8-bit mantissa); a mismatch is reported as WRONG and not timed, a compile failure
 is reported in its row. On CPU the inference compile uses ``torch._inductor.config.freezing = True``
 (BatchNorm folded into the convs).
 
@@ -24,7 +28,8 @@ Results: the run's record, benchmarks/results/<machine>-<date>-<commit>-models.{
 --quick unless --results-dir is given), and the scratch CSV models_<device>.csv in --out (default benchmarks/out/).
 
 usage: python benchmarks/bench_model.py [--quick] [--models resnext50_32x4d,resnet50] [--batch 1,8]
-            [--train-batch 8] [--image-size 224] [--repeats 5] [--modes eval,train] [--compile | --no-compile]
+            [--train-batch 8] [--image-size 224] [--repeats 5] [--modes eval,train] [--dtypes float32,bfloat16]
+            [--layouts channels_last,nchw] [--compile | --no-compile]
             [--cpu] [--out DIR] [--results-dir DIR]
 """
 
@@ -47,8 +52,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine_peak  # noqa: E402
 import record  # noqa: E402
 
-TOL = 1e-3
-FIELDS = ["model", "mode", "impl", "status", "max_rel_err", "device", "batch", "image_size", "median_ms", "min_ms",
+TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FIELDS = ["model", "mode", "impl", "status", "max_rel_err", "device", "batch", "dtype", "layout", "image_size", "median_ms", "min_ms",
           "max_ms", "runs", "img_s", "ratio_vs_torchvision", "ratio_vs_compile", "saved_MB", "cuda_peak_MB",
           "compile_s", "kernels"]
 
@@ -107,39 +113,56 @@ class Contender:
         self.optimizer = None
 
 
-def build(name, model_name, ref_state, device):
-    if name == "resnext_kernels":
+def build(name, model_name, ref_state, device, dtype, layout):
+    if name.startswith("resnext_kernels"):
         model = getattr(rk.models, model_name)()
     else:
         model = getattr(torchvision.models, model_name)()
     model.load_state_dict(ref_state)
-    return model.to(device).to(memory_format=torch.channels_last)
+    return model.to(device, dtype).to(memory_format=MEMORY_FORMATS[layout])
 
 
-def inputs(batch, args, device):
-    """The batch of images (channels_last) and targets every contender gets."""
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+
+
+def inputs(batch, args, device, dtype, layout):
+    """The batch of images (in ``layout``) and targets every contender gets."""
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).to(dtype)
+    x = x.contiguous(memory_format=MEMORY_FORMATS[layout])
     return x, torch.randint(0, 1000, (batch,), device=device)
+
+
+def configs(args):
+    """(mode, batch, dtype, layout) of every case: eval at each batch, dtype and layout (16-bit dtypes in
+    channels_last only), then the training step in float32, channels_last."""
+    out = []
+    if "eval" in args.modes:
+        for dtype in args.dtypes:
+            for layout in args.layouts:
+                if dtype == "float32" or layout == "channels_last":
+                    out += [("eval", b, dtype, layout) for b in args.batches]
+    if "train" in args.modes:
+        out.append(("train", args.train_batch, "float32", "channels_last"))
+    return out
 
 
 def run_model(model_name, args, device):
     torch.manual_seed(0)
     ref_state = getattr(torchvision.models, model_name)().state_dict()
-    impls = ["torchvision", "resnext_kernels"] + (["torchvision+compile"] if args.compile else [])
+    impls = ["torchvision", "resnext_kernels"]
+    impls += ["torchvision+compile", "resnext_kernels+compile"] if args.compile else []
     rows = []
-    configs = [("eval", b) for b in args.batches if "eval" in args.modes]
-    configs += [("train", args.train_batch)] if "train" in args.modes else []
-    for mode, batch in configs:
-        x, target = inputs(batch, args, device)
+    for mode, batch, dtype_name, layout in configs(args):
+        dtype = DTYPES[dtype_name]
+        x, target = inputs(batch, args, device, dtype, layout)
         training = mode == "train"
         results, steps = {}, {}
         for impl in impls:
             row = {"model": model_name, "mode": mode, "impl": impl, "device": device.type, "batch": batch,
-                   "image_size": args.image_size}
+                   "dtype": dtype_name, "layout": layout, "image_size": args.image_size}
             results[impl] = row
-            model = build(impl, model_name, copy.deepcopy(ref_state), device).train(training)
+            model = build(impl, model_name, copy.deepcopy(ref_state), device, dtype, layout).train(training)
             module = model
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if training else None
             try:
@@ -176,7 +199,7 @@ def run_model(model_name, args, device):
                 reference = check
             err = max(rel_err(a, b) for a, b in zip(check, reference))
             row["max_rel_err"] = f"{err:.1e}"
-            if not err <= TOL:
+            if not err <= TOL[dtype]:
                 row["status"] = "WRONG (not timed)"
                 continue
             row["status"] = "ok"
@@ -191,7 +214,7 @@ def run_model(model_name, args, device):
                     with torch.no_grad():
                         module(x)
             steps[impl] = step
-            if impl == "resnext_kernels":
+            if impl.startswith("resnext_kernels"):
                 row["kernels"] = " ".join(record.kernel_scopes(step))
             if device.type == "cuda":
                 row["cuda_peak_MB"] = f"{cuda_peak_bytes(step, device) / 2**20:.1f}"
@@ -206,14 +229,16 @@ def run_model(model_name, args, device):
             for ref, key in (("torchvision", "ratio_vs_torchvision"), ("torchvision+compile", "ratio_vs_compile")):
                 if "median_ms" in results.get(ref, {}):
                     row[key] = f"{float(results[ref]['median_ms']) / float(row['median_ms']):.2f}"
-            print(f"{model_name:16s} {mode:5s} N={batch:<3d} {impl:20s} {row['img_s']:>8s} img/s  "
+            print(f"{model_name:16s} {mode:5s} N={batch:<3d} {dtype_name:8s} {layout:13s} {impl:23s} "
+                  f"{row['img_s']:>8s} img/s  "
                   f"median {row['median_ms']} ms "
                   f"(range {row['min_ms']}-{row['max_ms']})  vs torchvision {row.get('ratio_vs_torchvision', '-')}x"
                   f"  vs compile {row.get('ratio_vs_compile', '-')}x  saved {row.get('saved_MB', '-')} MB"
                   f"  err {row['max_rel_err']}", flush=True)
         for impl, row in results.items():
             if row["status"] != "ok":
-                print(f"{model_name:16s} {mode:5s} N={batch:<3d} {impl:20s} {row['status']}", flush=True)
+                print(f"{model_name:16s} {mode:5s} N={batch:<3d} {dtype_name:8s} {layout:13s} {impl:23s} "
+                      f"{row['status']}", flush=True)
         rows += results.values()
         torch._inductor.config.freezing = False
     return rows
@@ -221,7 +246,7 @@ def run_model(model_name, args, device):
 
 def record_markdown(rows, args):
     cols = [c for c in FIELDS if c not in ("device", "image_size")]
-    return (f"{args.image_size}x{args.image_size} images, channels_last, float32; times: median [min-max] of "
+    return (f"{args.image_size}x{args.image_size} images; times: median [min-max] of "
             f"{args.repeats} steps after {args.warmup} warm-up steps. ratio_vs_X = X median / row median (> 1: row "
             "faster). saved_MB: activation bytes saved for backward in one training step. kernels: the "
             "resnext_kernels profiler scopes one step of ours opened.\n\n" + machine_peak.markdown_table(rows, cols))
@@ -243,6 +268,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--modes", default="eval,train", help="comma-separated: eval,train")
     parser.add_argument("--no-train", action="store_true", help="same as --modes eval")
+    parser.add_argument("--dtypes", "--dtype", default=None,
+                        help="comma-separated eval dtypes (default float32, + bfloat16 where the CPU multiplies it "
+                             "natively or on CUDA; float32 only with --quick)")
+    parser.add_argument("--layouts", "--layout", default=None,
+                        help="comma-separated eval layouts: channels_last,nchw (default both; channels_last with "
+                             "--quick)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="time torch.compile of the torchvision model (default: yes, except with --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
@@ -267,12 +298,22 @@ def main(argv=None):
     if args.compile is None:
         args.compile = not args.quick
     args.modes = ["eval"] if args.no_train else args.modes.split(",")
+    if args.dtypes is None:
+        native_bf16 = device.type == "cuda" or rk.ops.cpu_config().native_bf16
+        args.dtypes = "float32" + (",bfloat16" if native_bf16 and not args.quick else "")
+    args.dtypes = args.dtypes.split(",")
+    if any(d not in DTYPES for d in args.dtypes):
+        parser.error(f"--dtypes: choose from {', '.join(DTYPES)}")
+    args.layouts = (args.layouts or ("channels_last" if args.quick else "channels_last,nchw")).split(",")
+    if any(layout not in MEMORY_FORMATS for layout in args.layouts):
+        parser.error(f"--layouts: choose from {', '.join(MEMORY_FORMATS)}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     env = machine_peak.environment(device)
     print(f"# {device.type}: {env['gpu'] if device.type == 'cuda' else env['cpu']}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; eval batches {args.batches}, training batch {args.train_batch}, "
-          f"{args.image_size}x{args.image_size}, channels_last, float32, median of {args.repeats} after "
+          f"{args.image_size}x{args.image_size}, eval {'/'.join(args.dtypes)} x {'/'.join(args.layouts)}, training "
+          f"float32 channels_last, median of {args.repeats} after "
           f"{args.warmup} warm-up", flush=True)
     run_record = record.new_record("models", "bench_model.py", args.argv, device)
     run_record["quick"] = args.quick

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _build_info
+from . import _build_info, _cpu_backend
 from ._common import out_pixels, suggest_memory_format
 
 FORCE_ATEN_ENV = "RESNEXT_KERNELS_FORCE_ATEN"
@@ -55,9 +55,10 @@ class Decision:
     For the fused paths, :func:`explain` also names the kernel (``kernel``, e.g. ``"winograd_f4x4"``; the profiler
     shows its scope ``resnext_kernels::<kernel>``), its parameters, and where the convolution's gradients come from
     when autograd records the call (``data_grad``, ``weight_grad``, e.g. ``"dgrad_lanes"``, ``"wgrad_aten"``).
-    On CUDA, ``backend`` is the run-time choice for the problem: ``"ours"`` (the kernel named), ``"cudnn"`` (cuDNN
-    and ATen's BatchNorm measured faster; scope ``resnext_kernels::cudnn``), or None before the first call times
-    them (``RESNEXT_KERNELS_CUDA_BACKEND`` forces one).
+    ``backend`` is the run-time choice for the problem: ``"ours"`` (the kernel named), the library path measured
+    faster (CUDA: ``"cudnn"``, cuDNN and ATen's BatchNorm, scope ``resnext_kernels::cudnn``; CPU: ``"aten"``, ATen's
+    conv2d (oneDNN) + batch_norm + relu, scope ``resnext_kernels::aten``), or None before the first call times them
+    (``RESNEXT_KERNELS_CUDA_BACKEND`` / ``RESNEXT_KERNELS_CPU_BACKEND`` force one).
     """
 
     path: str
@@ -176,8 +177,8 @@ def _device_plan(input: Tensor, weight: Tensor, stride: tuple[int, int], padding
 
 
 def decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
-            dilation: tuple[int, int], groups: int, training: bool, requires_grad: bool | None,
-            detail: bool) -> Decision:
+            dilation: tuple[int, int], groups: int, training: bool, requires_grad: bool | None, detail: bool,
+            relu: bool = True) -> Decision:
     """resnext_kernels.ops.explain for checked arguments; without ``detail`` only the path and the reason's first part (what the
     op itself needs: on CPU no planner call, on CUDA the planner's coverage rule)."""
     forced = reference_forced()
@@ -228,6 +229,13 @@ def decide(input: Tensor, weight: Tensor, stride: tuple[int, int], padding: tupl
     if device == "cuda":
         backend, choice = cuda_backend(input, weight, stride, padding, dilation, groups, training)
         reason += f"; run-time choice against cuDNN: {choice}"
+    else:
+        if requires_grad is None:
+            requires_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+        choice = _cpu_backend.lookup(_cpu_backend.problem_key(training, input, weight, stride, padding, dilation,
+                                                              groups, relu, requires_grad))
+        backend = choice.backend
+        reason += f"; run-time choice against ATen: {choice.reason}"
     return Decision(device, reason, conv_plan.path, dict(conv_plan.params), data_grad, weight_grad, backend)
 
 

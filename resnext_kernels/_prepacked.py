@@ -14,15 +14,16 @@ stem), not in the state dict, and are rebuilt when a weight or BatchNorm tensor 
 
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ._common import autocast_tensors, fold_batch_norm
+from . import _cpu_backend
+from ._cpu_backend import ATEN, time_candidates
 from ._dispatch import cpu_config, emulating
+from .ops import aten_conv_bn_relu
 
 PACKED = "onednn_prepacked"  # the choice of prepacked oneDNN for a convolution
 SCOPE = f"resnext_kernels::{PACKED}"  # the profiler scope of each prepacked oneDNN convolution
@@ -44,8 +45,12 @@ class _Prepared(NamedTuple):
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """x's dtype after autocast (without casting x)."""
-    return autocast_tensors(x.new_empty(0))[0].dtype
+    """x's dtype after autocast (without casting x), as autocast_tensors casts."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and x.is_floating_point() and x.dtype != torch.float64 \
+            and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def unavailable(x: Tensor) -> str | None:
@@ -111,9 +116,8 @@ FUSED = "fused"  # the choice of the project's fused kernel for a convolution
 
 
 def _scope():
-    """The profiler scope of a prepacked convolution; none (no cost) when no profiler runs."""
-    return torch.profiler.record_function(SCOPE) if torch.autograd.profiler._is_profiler_enabled \
-        else contextlib.nullcontext()
+    """The profiler scope of a prepacked convolution."""
+    return _cpu_backend.scope(SCOPE)
 
 
 def _packed_conv(x: Tensor, p: _Pointwise, conv: nn.Conv2d, relu: bool) -> Tensor:
@@ -123,26 +127,25 @@ def _packed_conv(x: Tensor, p: _Pointwise, conv: nn.Conv2d, relu: bool) -> Tenso
                                                        [], "")
 
 
-def _run_faster(choice: dict, size: tuple, candidates: dict) -> Tensor:
-    """Runs the candidate chosen for ``size``; on the first call at that size, chooses the one with the smallest of
-    3 interleaved timed runs (after a warm-up run of each) and keeps it, so later calls give identical results."""
-    if size not in choice:
-        for fn in candidates.values():
-            fn()
-        best = dict.fromkeys(candidates, float("inf"))
-        for _ in range(3):
-            for name, fn in candidates.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-        choice[size] = min(best, key=best.get)
-    return candidates[choice[size]]()
+def size_key(x: Tensor) -> tuple:
+    return x.dtype, tuple(x.shape), x.stride()  # the layout too: oneDNN's NCHW and channels_last kernels differ
+
+
+def _run_faster(choice: dict, key: tuple, candidates: dict) -> Tensor:
+    """Runs the candidate chosen for ``key`` (the input's size_key); on the first call with it, chooses the one with
+    the smallest of 3 interleaved timed runs (after a warm-up run of each) and keeps it, so later calls give identical
+    results."""
+    if key not in choice:
+        best = time_candidates(candidates)
+        choice[key] = min(best, key=best.get)
+    return candidates[choice[key]]()
 
 
 def conv2_choice(block: nn.Module, x: Tensor) -> str | None:
-    """The (3x3) convolution's implementation chosen for ``x``'s size, or None before the first call at that size."""
+    """The (3x3) convolution's implementation chosen for ``x``'s size and layout (a layer's own: its only
+    convolution), or None before the first call at them."""
     prepared = block.__dict__.get("_prepared")
-    return None if prepared is None else prepared.choice.get(tuple(x.shape))
+    return None if prepared is None else prepared.choice.get(size_key(x))
 
 
 class _PreparedConv(NamedTuple):
@@ -152,10 +155,17 @@ class _PreparedConv(NamedTuple):
     choice: dict  # input size -> FUSED or PACKED
 
 
+def _aten_conv(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Tensor:
+    with _cpu_backend.scope():
+        return aten_conv_bn_relu(x, conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                                 bn.eps, (conv.stride, conv.padding, conv.dilation, conv.groups), relu)
+
+
 def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool) -> Tensor:
-    """relu?(bn(conv(x))) in inference by the faster of the fused kernel and prepacked oneDNN (timed on the first
-    call at each input size), the prepared weights kept on ``owner`` (as a block keeps its own); the caller checked
-    unavailable() and that ``bn`` is in inference form."""
+    """relu?(bn(conv(x))) in inference by the fastest of the fused kernel, prepacked oneDNN (BatchNorm folded, ReLU
+    fused) and ATen's conv2d + batch_norm + relu, timed on the first call at each input size and layout; the
+    prepared weights kept on ``owner`` (as a block keeps its own); the caller checked unavailable() and that ``bn``
+    is in inference form."""
     x = autocast_tensors(x)[0]
     key = (x.dtype, *_key_parts(conv, bn))
     prepared = owner.__dict__.get("_prepared")
@@ -168,9 +178,20 @@ def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Te
         FUSED: lambda: torch.ops.resnext_kernels.conv_bn_relu_infer(x, *prepared.fused, list(conv.stride),
                                                                     list(conv.padding), list(conv.dilation),
                                                                     conv.groups, relu),
-        PACKED: lambda: _packed_conv(x, prepared.packed, conv, relu),
+        PACKED: lambda: _keep_layout(x, _packed_conv(x, prepared.packed, conv, relu)),
+        ATEN: lambda: _aten_conv(x, conv, bn, relu),
     }
-    out = _run_faster(prepared.choice, tuple(x.shape), candidates)
+    mode = _cpu_backend.mode()  # RESNEXT_KERNELS_CPU_BACKEND: ATen's sequence alone, or never it
+    if mode == ATEN:
+        return candidates[ATEN]()
+    if mode == _cpu_backend.OURS:
+        del candidates[ATEN]
+        return _run_faster(prepared.choice, (mode, *size_key(x)), candidates)
+    return _run_faster(prepared.choice, size_key(x), candidates)
+
+
+def _keep_layout(x: Tensor, out: Tensor) -> Tensor:
+    """oneDNN's output (channels_last) in the input's layout, as the other paths give it."""
     return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
@@ -190,15 +211,29 @@ def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
                                                                     c2.groups, True),
         PACKED: lambda: _packed_conv(h, prepared.conv2_packed, c2, relu=True),
     }
-    h = _run_faster(prepared.choice, tuple(x.shape), candidates)
+    h = _run_faster(prepared.choice, size_key(x), candidates)
     shortcut = x if prepared.down is None else _packed_conv(x, prepared.down, block.downsample[0], relu=False)
     p = prepared.conv3
     with _scope():
         out = torch.ops.mkldnn._convolution_pointwise.binary(h, shortcut, p.weight, p.bias, [0, 0], [1, 1], [1, 1],
                                                              1, "add", 1.0, "relu", [], "")
-    # oneDNN computes in channels_last; the output keeps the input's layout, as the other paths' do
-    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+    return _keep_layout(x, out)
 
 
 def release(block: nn.Module) -> None:
     block.__dict__.pop("_prepared", None)
+
+
+class PreparedOwner:
+    """Mixin of the modules that keep prepared weights: ``train()`` and ``eval()`` drop them (the way to drop weights
+    prepared before a change through ``.data``); copies and pickles leave them out (oneDNN's packed tensors cannot
+    be copied; a copy prepares its own)."""
+
+    def train(self, mode: bool = True):
+        release(self)
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_prepared", None)
+        return state

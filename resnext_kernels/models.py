@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from . import _dispatch, _prepacked
+from . import _prepacked
 from . import nn as _nn
 from .nn import FusedBasicBlock, FusedResNeXtBlock, _is_fusable_norm, conv_bn
 
@@ -56,7 +56,7 @@ def _zero_init_residual(model: nn.Module) -> None:
             nn.init.zeros_(m.conv3.weight)
 
 
-class ResNet(_torchvision_resnet()):
+class ResNet(_prepacked.PreparedOwner, _torchvision_resnet()):
     """torchvision's ResNet (v1.5: stride on the 3x3 conv) built from fused blocks, with a fused stem."""
 
     def __init__(self, block, layers, num_classes: int = 1000, zero_init_residual: bool = False, **kwargs) -> None:
@@ -64,23 +64,11 @@ class ResNet(_torchvision_resnet()):
         if zero_init_residual:
             _zero_init_residual(self)
 
-    def train(self, mode: bool = True) -> ResNet:
-        _prepacked.release(self)  # eval() too: the way to drop weights prepared before a change through .data
-        return super().train(mode)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_prepared", None)  # oneDNN's packed tensors cannot be copied; a copy prepares its own
-        return state
-
     def _stem(self, x: Tensor) -> Tensor:
         """The stem's conv + BN + ReLU; in inference on CPU with prepared weights, as the blocks'."""
-        bn = self.bn1
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.conv1.weight.requires_grad)
-        if not bn.training and bn.running_mean is not None and not grad and _nn._is_plain_conv(self.conv1) \
-                and _prepacked.unavailable(x) is None and not _dispatch.reference_forced():
-            return _prepacked.conv_bn_forward(self, self.conv1, bn, x, relu=True)
-        return conv_bn(x, self.conv1, bn, relu=True)
+        if _nn.prepared_inference(self.conv1, self.bn1, x):
+            return _prepacked.conv_bn_forward(self, self.conv1, self.bn1, x, relu=True)
+        return conv_bn(x, self.conv1, self.bn1, relu=True)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         x = self._stem(x)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _build_info, _dispatch, _prepacked, ops, sync_batch_norm
+from . import _build_info, _cpu_backend, _dispatch, _prepacked, ops, sync_batch_norm
 
 __all__ = ["FusedBasicBlock", "FusedGroupedConvBNReLU", "FusedResNeXtBlock", "conv_bn", "convert_sync_batchnorm",
            "explain_block"]
@@ -50,7 +52,7 @@ def batch_norm_call_args(bn: nn.BatchNorm2d) -> tuple[bool, float, Tensor | None
     return use_batch_stats, momentum, (bn.running_mean if track else None), (bn.running_var if track else None)
 
 
-class FusedGroupedConvBNReLU(nn.Module):
+class FusedGroupedConvBNReLU(_prepacked.PreparedOwner, nn.Module):
     """``Conv2d(bias=False) -> BatchNorm2d -> ReLU`` computed by one fused kernel.
 
     Parameters and buffers are those of ``nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(...), nn.ReLU())``
@@ -118,10 +120,25 @@ class FusedGroupedConvBNReLU(nn.Module):
             world = torch.distributed.get_world_size(group)
             return dataclasses.replace(conv_path, reason=f"synchronized BatchNorm over {world} ranks (resnext_kernels."
                                                          f"sync_batch_norm); the convolution: {conv_path.reason}")
-        return ops.explain(input, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                           groups=conv.groups, training=training)
+        decision = ops.explain(input, conv.weight, stride=conv.stride, padding=conv.padding,
+                               dilation=conv.dilation, groups=conv.groups, training=training, relu=self.relu)
+        if decision.path != "cpu" or not prepared_inference(conv, bn, input):
+            return decision
+        choice = _prepacked.conv2_choice(self, input) or "not timed yet (the first call at this size and layout)"
+        return dataclasses.replace(decision, reason="prepared inference: BatchNorm folded into the weights once "
+                                   "(rebuilt when a weight changes); the fastest of the fused kernel "
+                                   f"({decision.kernel}), prepacked oneDNN with the ReLU fused and ATen's conv2d + "
+                                   f"batch_norm + relu, timed on the first call at each input size and layout: "
+                                   f"{choice}", backend=choice if choice in (_prepacked.FUSED, _prepacked.PACKED,
+                                                                             _cpu_backend.ATEN) else None)
 
     def forward(self, input: Tensor) -> Tensor:
+        prepared = self.__dict__.get("_prepared")
+        if prepared is not None and not self.bn.training and _cpu_backend.mode() == "auto" \
+                and prepared.choice.get(_prepacked.size_key(input)) == _cpu_backend.ATEN:
+            return _aten_conv_bn(input, self.conv, self.bn, self.relu)  # ATen's sequence: right in any state
+        if prepared_inference(self.conv, self.bn, input):
+            return _prepacked.conv_bn_forward(self, self.conv, self.bn, input, self.relu)
         return conv_bn(input, self.conv, self.bn, self.relu)
 
     def extra_repr(self) -> str:
@@ -135,6 +152,14 @@ class FusedGroupedConvBNReLU(nn.Module):
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Tensor:
     """``relu?(bn(conv(x)))`` through the fused op, with ``bn``'s training/eval semantics (synchronized batch
     statistics for a training ``nn.SyncBatchNorm`` in a multi-rank group, see :mod:`.sync_batch_norm`)."""
+    routes = sig = None
+    if type(bn) is nn.BatchNorm2d and not torch.compiler.is_compiling() and _dispatch.reference_forced() is None:
+        routes = _ROUTES.get(conv)
+        if routes is None:
+            routes = _ROUTES[conv] = {}
+        sig = _route_signature(x, conv, bn, relu)
+        if routes.get(sig):
+            return _aten_conv_bn(x, conv, bn, relu)
     training, momentum, running_mean, running_var = batch_norm_call_args(bn)
     group = sync_batch_norm.sync_group(bn)
     if group is not None:
@@ -142,9 +167,48 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Tenso
                                                  momentum=momentum, eps=bn.eps, stride=conv.stride,
                                                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                                                  relu=relu, group=group)
-    return ops.conv_bn_relu(x, conv.weight, running_mean, running_var, bn.weight, bn.bias, training=training,
-                            momentum=momentum, eps=bn.eps, stride=conv.stride, padding=conv.padding,
-                            dilation=conv.dilation, groups=conv.groups, relu=relu)
+    out = ops.conv_bn_relu(x, conv.weight, running_mean, running_var, bn.weight, bn.bias, training=training,
+                           momentum=momentum, eps=bn.eps, stride=conv.stride, padding=conv.padding,
+                           dilation=conv.dilation, groups=conv.groups, relu=relu)
+    if routes is not None and sig not in routes:
+        aten = ops.cpu_route_is_aten(x, conv.weight, bn.weight, bn.bias, stride=conv.stride, padding=conv.padding,
+                                     dilation=conv.dilation, groups=conv.groups, training=training, relu=relu)
+        if aten is not None:
+            routes[sig] = aten
+    return out
+
+
+def prepared_inference(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> bool:
+    """Whether relu?(bn(conv(x))) runs with prepared weights (_prepacked.conv_bn_forward): BatchNorm in inference
+    form, autograd not recording, a plain convolution, a CPU where oneDNN's prepacked path runs, nothing forced."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    return (not bn.training and bn.running_mean is not None and not grad and _is_plain_conv(conv)
+            and _is_fusable_norm(bn) and _prepacked.unavailable(x) is None and not _dispatch.reference_forced())
+
+
+# conv module -> {route signature: whether the CPU run-time choice sent it to ATen}; kept outside the modules so that
+# copies and pickles of a model do not carry one machine's timings.
+_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_cpu_backend.on_clear.append(_ROUTES.clear)
+
+
+def _route_signature(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> tuple:
+    """Everything conv_bn's route depends on besides the layer's geometry: a call with the signature of one that the
+    CPU run-time choice sent to ATen goes there directly, without the op's argument checks and planning (on small
+    layers these cost more than the difference to be won)."""
+    w = conv.weight
+    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(), bn.training, relu,
+            w.dtype, w.device, w.requires_grad, bn.weight is not None and bn.weight.requires_grad,
+            torch.is_autocast_enabled(x.device.type), _dispatch.emulating(x), os.environ.get(_cpu_backend.BACKEND_ENV),
+            torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+
+
+def _aten_conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Tensor:
+    """PyTorch's own conv2d -> BatchNorm2d -> relu, as the op's ATen route runs them."""
+    training, momentum, running_mean, running_var = batch_norm_call_args(bn)
+    with _cpu_backend.scope():
+        return ops.aten_conv_bn_relu(x, conv.weight, running_mean, running_var, bn.weight, bn.bias, training,
+                                     momentum, bn.eps, (conv.stride, conv.padding, conv.dilation, conv.groups), relu)
 
 
 def _is_plain_conv(conv: nn.Module) -> bool:
@@ -228,7 +292,7 @@ def explain_block(block: nn.Module, x: Tensor) -> ops.Decision:
     return ops.Decision("layers", f"no whole-block kernel for device type {x.device.type!r}")
 
 
-class FusedResNeXtBlock(nn.Module):
+class FusedResNeXtBlock(_prepacked.PreparedOwner, nn.Module):
     """Drop-in replacement for ``torchvision.models.resnet.Bottleneck`` (the ResNeXt / ResNet-50+ block).
 
     Same constructor, same submodule names (``conv1 bn1 conv2 bn2 conv3 bn3 relu downsample``), same width
@@ -259,16 +323,6 @@ class FusedResNeXtBlock(nn.Module):
 
     def explain(self, x: Tensor) -> ops.Decision:
         return explain_block(self, x)
-
-    def train(self, mode: bool = True) -> FusedResNeXtBlock:
-        _prepacked.release(self)  # eval() too: the way to drop weights prepared before a change through .data
-        return super().train(mode)
-
-    def __getstate__(self) -> dict:
-        # oneDNN's packed tensors cannot be copied or pickled; a copy prepares its own on its first call
-        state = self.__dict__.copy()
-        state.pop("_prepared", None)
-        return state
 
     def forward(self, x: Tensor) -> Tensor:
         decision = explain_block(self, x)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _autograd  # noqa: F401  (registers the autograd formulas)
+from . import _cpu_backend
 from ._bottleneck import bottleneck_infer_args, bottleneck_inference
 from ._common import accumulation_dtype, autocast_tensors, fold_batch_norm, out_pixels
 from ._dispatch import (FORCE_ATEN_ENV, CpuConfig, Decision, cpu_config, decide, force_reference,  # noqa: F401
@@ -139,14 +140,14 @@ def _check_bn_args(input: Tensor, c_out: int, running_mean: Tensor | None, runni
 
 
 def explain(input: Tensor, weight: Tensor, *, stride: IntPair = 1, padding: IntPair = 1, dilation: IntPair = 1,
-            groups: int = 1, training: bool = False, requires_grad: bool | None = None) -> Decision:
+            groups: int = 1, training: bool = False, requires_grad: bool | None = None, relu: bool = True) -> Decision:
     """Tells which path :func:`conv_bn_relu` takes for these arguments, and why.
 
     ``requires_grad`` defaults to whether autograd would record the call (grad mode on and input or
     weight requiring grad).
     """
     stride, padding, dilation = _check_conv_args(input, weight, stride, padding, dilation, groups)
-    return decide(input, weight, stride, padding, dilation, groups, training, requires_grad, detail=True)
+    return decide(input, weight, stride, padding, dilation, groups, training, requires_grad, detail=True, relu=relu)
 
 
 def _autocast(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,20 +173,99 @@ def conv_bn_relu(input: Tensor, weight: Tensor, running_mean: Tensor | None, run
     stride_p, padding_p, dilation_p = _check_conv_args(x, w, stride, padding, dilation, groups)
     _check_bn_args(x, w.shape[0], running_mean, running_var, bn_weight, bn_bias, training, eps)
     decision = decide(x, w, stride_p, padding_p, dilation_p, groups, training, None, detail=False)
+    conv = (stride_p, padding_p, dilation_p, groups)
     if not decision.fused:
-        y = F.conv2d(x, w, None, stride_p, padding_p, dilation_p, groups)
-        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-        return F.relu(y) if relu else y
+        return aten_conv_bn_relu(x, w, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, conv,
+                                  relu)
     args = (list(stride_p), list(padding_p), list(dilation_p), groups, relu)
+    ops = op_namespace(x)
     if training:
-        out, _, mean, var = op_namespace(x).conv_bn_relu_train(x, w, bn_weight, bn_bias, float(eps), *args)
+        if decision.path == "cpu" and _cpu_chooses_aten(x, w, bn_weight, bn_bias, True, eps, conv, relu, args, None):
+            with _cpu_backend.scope():
+                return aten_conv_bn_relu(x, w, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps,
+                                          conv, relu)
+        out, _, mean, var = ops.conv_bn_relu_train(x, w, bn_weight, bn_bias, float(eps), *args)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, momentum,
                                   x.shape[0] * out_pixels(x, w, stride_p, padding_p, dilation_p))
         return out
-    scale, shift = fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps,
-                                   accumulation_dtype(x.dtype))
-    return op_namespace(x).conv_bn_relu_infer(x, w, scale, shift, *args)
+    if decision.path == "cpu" and _cpu_chooses_aten(x, w, bn_weight, bn_bias, False, eps, conv, relu, args,
+                                                    (running_mean, running_var)):
+        with _cpu_backend.scope():
+            return aten_conv_bn_relu(x, w, running_mean, running_var, bn_weight, bn_bias, False, momentum, eps,
+                                      conv, relu)
+    scale, shift = fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps, accumulation_dtype(x.dtype))
+    return ops.conv_bn_relu_infer(x, w, scale, shift, *args)
+
+
+def cpu_route_is_aten(input: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, *,
+                      stride: IntPair, padding: IntPair, dilation: IntPair, groups: int, training: bool,
+                      relu: bool) -> bool | None:
+    """Whether conv_bn_relu with these arguments runs ATen's sequence because the CPU run-time choice measured it
+    faster (None while that is not decided: not timed yet, a path other than the CPU kernels, or invalid arguments)."""
+    try:
+        x, w = _autocast(input, weight)
+        conv = _check_conv_args(x, w, stride, padding, dilation, groups)
+    except (TypeError, ValueError):
+        return None
+    if decide(x, w, *conv, groups, training, None, detail=False).path != "cpu":
+        return None
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bn_weight, bn_bias))
+    backend = _cpu_backend.lookup(_cpu_backend.problem_key(training, x, w, *conv, groups, relu, need_grad)).backend
+    return None if backend is None else backend == _cpu_backend.ATEN
+
+
+def aten_conv_bn_relu(x: Tensor, w: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                       bn_weight: Tensor | None, bn_bias: Tensor | None, training: bool, momentum: float, eps: float,
+                       conv: tuple, relu: bool) -> Tensor:
+    """PyTorch's own conv2d -> batch_norm -> relu (the relu in place on batch_norm's fresh output, as torchvision's
+    blocks run it)."""
+    y = F.conv2d(x, w, None, *conv)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return F.relu(y, inplace=True) if relu else y
+
+
+def _cpu_chooses_aten(x: Tensor, w: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, training: bool,
+                      eps: float, conv: tuple, relu: bool, args: tuple, running: tuple | None) -> bool:
+    """Whether the CPU run-time choice (_cpu_backend) sends this problem to ATen. The candidates it times run on
+    detached views of the arguments (nothing the caller holds is updated): in training the forward with batch
+    statistics and, where autograd will need them, the gradients."""
+    params = (x, w, bn_weight, bn_bias)
+    grads = tuple(t is not None and t.requires_grad and torch.is_grad_enabled() for t in params)
+    key = _cpu_backend.problem_key(training, x, w, *conv, relu, any(grads))
+    candidates = _cpu_candidates(params, grads, eps, conv, relu, args, running)
+    return _cpu_backend.choose(key, *candidates) == _cpu_backend.ATEN
+
+
+def _cpu_candidates(params: tuple, grads: tuple, eps: float, conv: tuple, relu: bool, args: tuple,
+                    running: tuple | None) -> tuple:
+    """(ours, aten): closures that run one call of each candidate for the timing; ``running``: the running
+    (mean, var) of the inference form, None in training."""
+    grad_out = []
+
+    def run(forward):
+        inputs = [None if t is None else t.detach().requires_grad_(g) for t, g in zip(params, grads)]
+        out = forward(*inputs)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        if wanted:
+            if not grad_out:  # any values do for timing; the RNG is left alone
+                grad_out.append(out.detach().clone())
+            torch.autograd.grad(out, wanted, grad_out[0])
+
+    if running is None:
+        def ours(x, w, g, b):
+            return torch.ops.resnext_kernels.conv_bn_relu_train(x, w, g, b, float(eps), *args)[0]
+
+        def aten(x, w, g, b):
+            return aten_conv_bn_relu(x, w, None, None, g, b, True, 0.0, eps, conv, relu)
+    else:
+        def ours(x, w, g, b):
+            scale, shift = fold_batch_norm(*running, g, b, eps, accumulation_dtype(x.dtype))
+            return torch.ops.resnext_kernels.conv_bn_relu_infer(x, w, scale, shift, *args)
+
+        def aten(x, w, g, b):
+            return aten_conv_bn_relu(x, w, *running, g, b, False, 0.0, eps, conv, relu)
+    return (lambda: run(ours)), (lambda: run(aten))
 
 
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,

@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Each kernel path is tested by the planner's rules: the CPU run-time choice against ATen, which depends on what this
+# machine measures, is forced to the project's kernels except where a test turns it on (test_cpu_backend_choice.py).
+# Subprocesses of the suite inherit it.
+os.environ["RESNEXT_KERNELS_CPU_BACKEND"] = "ours"
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 

@@ -44,11 +44,13 @@ def _kernel_record(fused_ms, date="2026-01-01", time="10:00:00", commit="aaaaaaa
 
 def _model_record(ours_ms, date="2026-01-01", commit="aaaaaaa"):
     rows = []
-    for mode, batch in (("eval", 1), ("eval", 8), ("train", 8)):
-        for impl, ms in (("torchvision", 2 * ours_ms), ("resnext_kernels", ours_ms), ("torchvision+compile", ours_ms)):
+    for mode, batch, layout in (("eval", 1, "channels_last"), ("eval", 1, "nchw"), ("eval", 8, "channels_last"),
+                                ("train", 8, "channels_last")):
+        for impl, ms in (("torchvision", 2 * ours_ms), ("resnext_kernels", ours_ms), ("torchvision+compile", ours_ms),
+                         ("resnext_kernels+compile", 0.8 * ours_ms)):
             rows.append(dict(model="resnext50_32x4d", mode=mode, impl=impl, status="ok", batch=batch, image_size=224,
-                             median_ms=ms, min_ms=ms, max_ms=ms, ratio_vs_torchvision=2 * ours_ms / ms,
-                             ratio_vs_compile=ours_ms / ms))
+                             dtype="float32", layout=layout, median_ms=ms, min_ms=ms, max_ms=ms,
+                             ratio_vs_torchvision=2 * ours_ms / ms, ratio_vs_compile=ours_ms / ms))
     return {"schema": 1, "bench": "models", "date": date, "time": "10:00:00", "commit": commit, "dirty": False,
             "command": "python benchmarks/bench_model.py", "environment": {}, "machine": _machine(),
             "torch": "2.0", "python": "3.11", "quick": False, "rows": rows}
@@ -92,7 +94,11 @@ def test_latest_full_run_per_cpu_class(tmp_path, results):
     assert avx512.count("| stage ") == 2 and "99.0" not in text and "98.0" not in text
     assert "5.00 [4.50-6.00]" in avx2 and "capped to AVX2 on this AVX-512 CPU" in avx2
     # the model record, under the CPU class it ran with
-    assert "| resnext50_32x4d | eval | 1 | 100 [100-100] | 200 [200-200] | 100 [100-100] | 2.00x | 1.00x |" in avx512
+    for layout in ("channels_last", "nchw"):
+        assert (f"| resnext50_32x4d | eval | 1 | float32 | {layout} | 100 [100-100] | 200 [200-200] | 100 [100-100] | "
+                "2.00x | 1.00x | 1.25x |") in avx512
+    # every fused row of the kernel record against eager (the N=1 and bfloat16 rows have no eager row to compare)
+    assert "at >= 0.95x eager: inference 2 of 2 (lowest 2.00x); training 2 of 2 (lowest 2.00x)." in avx512
     assert "No GPU record yet" in text
 
 
