@@ -14,15 +14,18 @@ stem), not in the state dict, and are rebuilt when a weight or BatchNorm tensor 
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import autocast_tensors, fold_batch_norm
 from . import _cpu_backend
+from ._common import autocast_tensors, fold_batch_norm
 from ._cpu_backend import ATEN, time_candidates
-from ._dispatch import cpu_config, emulating
+from ._dispatch import FORCE_ATEN_ENV, _emulate, _force, cpu_config, emulating
 from .ops import aten_conv_bn_relu
 
 PACKED = "onednn_prepacked"  # the choice of prepacked oneDNN for a convolution
@@ -84,16 +87,25 @@ def _key(block: nn.Module, dtype: torch.dtype) -> tuple:
 
 
 def _key_parts(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    # through _parameters/_buffers: Module.__getattr__ would double this per-call cost
+    p, b = bn._parameters, bn._buffers
     return (*(None if t is None else (t.data_ptr(), t._version)
-              for t in (conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias)), bn.eps)
+              for t in (conv._parameters["weight"], b["running_mean"], b["running_var"], p["weight"], p["bias"])),
+            bn.eps)
 
 
-def _pointwise(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, input_size: list[int]) -> _Pointwise:
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> _Pointwise:
+    """The convolution's weight and bias with BatchNorm folded in (in float32, rounded once to ``dtype``)."""
     scale, shift = fold_batch_norm(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, torch.float32)
-    weight = (conv.weight.detach().float() * scale.view(-1, 1, 1, 1)).to(dtype)  # folded in float32, rounded once
+    return _Pointwise((conv.weight.detach().float() * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype))
+
+
+def _pointwise(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, input_size: list[int],
+               folded: _Pointwise | None = None) -> _Pointwise:
+    weight, bias = folded or _folded(conv, bn, dtype)
     packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
                                                           list(conv.dilation), conv.groups, input_size)
-    return _Pointwise(packed, shift.to(dtype))
+    return _Pointwise(packed, bias)
 
 
 def _prepare(block: nn.Module, x: Tensor, key: tuple) -> _Prepared:
@@ -113,6 +125,9 @@ def _prepare(block: nn.Module, x: Tensor, key: tuple) -> _Prepared:
 
 
 FUSED = "fused"  # the choice of the project's fused kernel for a convolution
+FOLDED = "aten_folded"  # ATen's convolution with BatchNorm folded in (a single layer's candidate)
+FOLDED_SCOPE = f"resnext_kernels::{FOLDED}"
+LAYER_CHOICES = (FUSED, PACKED, FOLDED, ATEN)
 
 
 def _scope():
@@ -131,14 +146,13 @@ def size_key(x: Tensor) -> tuple:
     return x.dtype, tuple(x.shape), x.stride()  # the layout too: oneDNN's NCHW and channels_last kernels differ
 
 
-def _run_faster(choice: dict, key: tuple, candidates: dict) -> Tensor:
-    """Runs the candidate chosen for ``key`` (the input's size_key); on the first call with it, chooses the one with
-    the smallest of 3 interleaved timed runs (after a warm-up run of each) and keeps it, so later calls give identical
-    results."""
+def _choose(choice: dict, key: tuple, candidates: dict) -> str:
+    """The candidate chosen for ``key`` (the input's size_key); on the first call with it, the fastest by
+    _cpu_backend.time_candidates, kept so that later calls give identical results."""
     if key not in choice:
         best = time_candidates(candidates)
         choice[key] = min(best, key=best.get)
-    return candidates[choice[key]]()
+    return choice[key]
 
 
 def conv2_choice(block: nn.Module, x: Tensor) -> str | None:
@@ -152,7 +166,16 @@ class _PreparedConv(NamedTuple):
     key: tuple
     fused: tuple[Tensor, Tensor, Tensor]  # weight in the compute dtype, BatchNorm (scale, shift) in float32
     packed: _Pointwise
-    choice: dict  # input size -> FUSED or PACKED
+    folded: _Pointwise  # the same weight and bias in PyTorch's layout, for ATen's convolution
+    choice: dict  # size_key -> FUSED, PACKED, FOLDED or ATEN
+
+
+def _folded_conv(x: Tensor, p: _Pointwise, conv: nn.Conv2d, relu: bool) -> Tensor:
+    """ATen's convolution with BatchNorm folded into its weight and bias, then ReLU in place: one pass fewer than
+    the eager sequence, in the input's own layout (oneDNN's NCHW kernels need no conversion)."""
+    with _cpu_backend.scope(FOLDED_SCOPE):
+        out = F.conv2d(x, p.weight, p.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return out.relu_() if relu else out
 
 
 def _aten_conv(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Tensor:
@@ -161,33 +184,69 @@ def _aten_conv(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Te
                                  bn.eps, (conv.stride, conv.padding, conv.dilation, conv.groups), relu)
 
 
-def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool) -> Tensor:
+def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool,
+                    signature: tuple | None = None) -> Tensor:
     """relu?(bn(conv(x))) in inference by the fastest of the fused kernel, prepacked oneDNN (BatchNorm folded, ReLU
-    fused) and ATen's conv2d + batch_norm + relu, timed on the first call at each input size and layout; the
-    prepared weights kept on ``owner`` (as a block keeps its own); the caller checked unavailable() and that ``bn``
-    is in inference form."""
+    fused), ATen's convolution with BatchNorm folded, and ATen's conv2d + batch_norm + relu, timed on the first call
+    at each input size and layout; the prepared weights kept on ``owner`` (as a block keeps its own); the caller
+    checked unavailable() and that ``bn`` is in inference form. With the call's fast_signature(), the chosen
+    implementation is kept on ``owner`` for later calls with the same signature (see fast_call())."""
     x = autocast_tensors(x)[0]
     key = (x.dtype, *_key_parts(conv, bn))
     prepared = owner.__dict__.get("_prepared")
     if prepared is None or prepared.key != key:
         fused = (conv.weight.detach().to(x.dtype),
                  *fold_batch_norm(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, torch.float32))
-        prepared = owner.__dict__["_prepared"] = _PreparedConv(key, fused, _pointwise(conv, bn, x.dtype,
-                                                                                      list(x.shape)), {})
+        folded = _folded(conv, bn, x.dtype)
+        prepared = owner.__dict__["_prepared"] = _PreparedConv(
+            key, fused, _pointwise(conv, bn, x.dtype, list(x.shape), folded), folded, {})
+    stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
     candidates = {
-        FUSED: lambda: torch.ops.resnext_kernels.conv_bn_relu_infer(x, *prepared.fused, list(conv.stride),
-                                                                    list(conv.padding), list(conv.dilation),
-                                                                    conv.groups, relu),
-        PACKED: lambda: _keep_layout(x, _packed_conv(x, prepared.packed, conv, relu)),
-        ATEN: lambda: _aten_conv(x, conv, bn, relu),
+        FUSED: lambda x: torch.ops.resnext_kernels.conv_bn_relu_infer(x, *prepared.fused, stride, padding, dilation,
+                                                                      conv.groups, relu),
+        PACKED: lambda x: _keep_layout(x, _packed_conv(x, prepared.packed, conv, relu)),
+        FOLDED: lambda x: _folded_conv(x, prepared.folded, conv, relu),
+        ATEN: lambda x: _aten_conv(x, conv, bn, relu),
     }
     mode = _cpu_backend.mode()  # RESNEXT_KERNELS_CPU_BACKEND: ATen's sequence alone, or never it
     if mode == ATEN:
-        return candidates[ATEN]()
-    if mode == _cpu_backend.OURS:
-        del candidates[ATEN]
-        return _run_faster(prepared.choice, (mode, *size_key(x)), candidates)
-    return _run_faster(prepared.choice, size_key(x), candidates)
+        chosen = ATEN
+    else:
+        if mode == _cpu_backend.OURS:
+            del candidates[ATEN]
+        choice_key = size_key(x) if mode == "auto" else (mode, *size_key(x))
+        chosen = _choose(prepared.choice, choice_key, {k: functools.partial(f, x) for k, f in candidates.items()})
+    if signature is not None and signature[FAST_AUTOCAST] is False:
+        owner.__dict__["_fast"] = (signature, candidates[chosen])
+    return candidates[chosen](x)
+
+
+# Index of the autocast flag in fast_signature(): under autocast the input is cast first, so nothing is kept.
+FAST_AUTOCAST = 3
+# The process environment as os.environ keeps it (bytes on POSIX): a lookup there skips os.environ.get's key encoding
+# and, for an unset variable, its KeyError, which together cost more than the rest of fast_signature().
+_ENVIRON = os.environ._data if os.name == "posix" else None
+_ENV_KEYS = tuple(k.encode() for k in (FORCE_ATEN_ENV, _cpu_backend.BACKEND_ENV))
+
+
+def _env_switches() -> tuple:
+    if _ENVIRON is not None:
+        return tuple(_ENVIRON.get(k) for k in _ENV_KEYS)
+    return tuple(os.environ.get(k.decode()) for k in _ENV_KEYS)
+
+
+def fast_signature(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> tuple:
+    """Everything a layer's prepared call depends on besides the input's values: its dtype, size and layout, the grad
+    and autocast modes, the switches that force a path, BatchNorm's mode and the tensors the prepared ones derive
+    from (object and version). A few microseconds where the checks it stands for cost tens: a tenth of a small
+    layer's time, and Python work before a convolution slows the convolution too."""
+    w = conv._parameters["weight"]
+    tensors = (w, bn._buffers["running_mean"], bn._buffers["running_var"], bn._parameters["weight"],
+               bn._parameters["bias"])
+    return (x.dtype, x.shape, x.stride(), torch.is_autocast_enabled("cpu"), x.is_cpu,
+            torch.is_grad_enabled() and (x.requires_grad or w.requires_grad), bn.training, bn.eps,
+            torch._C._get_mkldnn_enabled(), getattr(_force, "enabled", False), getattr(_emulate, "enabled", False),
+            *_env_switches(), *((id(t), t._version) for t in tensors if t is not None))
 
 
 def _keep_layout(x: Tensor, out: Tensor) -> Tensor:
@@ -211,7 +270,7 @@ def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
                                                                     c2.groups, True),
         PACKED: lambda: _packed_conv(h, prepared.conv2_packed, c2, relu=True),
     }
-    h = _run_faster(prepared.choice, size_key(x), candidates)
+    h = candidates[_choose(prepared.choice, size_key(x), candidates)]()
     shortcut = x if prepared.down is None else _packed_conv(x, prepared.down, block.downsample[0], relu=False)
     p = prepared.conv3
     with _scope():
@@ -222,6 +281,7 @@ def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
 
 def release(block: nn.Module) -> None:
     block.__dict__.pop("_prepared", None)
+    block.__dict__.pop("_fast", None)
 
 
 class PreparedOwner:
@@ -236,4 +296,5 @@ class PreparedOwner:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_prepared", None)
+        state.pop("_fast", None)
         return state

@@ -127,18 +127,20 @@ class FusedGroupedConvBNReLU(_prepacked.PreparedOwner, nn.Module):
         choice = _prepacked.conv2_choice(self, input) or "not timed yet (the first call at this size and layout)"
         return dataclasses.replace(decision, reason="prepared inference: BatchNorm folded into the weights once "
                                    "(rebuilt when a weight changes); the fastest of the fused kernel "
-                                   f"({decision.kernel}), prepacked oneDNN with the ReLU fused and ATen's conv2d + "
-                                   f"batch_norm + relu, timed on the first call at each input size and layout: "
-                                   f"{choice}", backend=choice if choice in (_prepacked.FUSED, _prepacked.PACKED,
-                                                                             _cpu_backend.ATEN) else None)
+                                   f"({decision.kernel}), prepacked oneDNN with the ReLU fused, ATen's convolution "
+                                   f"with BatchNorm folded ({_prepacked.FOLDED}) and ATen's conv2d + batch_norm + "
+                                   f"relu, timed on the first call at each input size and layout: {choice}",
+                                   backend=choice if choice in _prepacked.LAYER_CHOICES else None)
 
     def forward(self, input: Tensor) -> Tensor:
-        prepared = self.__dict__.get("_prepared")
-        if prepared is not None and not self.bn.training and _cpu_backend.mode() == "auto" \
-                and prepared.choice.get(_prepacked.size_key(input)) == _cpu_backend.ATEN:
-            return _aten_conv_bn(input, self.conv, self.bn, self.relu)  # ATen's sequence: right in any state
+        fast = self.__dict__.get("_fast")
+        if fast is not None and not torch.compiler.is_compiling():
+            signature = _prepacked.fast_signature(self.conv, self.bn, input)
+            if signature == fast[0]:
+                return fast[1](input)  # what the prepared call chose for this signature
         if prepared_inference(self.conv, self.bn, input):
-            return _prepacked.conv_bn_forward(self, self.conv, self.bn, input, self.relu)
+            return _prepacked.conv_bn_forward(self, self.conv, self.bn, input, self.relu,
+                                              _prepacked.fast_signature(self.conv, self.bn, input))
         return conv_bn(input, self.conv, self.bn, self.relu)
 
     def extra_repr(self) -> str:

@@ -182,9 +182,10 @@ def test_sequential_equivalence_of_the_aten_route():
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_prepared_layer_inference_takes_the_fastest_of_three(channels_last):
+def test_prepared_layer_inference_takes_the_fastest(channels_last):
     """A layer in eval mode without autograd runs with prepared weights: the fastest of the fused kernel, prepacked
-    oneDNN and ATen's sequence, timed on the first call at each size and layout, then kept; float64-exact."""
+    oneDNN, ATen's convolution with BatchNorm folded and ATen's sequence, timed on the first call at each size and
+    layout, then kept; float64-exact."""
     x, w, mean, var, gamma, beta = _layer()
     x = x if channels_last else x.contiguous()
     layer = rk.nn.FusedGroupedConvBNReLU(64, 64, groups=8).eval()
@@ -197,8 +198,41 @@ def test_prepared_layer_inference_takes_the_fastest_of_three(channels_last):
         assert "not timed yet" in layer.explain(x).reason
         out1, out2 = layer(x), layer(x)
         decision = layer.explain(x)
-    assert decision.backend in ("fused", "onednn_prepacked", "aten") and "prepared inference" in decision.reason
+    assert decision.backend in ("fused", "onednn_prepacked", "aten_folded", "aten")
+    assert "prepared inference" in decision.reason
     assert torch.equal(out1, out2) and out1.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert rel_err(out1, reference_conv_bn_relu(x, w, mean, var, gamma, beta, 1e-5, 1, 1, 1, 8)) < FP32_TOL
     layer.train()  # drops the prepared weights
     assert "_prepared" not in layer.__dict__
+
+
+def test_prepared_layer_later_calls_follow_changes(monkeypatch):
+    """A layer's later calls skip the checks only while nothing they stand for changed: a weight changed in place,
+    grad mode with an input that requires grad, a forced path, another layout, each take effect at the next call."""
+    x, w, mean, var, gamma, beta = _layer()
+    layer = rk.nn.FusedGroupedConvBNReLU(64, 64, groups=8).eval()
+    layer.conv.weight.data.copy_(w)
+    for name, t in zip(("running_mean", "running_var", "weight", "bias"), (mean, var, gamma, beta)):
+        getattr(layer.bn, name).data.copy_(t)
+    if rk.nn._prepacked.unavailable(x) is not None:
+        pytest.skip(rk.nn._prepacked.unavailable(x))
+
+    def ref(inp, weight=w):
+        return reference_conv_bn_relu(inp, weight, mean, var, gamma, beta, 1e-5, 1, 1, 1, 8)
+
+    with torch.no_grad():
+        layer(x)
+        assert "_fast" in layer.__dict__ and rel_err(layer(x), ref(x)) < FP32_TOL
+        layer.conv.weight.mul_(2)  # in place: the version changes
+        assert rel_err(layer(x), ref(x, 2 * w)) < FP32_TOL
+        layer.conv.weight.div_(2)
+        nchw = x.contiguous()
+        out = layer(nchw)
+        assert out.is_contiguous() and rel_err(out, ref(nchw)) < FP32_TOL
+        monkeypatch.setenv(ENV, "aten")
+        assert "resnext_kernels::aten" in _scopes(lambda: layer(nchw))
+        monkeypatch.setenv(ENV, "auto")
+    xr = x.clone().requires_grad_()
+    out = layer(xr)
+    out.sum().backward()  # with autograd: the op's path, which records the graph
+    assert xr.grad is not None and rel_err(out, ref(x)) < FP32_TOL
