@@ -71,6 +71,10 @@ class ResNet(_prepacked.PreparedOwner, _torchvision_resnet()):
         return conv_bn(x, self.conv1, self.bn1, relu=True)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dim() == 4:
+            # The CPU kernels and oneDNN's prepacked convolutions compute channels_last: an NCHW batch is converted
+            # once here rather than at every layer (the logits do not depend on the layout).
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x)
         x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
