@@ -269,6 +269,9 @@ def explain_block(block: nn.Module, x: Tensor) -> ops.Decision:
         return ops.Decision("layers", geometry)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return ops.Decision("layers", "autograd is recording; the whole-block kernel is inference-only")
+    if x.device.type == "cpu" and torch.compiler.is_compiling() and not _dispatch.emulating(x):
+        return ops.Decision("layers", "under torch.compile: layer by layer, so that Inductor folds, packs and fuses "
+                                      "what the run-time choice leaves to ATen (the 1x1 convolutions at least)")
     if x.device.type == "cpu":
         if x.dtype not in _dispatch.CPU_DTYPES:
             return ops.Decision("layers", f"the CPU kernels cover float32, float64 and bfloat16, not {x.dtype}")

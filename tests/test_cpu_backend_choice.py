@@ -43,7 +43,7 @@ def _layer(c=64, hw=10, n=2, groups=8):
     return x, w, *random_bn(c)
 
 
-@pytest.mark.parametrize("ours_ms,aten_ms,expected", [(1.0, 2.0, "ours"), (2.0, 1.0, "aten")])
+@pytest.mark.parametrize("ours_ms,aten_ms,expected", [(1.0, 2.0, "ours"), (2.0, 1.0, "aten"), (1.0, 0.96, "ours")])
 def test_the_faster_runs_and_is_kept(ours_ms, aten_ms, expected):
     x, w, mean, var, gamma, beta = _layer()
     assert rk.explain(x, w, groups=8).backend is None  # not timed before the first call
@@ -53,7 +53,8 @@ def test_the_faster_runs_and_is_kept(ours_ms, aten_ms, expected):
     assert ("resnext_kernels::aten" in scopes) == (expected == "aten")
     assert bool(scopes - {"resnext_kernels::aten"}) == (expected == "ours")  # ours opens its kernel's scope
     decision = rk.explain(x, w, groups=8)
-    assert decision.backend == expected and "1.000 ms" in decision.reason and "2.000 ms" in decision.reason
+    assert decision.backend == expected and f"{ours_ms:.3f} ms" in decision.reason
+    assert f"{aten_ms:.3f} ms" in decision.reason  # within 5%, ours is kept
     assert rel_err(out[0], reference_conv_bn_relu(x, w, mean, var, gamma, beta, 1e-5, 1, 1, 1, 8)) < FP32_TOL
     assert _cpu_backend.timed() == 1
     rk.conv_bn_relu(x, w, mean, var, gamma, beta, groups=8)  # the same problem: not timed again
@@ -139,7 +140,7 @@ def test_forced_backend_deterministic_mode_and_bad_value(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
-def test_compile_keeps_the_eager_choice_and_never_times():
+def test_compile_keeps_the_eager_choice_and_never_times(monkeypatch):
     x, w, mean, var, gamma, beta = _layer()
     _cpu_backend.set_fake_times(2.0, 1.0)
     graphs = []
@@ -156,9 +157,14 @@ def test_compile_keeps_the_eager_choice_and_never_times():
         compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
         out = compiled(x)
         x1 = x[:1].contiguous(memory_format=torch.channels_last)
-        out1 = compiled(x1)  # a problem not timed eagerly: the kernels, untimed
+        out1 = compiled(x1)  # a problem not timed eagerly: ATen's sequence, for Inductor, untimed
     ours = "resnext_kernels.conv_bn_relu_infer"
-    assert len(graphs) == 2 and ours not in graphs[0] and ours in graphs[1], graphs
+    assert len(graphs) == 2 and not any(ours in g for g in graphs), graphs
+    monkeypatch.setenv(ENV, "ours")  # a trace-time constant: seen by a new trace
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)(x1)
+    assert ours in graphs[2]
     assert _cpu_backend.timed() == 1
     for got, inp in ((out, x), (out1, x1)):
         assert rel_err(got, reference_conv_bn_relu(inp, w, mean, var, gamma, beta, 1e-5, 1, 1, 1, 8)) < FP32_TOL
