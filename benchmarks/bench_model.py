@@ -24,6 +24,10 @@ Batches: eval runs at every batch of --batch (default 1 and 8 on CPU, 32 on CUDA
 --train-batch (default the largest of them). kernels: the ``resnext_kernels::`` profiler scopes one step of ours
 opens other than the operators themselves (see bench_kernels.py).
 
+Inference engines (optional dependencies, CPU, eval float32 rows): ONNX Runtime and OpenVINO where installed
+(``pip install onnxruntime openvino onnxscript``), running torchvision's model exported with ``torch.onnx.export``
+(float32 precision, as many threads as torch), so that the engines CPU deployments use stand beside ours.
+
 Results: the run's record, benchmarks/results/<machine>-<date>-<commit>-models.{md,json} (record.py; not with
 --quick unless --results-dir is given), and the scratch CSV models_<device>.csv in --out (default benchmarks/out/).
 
@@ -37,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import importlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -147,21 +154,81 @@ def configs(args):
     return out
 
 
+ENGINES = ("onnxruntime", "openvino")
+
+
+def available_engines(args, device):
+    """The inference engines (optional dependencies) importable here, with their versions."""
+    if device.type != "cpu" or not args.engines:
+        return {}
+    found = {}
+    for engine in ENGINES:
+        try:
+            found[engine] = importlib.import_module(engine).__version__
+        except Exception:  # noqa: BLE001 - not installed or broken: no row
+            pass
+    return found
+
+
+def engine_runner(engine, model_name, ref_state, batch, args, cache):
+    """A function running the torchvision model, exported to ONNX once per (model, batch), in ``engine`` on a
+    float32 NCHW numpy batch (float32 precision: OpenVINO would otherwise run bfloat16 where the CPU has it)."""
+    key = (model_name, batch)
+    if key not in cache:
+        model = getattr(torchvision.models, model_name)()
+        model.load_state_dict(ref_state)
+        path = os.path.join(cache["dir"], f"{model_name}_{batch}.onnx")
+        example = torch.randn(batch, 3, args.image_size, args.image_size)
+        torch.onnx.export(model.eval(), (example,), path, dynamo=True, external_data=False)
+        cache[key] = path
+    threads = torch.get_num_threads()
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(cache[key], options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda a: session.run(None, {name: a})[0]
+    import openvino as ov
+    compiled = ov.Core().compile_model(cache[key], "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                           "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda a: request.infer([a])[compiled.output(0)]
+
+
 def run_model(model_name, args, device):
     torch.manual_seed(0)
     ref_state = getattr(torchvision.models, model_name)().state_dict()
     impls = ["torchvision", "resnext_kernels"]
     impls += ["torchvision+compile", "resnext_kernels+compile"] if args.compile else []
+    engines = available_engines(args, device)
+    export_cache = {"dir": tempfile.mkdtemp(prefix="rk_onnx_")}
     rows = []
     for mode, batch, dtype_name, layout in configs(args):
         dtype = DTYPES[dtype_name]
         x, target = inputs(batch, args, device, dtype, layout)
         training = mode == "train"
-        results, steps = {}, {}
-        for impl in impls:
+        results, steps, reference = {}, {}, None
+        row_impls = impls + (list(engines) if mode == "eval" and dtype_name == "float32" else [])
+        for impl in row_impls:
             row = {"model": model_name, "mode": mode, "impl": impl, "device": device.type, "batch": batch,
                    "dtype": dtype_name, "layout": layout, "image_size": args.image_size}
             results[impl] = row
+            if impl in ENGINES:
+                try:
+                    run = engine_runner(impl, model_name, ref_state, batch, args, export_cache)
+                    array = x.contiguous().numpy()  # ONNX models take NCHW
+                    check = (torch.from_numpy(run(array)),)
+                except Exception as e:  # noqa: BLE001 - reported in the row
+                    row["status"] = "error: " + " ".join(f"{type(e).__name__}: {e}".split())[:160]
+                    continue
+                err = max(rel_err(a, b) for a, b in zip(check, reference))
+                row["max_rel_err"] = f"{err:.1e}"
+                row["status"] = "ok" if err <= TOL[dtype] else "WRONG (not timed)"
+                row["kernels"] = f"{impl} {engines[impl]}"
+                if row["status"] == "ok":
+                    steps[impl] = functools.partial(run, array)
+                continue
             model = build(impl, model_name, copy.deepcopy(ref_state), device, dtype, layout).train(training)
             module = model
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if training else None
@@ -277,6 +344,9 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", default=None,
                         help="time torch.compile of the torchvision model (default: yes, except with --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-engines", dest="engines", action="store_false",
+                        help="no ONNX Runtime / OpenVINO rows (by default: eval float32 rows for each of them that "
+                             "is installed, on CPU; the torchvision model exported to ONNX once per batch size)")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
                         help="scratch directory for the CSV (default benchmarks/out)")

@@ -143,6 +143,9 @@ def kernel_table(rec: dict) -> list[str]:
     return lines + (["", summary] if summary else [])
 
 
+ENGINE_NAMES = {"onnxruntime": "ONNX Runtime ms", "openvino": "OpenVINO ms"}  # bench_model.py's optional rows
+
+
 def model_table(rec: dict) -> list[str]:
     groups = {}
     for r in rec["rows"]:
@@ -150,13 +153,15 @@ def model_table(rec: dict) -> list[str]:
         groups.setdefault(key, {})[r["impl"]] = r
     size = rec["rows"][0].get("image_size", 224) if rec["rows"] else 224
     compiled_ours = any("resnext_kernels+compile" in impls for impls in groups.values())
+    engines = [e for e in ENGINE_NAMES if any(e in impls for impls in groups.values())]
     lines = [f"Whole models, {size}x{size} images: ms per step (eval: forward without grad; train: SGD step), median "
              "[min-max], and the others' median time over ours"
              + (" (torch.compile of ours: over torch.compile of torchvision's)" if compiled_ours else "") + ". "
              + provenance(rec), "",
              "| model | mode | batch | dtype | layout | resnext_kernels | torchvision | torchvision + torch.compile | "
-             "vs torchvision | vs compile |" + (" compile(ours) vs compile |" if compiled_ours else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled_ours else "")]
+             "vs torchvision | vs compile |" + (" compile(ours) vs compile |" if compiled_ours else "")
+             + "".join(f" {ENGINE_NAMES[e]} |" for e in engines),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled_ours else "") + "---|" * len(engines)]
     for (model, mode, batch, dtype, layout), impls in groups.items():
         ours = impls.get("resnext_kernels", {})
         line = (f"| {model} | {mode} | {batch} | {dtype} | {layout} | {timing(ours)} | "
@@ -164,6 +169,7 @@ def model_table(rec: dict) -> list[str]:
                 f"{ratio(ours, 'ratio_vs_torchvision')} | {ratio(ours, 'ratio_vs_compile')} |")
         if compiled_ours:
             line += f" {ratio(impls.get('resnext_kernels+compile', {}), 'ratio_vs_compile')} |"
+        line += "".join(f" {timing(impls[e]) if e in impls else '-'} |" for e in engines)
         lines.append(line)
     return lines
 

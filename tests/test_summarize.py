@@ -51,6 +51,10 @@ def _model_record(ours_ms, date="2026-01-01", commit="aaaaaaa"):
             rows.append(dict(model="resnext50_32x4d", mode=mode, impl=impl, status="ok", batch=batch, image_size=224,
                              dtype="float32", layout=layout, median_ms=ms, min_ms=ms, max_ms=ms,
                              ratio_vs_torchvision=2 * ours_ms / ms, ratio_vs_compile=ours_ms / ms))
+        if mode == "eval" and layout == "nchw":
+            rows.append(dict(model="resnext50_32x4d", mode=mode, impl="openvino", status="ok", batch=batch,
+                             image_size=224, dtype="float32", layout=layout, median_ms=50.0, min_ms=49.0,
+                             max_ms=51.0))
     return {"schema": 1, "bench": "models", "date": date, "time": "10:00:00", "commit": commit, "dirty": False,
             "command": "python benchmarks/bench_model.py", "environment": {}, "machine": _machine(),
             "torch": "2.0", "python": "3.11", "quick": False, "rows": rows}
@@ -94,9 +98,9 @@ def test_latest_full_run_per_cpu_class(tmp_path, results):
     assert avx512.count("| stage ") == 2 and "99.0" not in text and "98.0" not in text
     assert "5.00 [4.50-6.00]" in avx2 and "capped to AVX2 on this AVX-512 CPU" in avx2
     # the model record, under the CPU class it ran with
-    for layout in ("channels_last", "nchw"):
+    for layout, openvino in (("channels_last", "-"), ("nchw", "50.0 [49.0-51.0]")):
         assert (f"| resnext50_32x4d | eval | 1 | float32 | {layout} | 100 [100-100] | 200 [200-200] | 100 [100-100] | "
-                "2.00x | 1.00x | 1.25x |") in avx512
+                f"2.00x | 1.00x | 1.25x | {openvino} |") in avx512
     # every fused row of the kernel record against eager (the N=1 and bfloat16 rows have no eager row to compare)
     assert "at >= 0.95x eager: inference 2 of 2 (lowest 2.00x); training 2 of 2 (lowest 2.00x)." in avx512
     assert "No GPU record yet" in text
