@@ -134,7 +134,7 @@ class FusedGroupedConvBNReLU(_prepacked.PreparedOwner, nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         fast = self.__dict__.get("_fast")
-        if fast is not None and not torch.compiler.is_compiling():
+        if fast is not None and isinstance(input, Tensor) and not torch.compiler.is_compiling():
             signature = _prepacked.fast_signature(self.conv, self.bn, input)
             if signature == fast[0]:
                 return fast[1](input)  # what the prepared call chose for this signature

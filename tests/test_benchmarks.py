@@ -5,6 +5,7 @@ machine, the commit and the command and holds every row."""
 
 import csv
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -99,7 +100,7 @@ def test_bench_kernels_quick(kernel_results, mode):
 
 
 def test_bench_model_quick(tmp_path):
-    _run("bench_model.py", tmp_path)
+    _run("bench_model.py", tmp_path, "--no-engines")
     assert (tmp_path / "models_cpu.csv").stat().st_size > 0
     rows = _rows(tmp_path / "models_cpu.csv")
     assert {(r["model"], r["mode"], r["impl"]) for r in rows} == {
@@ -139,3 +140,17 @@ def test_predict_cuda_writes_a_record_summarize_reads(tmp_path):
     import summarize
     text = summarize.section(summarize.load_records(str(tmp_path), str(tmp_path)))
     assert "| stage 4 | " in text and "Predicted, not measured" in text
+
+
+@pytest.mark.skipif(not any(importlib.util.find_spec(e) for e in ("onnxruntime", "openvino"))
+                    or importlib.util.find_spec("onnxscript") is None,
+                    reason="no inference engine (onnxruntime, openvino) or no onnxscript for the export")
+def test_bench_model_engine_rows(tmp_path):
+    """The optional engines' rows: the exported model's logits checked against torchvision's like every row."""
+    _run("bench_model.py", tmp_path, "--models", "resnet50", "--no-train")
+    rows = _rows(tmp_path / "models_cpu.csv")
+    engines = [r for r in rows if r["impl"] in ("onnxruntime", "openvino")]
+    assert engines and all(importlib.util.find_spec(r["impl"]) for r in engines)
+    for r in engines:
+        assert r["status"] == "ok" and float(r["max_rel_err"]) <= 1e-3 and _positive(r["img_s"]), r
+        assert r["kernels"].startswith(r["impl"] + " "), r  # the engine's version
