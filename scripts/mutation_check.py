@@ -74,8 +74,8 @@ MUTANTS = [
            "inv_std = torch.rsqrt(running_var.to(dtype) + eps)", "inv_std = torch.rsqrt(running_var.to(dtype))",
            ("tests/test_conv_bn_relu.py", "-k", "fold_batch_norm or matches_reference")),
     Mutant("py_prepared_weights_scaled", "resnext_kernels/_prepacked.py",
-           "weight = (conv.weight.detach().float() * scale.view(-1, 1, 1, 1))",
-           "weight = (conv.weight.detach().float() * scale.view(-1, 1, 1, 1) * 1.0001)",
+           "(conv.weight.detach().float() * scale.view(-1, 1, 1, 1))",
+           "(conv.weight.detach().float() * scale.view(-1, 1, 1, 1) * 1.0001)",
            ("tests/test_models.py", "-k", "prepared")),
     Mutant("py_prepared_weights_stale", "resnext_kernels/_prepacked.py",
            "(t.data_ptr(), t._version)", "(t.data_ptr(),)", ("tests/test_models.py", "-k", "prepared")),
@@ -314,6 +314,12 @@ def main() -> int:
             sys.exit(f"mutation_check: a test subset fails without a mutant: {' '.join(tests)} (log: {log})")
     if subsets:
         print(f"baseline: {len(subsets)} test subsets pass unmutated ({time.time() - t0:.0f} s)", flush=True)
+    # Every mutant's text must occur once, checked here: a worker thread's exit would only end that thread.
+    for m in mutants:
+        with open(os.path.join(ROOT, m.path)) as f:
+            count = f.read().count(m.old)
+        if count != 1:
+            sys.exit(f"mutation_check: {m.name}: the text to change occurs {count} times in {m.path} (must be once)")
     # Compiled mutants first, longest rebuilds first, so the workers finish together; Python ones fill in at the end.
     queue = sorted(mutants, key=lambda m: not m.compiled)
     lock, results = threading.Lock(), {}
