@@ -210,7 +210,7 @@ def cpu_route_is_aten(input: Tensor, weight: Tensor, bn_weight: Tensor | None, b
         return None
     if decide(x, w, *conv, groups, training, None, detail=False).path != "cpu":
         return None
-    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bn_weight, bn_bias))
+    need_grad = any(_grads_needed((x, w, bn_weight, bn_bias)))
     backend = _cpu_backend.lookup(_cpu_backend.problem_key(training, x, w, *conv, groups, relu, need_grad)).backend
     return None if backend is None else backend == _cpu_backend.ATEN
 
@@ -225,13 +225,19 @@ def aten_conv_bn_relu(x: Tensor, w: Tensor, running_mean: Tensor | None, running
     return F.relu(y, inplace=True) if relu else y
 
 
+def _grads_needed(params: tuple) -> tuple[bool, ...]:
+    """Which of (input, weight, bn_weight, bn_bias) autograd will want a gradient for: part of the choice's problem."""
+    grad_mode = torch.is_grad_enabled()
+    return tuple(grad_mode and t is not None and t.requires_grad for t in params)
+
+
 def _cpu_chooses_aten(x: Tensor, w: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, training: bool,
                       eps: float, conv: tuple, relu: bool, args: tuple, running: tuple | None) -> bool:
     """Whether the CPU run-time choice (_cpu_backend) sends this problem to ATen. The candidates it times run on
     detached views of the arguments (nothing the caller holds is updated): in training the forward with batch
     statistics and, where autograd will need them, the gradients."""
     params = (x, w, bn_weight, bn_bias)
-    grads = tuple(t is not None and t.requires_grad and torch.is_grad_enabled() for t in params)
+    grads = _grads_needed(params)
     key = _cpu_backend.problem_key(training, x, w, *conv, relu, any(grads))
     candidates = _cpu_candidates(params, grads, eps, conv, relu, args, running)
     return _cpu_backend.choose(key, *candidates) == _cpu_backend.ATEN
