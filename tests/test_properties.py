@@ -485,6 +485,11 @@ def test_no_memory_growth_over_1000_calls():
     does not fail the test. (This process alone grows by under 0.1 MB over 5000 calls.)"""
     import gc
 
+    from resnext_kernels import _build_info
+    if getattr(_build_info, "SANITIZED", False):
+        # ASan holds freed blocks in a quarantine of up to 256 MB before reuse, so resident memory grows with every
+        # allocation until it fills; the regular build's run of this test is the leak check.
+        pytest.skip("AddressSanitizer's quarantine grows resident memory by design")
     model = rk.nn.FusedGroupedConvBNReLU(32, 32, groups=8)
     x = torch.randn(2, 32, 8, 8, requires_grad=True)
     activation_kib = x.numel() * x.element_size() / 1024
