@@ -75,6 +75,25 @@ def microarchitecture(vendor: str, family: int | None, model: int | None) -> str
     return ""
 
 
+# Allocators a process can be preloaded with, by the library name mapped into it.
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def allocator() -> str:
+    """The C allocator this process runs on: a preloaded or linked jemalloc/tcmalloc/mimalloc (named by the library
+    mapped into the process), else glibc's malloc with the MALLOC_* tunables set in the environment."""
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = f.read()
+    except OSError:
+        mapped = ""
+    for name in _ALLOCATORS:
+        if f"/lib{name}" in mapped:
+            return name
+    tunables = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    return "glibc malloc" + (f" ({', '.join(tunables)})" if tunables else "")
+
+
 def machine(device: torch.device) -> dict:
     from resnext_kernels._dispatch import cpu_config  # the kernels' own ISA detection (csrc/cpu/isa.h)
 
@@ -95,6 +114,7 @@ def machine(device: torch.device) -> dict:
         "native_bf16": cpu.native_bf16,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "allocator": allocator(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     if device.type == "cuda":
@@ -254,6 +274,7 @@ def write(record: dict, markdown_body: str, results_dir: str = RESULTS_DIR) -> s
               f"- date: {record['date']} {record['time']}\n"
               f"- commit: {record['commit']}{dirty}\n"
               f"- torch {record['torch']}, Python {record['python']}, {m['torch_threads']} threads{isa}\n"
+              f"- allocator: {m.get('allocator', 'not recorded')}\n"
               f"- command: `{record['command']}`\n"
               f"- environment: {', '.join(f'{k}={v}' for k, v in record['environment'].items()) or 'none set'}\n\n")
     with open(stem + ".md", "w") as f:
