@@ -159,7 +159,18 @@ def conv2_choice(block: nn.Module, x: Tensor) -> str | None:
     """The (3x3) convolution's implementation chosen for ``x``'s size and layout (a layer's own: its only
     convolution), or None before the first call at them."""
     prepared = block.__dict__.get("_prepared")
-    return None if prepared is None else prepared.choice.get(size_key(x))
+    if isinstance(prepared, _Prepared):  # a block's
+        return prepared.choice.get(size_key(x))
+    if _cpu_backend.mode() == ATEN:
+        return ATEN  # a layer forced to ATen's sequence times nothing
+    return None if prepared is None else prepared.choice.get(_choice_key(x))
+
+
+def _choice_key(x: Tensor) -> tuple:
+    """A layer's choices per input size and layout, apart per RESNEXT_KERNELS_CPU_BACKEND mode (which decides what
+    competes)."""
+    mode = _cpu_backend.mode()
+    return size_key(x) if mode == "auto" else (mode, *size_key(x))
 
 
 class _PreparedConv(NamedTuple):
@@ -167,7 +178,7 @@ class _PreparedConv(NamedTuple):
     fused: tuple[Tensor, Tensor, Tensor]  # weight in the compute dtype, BatchNorm (scale, shift) in float32
     packed: _Pointwise
     folded: _Pointwise  # the same weight and bias in PyTorch's layout, for ATen's convolution
-    choice: dict  # size_key -> FUSED, PACKED, FOLDED or ATEN
+    choice: dict  # _choice_key -> FUSED, PACKED or FOLDED
 
 
 def _folded_conv(x: Tensor, p: _Pointwise, conv: nn.Conv2d, relu: bool) -> Tensor:
@@ -187,10 +198,12 @@ def _aten_conv(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> Te
 def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool,
                     signature: tuple | None = None) -> Tensor:
     """relu?(bn(conv(x))) in inference by the fastest of the fused kernel, prepacked oneDNN (BatchNorm folded, ReLU
-    fused), ATen's convolution with BatchNorm folded, and ATen's conv2d + batch_norm + relu, timed on the first call
-    at each input size and layout; the prepared weights kept on ``owner`` (as a block keeps its own); the caller
-    checked unavailable() and that ``bn`` is in inference form. With the call's fast_signature(), the chosen
-    implementation is kept on ``owner`` for later calls with the same signature (see fast_call())."""
+    fused) and ATen's convolution with BatchNorm folded, timed on the first call at each input size and layout (ATen's
+    conv2d + batch_norm + relu runs where RESNEXT_KERNELS_CPU_BACKEND=aten forces it; otherwise it is not timed: the
+    folded convolution is the same convolution with one pass fewer, so the sequence could win only by noise, and a
+    noisy first call would keep it for the process); the prepared weights kept on ``owner`` (as a block keeps its
+    own); the caller checked unavailable() and that ``bn`` is in inference form. With the call's fast_signature(),
+    the chosen implementation is kept on ``owner`` for later calls with the same signature (see fast_call())."""
     x = autocast_tensors(x)[0]
     key = (x.dtype, *_key_parts(conv, bn))
     prepared = owner.__dict__.get("_prepared")
@@ -208,14 +221,11 @@ def conv_bn_forward(owner: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Te
         FOLDED: lambda x: _folded_conv(x, prepared.folded, conv, relu),
         ATEN: lambda x: _aten_conv(x, conv, bn, relu),
     }
-    mode = _cpu_backend.mode()  # RESNEXT_KERNELS_CPU_BACKEND: ATen's sequence alone, or never it
-    if mode == ATEN:
+    if _cpu_backend.mode() == ATEN:  # RESNEXT_KERNELS_CPU_BACKEND=aten: ATen's sequence alone
         chosen = ATEN
     else:
-        if mode == _cpu_backend.OURS:
-            del candidates[ATEN]
-        choice_key = size_key(x) if mode == "auto" else (mode, *size_key(x))
-        chosen = _choose(prepared.choice, choice_key, {k: functools.partial(f, x) for k, f in candidates.items()})
+        timed = {k: functools.partial(f, x) for k, f in candidates.items() if k != ATEN}
+        chosen = _choose(prepared.choice, _choice_key(x), timed)
     if signature is not None and signature[FAST_AUTOCAST] is False:
         owner.__dict__["_fast"] = (signature, candidates[chosen])
     return candidates[chosen](x)

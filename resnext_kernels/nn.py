@@ -127,9 +127,10 @@ class FusedGroupedConvBNReLU(_prepacked.PreparedOwner, nn.Module):
         choice = _prepacked.conv2_choice(self, input) or "not timed yet (the first call at this size and layout)"
         return dataclasses.replace(decision, reason="prepared inference: BatchNorm folded into the weights once "
                                    "(rebuilt when a weight changes); the fastest of the fused kernel "
-                                   f"({decision.kernel}), prepacked oneDNN with the ReLU fused, ATen's convolution "
-                                   f"with BatchNorm folded ({_prepacked.FOLDED}) and ATen's conv2d + batch_norm + "
-                                   f"relu, timed on the first call at each input size and layout: {choice}",
+                                   f"({decision.kernel}), prepacked oneDNN with the ReLU fused and ATen's "
+                                   f"convolution with BatchNorm folded ({_prepacked.FOLDED}), timed on the first call "
+                                   f"at each input size and layout (ATen's conv2d + batch_norm + relu where "
+                                   f"{_cpu_backend.BACKEND_ENV}=aten forces it): {choice}",
                                    backend=choice if choice in _prepacked.LAYER_CHOICES else None)
 
     def forward(self, input: Tensor) -> Tensor:

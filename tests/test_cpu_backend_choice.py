@@ -190,8 +190,8 @@ def test_sequential_equivalence_of_the_aten_route():
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_prepared_layer_inference_takes_the_fastest(channels_last):
     """A layer in eval mode without autograd runs with prepared weights: the fastest of the fused kernel, prepacked
-    oneDNN, ATen's convolution with BatchNorm folded and ATen's sequence, timed on the first call at each size and
-    layout, then kept; float64-exact."""
+    oneDNN and ATen's convolution with BatchNorm folded, timed on the first call at each size and layout, then kept;
+    float64-exact."""
     x, w, mean, var, gamma, beta = _layer()
     x = x if channels_last else x.contiguous()
     layer = rk.nn.FusedGroupedConvBNReLU(64, 64, groups=8).eval()
@@ -204,12 +204,41 @@ def test_prepared_layer_inference_takes_the_fastest(channels_last):
         assert "not timed yet" in layer.explain(x).reason
         out1, out2 = layer(x), layer(x)
         decision = layer.explain(x)
-    assert decision.backend in ("fused", "onednn_prepacked", "aten_folded", "aten")
+    assert decision.backend in ("fused", "onednn_prepacked", "aten_folded")
     assert "prepared inference" in decision.reason
     assert torch.equal(out1, out2) and out1.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert rel_err(out1, reference_conv_bn_relu(x, w, mean, var, gamma, beta, 1e-5, 1, 1, 1, 8)) < FP32_TOL
     layer.train()  # drops the prepared weights
     assert "_prepared" not in layer.__dict__
+
+
+@pytest.mark.parametrize("mode", ["auto", "ours"])
+def test_prepared_layer_times_the_folded_convolution_not_eagers_sequence(monkeypatch, mode):
+    """The prepared layer times the fused kernel, prepacked oneDNN and the folded convolution, never ATen's unfolded
+    sequence (the folded convolution plus a pass: it could win only by a noisy timing); explain() reports the choice
+    in the mode it was made in; forcing ATen runs the sequence untimed."""
+    x = _layer()[0]
+    layer = rk.nn.FusedGroupedConvBNReLU(64, 64, groups=8).eval()
+    if rk.nn._prepacked.unavailable(x) is not None:
+        pytest.skip(rk.nn._prepacked.unavailable(x))
+    monkeypatch.setenv(ENV, mode)
+    timed = []
+
+    def fake_times(candidates):
+        timed.append(sorted(candidates))
+        return {name: 1.0 + (name != "aten_folded") for name in candidates}
+
+    monkeypatch.setattr(rk.nn._prepacked, "time_candidates", fake_times)
+    with torch.no_grad():
+        assert "not timed yet" in layer.explain(x).reason
+        out = layer(x)
+        assert timed == [["aten_folded", "fused", "onednn_prepacked"]]
+        assert layer.explain(x).backend == "aten_folded"
+        monkeypatch.setenv(ENV, "aten")
+        assert layer.explain(x).backend == "aten"
+        assert "resnext_kernels::aten" in _scopes(lambda: layer(x))
+        assert len(timed) == 1
+        assert rel_err(layer(x), out) < FP32_TOL
 
 
 def test_prepared_layer_later_calls_follow_changes(monkeypatch):
