@@ -3,9 +3,9 @@ code, because on CPU a training step frees and re-allocates every activation, an
 freed blocks to the kernel (munmap / heap trimming) only to fault them in again on the next step.
 
 Allocators: glibc malloc as it comes; glibc malloc with ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_``
-raised (blocks up to 32 MB, glibc's ceiling, come from the heap and stay mapped between steps); jemalloc and
-tcmalloc preloaded with ``LD_PRELOAD`` where their libraries are installed (Debian: ``libjemalloc2``,
-``libtcmalloc-minimal4``). The library itself never changes the allocator of the process it runs in.
+raised (blocks up to 32 MB, glibc's ceiling, come from the heap and stay mapped between steps); jemalloc (as it
+comes, and with ``MALLOC_CONF`` keeping freed pages: JEMALLOC_TUNED) and tcmalloc, preloaded with ``LD_PRELOAD``
+where their libraries are installed (Debian: ``libjemalloc2``, ``libtcmalloc-minimal4``). The library itself never changes the allocator of the process it runs in.
 
 An allocator is fixed when a process starts, so each one runs bench_model.py in its own process, --rounds times in
 turn (allocator A, B, C, D, then A, B, C, D again), so that the machine's drift falls on all of them alike. A row's
@@ -39,6 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL_ARGS = ["--models", "resnext50_32x4d,resnet50", "--modes", "train", "--no-compile", "--no-engines"]
 # glibc's largest accepted mmap threshold on 64-bit (half its 64 MB heap size): larger blocks are always mmapped.
 GLIBC_TUNED = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+# jemalloc keeps freed pages (no decay-driven purging) and serves large blocks from its arenas' pages as well.
+JEMALLOC_TUNED = {"MALLOC_CONF": "oversize_threshold:0,background_thread:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 BASELINE = "glibc"
 
 
@@ -50,10 +52,12 @@ def _library(name: str) -> str | None:
 def allocators() -> list[tuple[str, dict[str, str]]]:
     """(label, environment changes) for every allocator this machine can run."""
     out = [(BASELINE, {}), ("glibc tuned", dict(GLIBC_TUNED))]
-    for label, names in (("jemalloc", ("jemalloc",)), ("tcmalloc", ("tcmalloc_minimal", "tcmalloc"))):
-        lib = next((lib for lib in map(_library, names) if lib), None)
-        if lib:
-            out.append((label, {"LD_PRELOAD": lib}))
+    jemalloc = _library("jemalloc")
+    if jemalloc:
+        out += [("jemalloc", {"LD_PRELOAD": jemalloc}), ("jemalloc tuned", {"LD_PRELOAD": jemalloc, **JEMALLOC_TUNED})]
+    tcmalloc = _library("tcmalloc_minimal") or _library("tcmalloc")
+    if tcmalloc:
+        out.append(("tcmalloc", {"LD_PRELOAD": tcmalloc}))
     return out
 
 

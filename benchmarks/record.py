@@ -81,17 +81,16 @@ _ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 def allocator() -> str:
     """The C allocator this process runs on: a preloaded or linked jemalloc/tcmalloc/mimalloc (named by the library
-    mapped into the process), else glibc's malloc with the MALLOC_* tunables set in the environment."""
+    mapped into the process), else glibc's malloc; with the MALLOC_* settings of the environment (glibc's tunables,
+    jemalloc's MALLOC_CONF)."""
     try:
         with open("/proc/self/maps") as f:
             mapped = f.read()
     except OSError:
         mapped = ""
-    for name in _ALLOCATORS:
-        if f"/lib{name}" in mapped:
-            return name
+    name = next((name for name in _ALLOCATORS if f"/lib{name}" in mapped), "glibc malloc")
     tunables = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
-    return "glibc malloc" + (f" ({', '.join(tunables)})" if tunables else "")
+    return name + (f" ({', '.join(tunables)})" if tunables else "")
 
 
 def machine(device: torch.device) -> dict:
