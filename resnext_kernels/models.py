@@ -45,6 +45,13 @@ def _torchvision_resnet():
     return TorchvisionResNet
 
 
+def _global_hooks() -> bool:
+    """Whether a hook registered for every module (torch.nn.modules.module.register_module_forward_hook, ...) is set."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
 def _zero_init_residual(model: nn.Module) -> None:
     """torchvision's zero_init_residual for the fused blocks: the last BN of each residual branch starts at 0."""
     for m in model.modules():
@@ -75,10 +82,29 @@ class ResNet(_prepacked.PreparedOwner, _torchvision_resnet()):
             # The CPU kernels and oneDNN's prepacked convolutions compute channels_last: an NCHW batch is converted
             # once here rather than at every layer (the logits do not depend on the layout).
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self._stem(x)
-        x = self.maxpool(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        image = x
+        x = self.maxpool(self._stem(x))
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if self._blocks_may_consume(x, image, layers):
+            for layer in layers:
+                for block in layer:
+                    x = block._forward(x, consume=True) if type(block) is FusedResNeXtBlock else block(x)
+        else:
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    @staticmethod
+    def _blocks_may_consume(x: Tensor, image: Tensor, layers: tuple[nn.Module, ...]) -> bool:
+        """Whether each block may write its output over its input in CPU inference, saving an activation-sized
+        allocation per block: its input is an intermediate of this forward (not the caller's tensor), nothing records
+        autograd or traces, and no hook could keep a block's input or output (a module's or a global one)."""
+        if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling() \
+                or not all(isinstance(layer, nn.Sequential) for layer in layers):
+            return False
+        if x.untyped_storage().data_ptr() == image.untyped_storage().data_ptr() or _global_hooks():
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                       for layer in layers for m in (layer, *layer))
 
 
 def resnet18(**kwargs) -> ResNet:

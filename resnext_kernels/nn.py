@@ -331,9 +331,14 @@ class FusedResNeXtBlock(_prepacked.PreparedOwner, nn.Module):
         return explain_block(self, x)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x)
+
+    def _forward(self, x: Tensor, consume: bool = False) -> Tensor:
+        """forward(); ``consume``: the caller will not read ``x`` again and no hook sees it (a model's intermediate),
+        so prepared inference may write its output over ``x``."""
         decision = explain_block(self, x)
         if decision.kernel == "onednn_prepacked":
-            return _prepacked.bottleneck_forward(self, x)
+            return _prepacked.bottleneck_forward(self, x, consume)
         if decision.path == "block":
             down = None
             if self.downsample is not None:

@@ -79,6 +79,9 @@ MUTANTS = [
            ("tests/test_models.py", "-k", "prepared")),
     Mutant("py_prepared_weights_stale", "resnext_kernels/_prepacked.py",
            "(t.data_ptr(), t._version)", "(t.data_ptr(),)", ("tests/test_models.py", "-k", "prepared")),
+    Mutant("py_model_overwrites_hooked_outputs", "resnext_kernels/models.py",
+           "        return not any(m._forward_hooks", "        return True or not any(m._forward_hooks",
+           ("tests/test_models.py", "-k", "overwrites_only")),
     # CPU forward paths: 1e-4 relative in float32.
     Mutant("cpu_winograd_f2x2", "csrc/cpu/conv_winograd.h",
            "y[1] = 0.5f * (x0 + x1 + x2);", "y[1] = 0.5001f * (x0 + x1 + x2);", _fuzz("winograd_small")),

@@ -299,6 +299,56 @@ def test_block_prepared_inference_matches_torchvision_float64(name, dtype, chann
     assert _scopes(prof, _CPU_PATH_SCOPES | {"onednn_prepacked"}) == pointwise[:1] + [conv2] + pointwise[1:]
     assert out.dtype == dtype and out.is_contiguous(memory_format=fmt) and torch.equal(out, again)
     assert_close_to_reference(out, expected, own, f"{name} block")
+    x_in = x.to(dtype)
+    before = x_in.clone()
+    with torch.no_grad():
+        ours(x_in)
+    assert torch.equal(x_in, before)  # a block called alone never writes over its input
+
+
+def test_model_inference_overwrites_only_its_own_intermediates(monkeypatch):
+    """In CPU inference a model lets each bottleneck write its output over its input (an intermediate of the
+    forward), but never over the caller's tensor, and not while a hook could hold a block's input or output: then the
+    tensors the hooks saw keep torchvision's values."""
+    torch.manual_seed(0)
+    ref = torchvision.models.resnext50_32x4d()
+    _randomize_bn(ref)
+    ours = rk.models.resnext50_32x4d()
+    ours.load_state_dict(ref.state_dict())
+    ref.eval()
+    ours.eval()
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    if _prepacked.unavailable(x) is not None:
+        pytest.skip(_prepacked.unavailable(x))
+    consumed = []
+    real = _prepacked.bottleneck_forward
+
+    def spy(block, inp, consume=False):
+        consumed.append(consume)
+        return real(block, inp, consume)
+
+    monkeypatch.setattr(_prepacked, "bottleneck_forward", spy)
+    before = x.clone()
+    with torch.no_grad():
+        out = ours(x)
+        assert consumed == [True] * 16 and torch.equal(x, before)
+        assert_close_to_reference(out, ref.double()(x.double()), what="logits")
+
+        def keep(outputs):
+            return lambda module, args, output: outputs.append(output)
+
+        seen = {}
+        for name, model in (("ours", ours), ("torchvision", ref)):
+            seen[name] = []
+            for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+                for block in layer:
+                    block.register_forward_hook(keep(seen[name]))
+        consumed.clear()
+        ours(x)
+        ref.double()(x.double())
+    assert consumed == [False] * 16
+    for i, (mine, theirs) in enumerate(zip(seen["ours"], seen["torchvision"], strict=True)):
+        assert_close_to_reference(mine, theirs, what=f"block {i}'s output as its hook saw it")
 
 
 def test_block_prepared_weights_follow_the_parameters():
