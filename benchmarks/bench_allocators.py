@@ -14,7 +14,8 @@ glibc malloc as it comes. The allocator a run really had is read back from its r
 
 Results: benchmarks/results/<machine>-<date>-<commit>-allocators.{md,json} (--results-dir to change).
 
-usage: python benchmarks/bench_allocators.py [--rounds 2] [--results-dir DIR] [-- bench_model.py arguments]
+usage: python benchmarks/bench_allocators.py [--rounds 2] [--allocators "glibc tuned,tcmalloc"] [--results-dir DIR]
+                                            [-- bench_model.py arguments]
        (default bench_model.py arguments: --models resnext50_32x4d,resnet50 --modes train --no-compile --no-engines)
 """
 
@@ -135,12 +136,21 @@ def markdown(rows: list[dict], labels: list[str], env_of: dict[str, dict[str, st
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="runs per allocator, in turn (default 2)")
+    parser.add_argument("--allocators", default=None,
+                        help="comma-separated labels to run (default: every one installed; glibc always runs)")
     parser.add_argument("--results-dir", default=record.RESULTS_DIR)
     parser.add_argument("model_args", nargs=argparse.REMAINDER,
                         help="after --: bench_model.py's arguments (default: " + " ".join(DEFAULT_MODEL_ARGS) + ")")
     args = parser.parse_args(argv)
     model_args = [a for a in args.model_args if a != "--"] or list(DEFAULT_MODEL_ARGS)
     choices = allocators()
+    if args.allocators:
+        wanted = set(args.allocators.split(",")) | {BASELINE}
+        unknown = wanted - {label for label, _ in choices}
+        if unknown:
+            parser.error(f"--allocators: {', '.join(sorted(unknown))} not available here "
+                         f"(choose from {', '.join(label for label, _ in choices)})")
+        choices = [(label, env) for label, env in choices if label in wanted]
     print(f"# allocators: {', '.join(label for label, _ in choices)}; {args.rounds} rounds of "
           f"bench_model.py {' '.join(model_args)}", flush=True)
     runs: dict[str, list[dict]] = {label: [] for label, _ in choices}

@@ -4,8 +4,8 @@ written by bench_kernels.py and bench_model.py through record.py), between the m
     <!-- BEGIN benchmarks/summarize.py -->  ...  <!-- END benchmarks/summarize.py -->
 
 Per CPU class (the vector ISA the project's kernels ran with: AVX-512, AVX2) it takes the latest kernel record with
-float32, channels_last, N=8 rows of ResNeXt-50's grouped convolutions, and the latest model record; per GPU the
-same. While no GPU record exists, the latest record of benchmarks/predict_cuda.py (the emulator's predicted times)
+float32, channels_last, N=8 rows of ResNeXt-50's grouped convolutions, the latest model record and the latest
+allocator record (bench_allocators.py); per GPU the same. While no GPU record exists, the latest record of benchmarks/predict_cuda.py (the emulator's predicted times)
 stands in, labelled as a prediction. Records of --quick runs are skipped. The output depends on the files alone (no clock, no machine), so the
 same files always give the same section.
 
@@ -174,6 +174,29 @@ def model_table(rec: dict) -> list[str]:
     return lines
 
 
+def allocator_table(rec: dict) -> list[str]:
+    """bench_allocators.py's record: per model, mode and contender, the step's median under each allocator, and glibc
+    malloc's (as it comes) over it."""
+    labels = list(dict.fromkeys(r["allocator"] for r in rec["rows"]))
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rec["rows"]:
+        groups.setdefault((r["model"], r["mode"], r["batch"], r["impl"]), {})[r["allocator"]] = r
+    lines = ["The same steps under each C allocator, each in its own process, rounds in turn: ms per step (median over "
+             "the rounds), and glibc malloc's time over it. glibc tuned: MALLOC_TRIM_THRESHOLD_ and "
+             "MALLOC_MMAP_THRESHOLD_ raised; jemalloc tuned: MALLOC_CONF keeping freed pages (the exact settings are "
+             "in the record). " + provenance(rec), "",
+             "| model | mode | batch | contender | " + " | ".join(labels) + " |",
+             "|---|---|---|---|" + "---|" * len(labels)]
+    for (model, mode, batch, impl), by in groups.items():
+        cells = []
+        for label in labels:
+            r = by.get(label)
+            cells.append("-" if r is None else f"{r['median_ms']:.0f}"
+                         + (f" ({r['vs_glibc']:.2f}x)" if r.get("vs_glibc") and r is not by.get(labels[0]) else ""))
+        lines.append(f"| {model} | {mode} | {batch} | {impl} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def never_slower(rec: dict) -> str:
     """How many fused rows of the whole record (every shape, batch, dtype and layout) run at >= 0.95x eager."""
     parts = []
@@ -239,6 +262,8 @@ def section(records: list[dict]) -> str:
             out += kernel_table(latest(benches["kernels"])) + [""]
         if benches.get("models"):
             out += model_table(latest(benches["models"])) + [""]
+        if benches.get("allocators"):
+            out += allocator_table(latest(benches["allocators"])) + [""]
     if not any(device == "cuda" for device, _ in shown):
         out += ["### GPUs", "", "No GPU record yet: the CUDA kernels are verified in the emulator, not yet timed on a "
                 "GPU.", ""]

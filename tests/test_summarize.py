@@ -60,6 +60,17 @@ def _model_record(ours_ms, date="2026-01-01", commit="aaaaaaa"):
             "torch": "2.0", "python": "3.11", "quick": False, "rows": rows}
 
 
+def _allocator_record():
+    rows = []
+    for allocator, factor in (("glibc", 1.0), ("glibc tuned", 0.8), ("jemalloc", 1.25)):
+        for impl, ms in (("resnext_kernels", 100.0), ("torchvision", 120.0)):
+            rows.append(dict(allocator=allocator, model="resnext50_32x4d", mode="train", impl=impl, batch=8,
+                             dtype="float32", layout="channels_last", median_ms=ms * factor, vs_glibc=1 / factor))
+    return {"schema": 1, "bench": "allocators", "date": "2026-01-01", "time": "10:00:00", "commit": "7777777",
+            "dirty": False, "command": "python benchmarks/bench_allocators.py", "environment": {},
+            "machine": _machine(), "torch": "2.0", "python": "3.11", "quick": False, "rows": rows}
+
+
 def _write(results, name, record):
     results.mkdir(exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(record))
@@ -73,6 +84,7 @@ def results(tmp_path):
     _write(r, "c-quick", _kernel_record(7.0, date="2026-03-01", commit="3333333", quick=True))
     _write(r, "d-avx2", _kernel_record(5.0, kernel_isa="avx2", commit="4444444"))
     _write(r, "e-models", _model_record(100.0))
+    _write(r, "f-allocators", _allocator_record())
     return r
 
 
@@ -103,6 +115,10 @@ def test_latest_full_run_per_cpu_class(tmp_path, results):
                 f"2.00x | 1.00x | 1.25x | {openvino} |") in avx512
     # every fused row of the kernel record against eager (the N=1 and bfloat16 rows have no eager row to compare)
     assert "at >= 0.95x eager: inference 2 of 2 (lowest 2.00x); training 2 of 2 (lowest 2.00x)." in avx512
+    # the allocator record: one column per allocator, glibc malloc's time over each other's
+    assert "| model | mode | batch | contender | glibc | glibc tuned | jemalloc |" in avx512
+    assert "| resnext50_32x4d | train | 8 | torchvision | 120 | 96 (1.25x) | 150 (0.80x) |" in avx512
+    assert "commit 7777777" in avx512
     assert "No GPU record yet" in text
 
 
