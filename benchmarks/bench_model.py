@@ -14,7 +14,8 @@ difference <= 1e-3 of the largest value (bfloat16: 5e-2, a few roundings of its 
 is reported in its row. On CPU the inference compile uses ``torch._inductor.config.freezing = True``
 (BatchNorm folded into the convs).
 
-Timing: median (and min / max) of --repeats timed steps after warm-up (wall clock, CUDA synchronized).
+Timing: median (and min / max) of --repeats timed steps after warm-up (wall clock, CUDA synchronized), the
+contenders of a row taking one step each in turn (interleaved), so that a change of load or clock falls on all.
 Memory: for training, ``saved_MB`` = bytes of the distinct tensors autograd saves for backward in one
 step (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded), i.e. the activation memory;
 on CUDA also ``cuda_peak_MB`` = ``torch.cuda.max_memory_allocated`` during a step minus the memory
@@ -71,16 +72,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(step, device, repeats, warmup):
-    for _ in range(warmup):
-        step()
+def time_steps(steps, device, repeats, warmup):
+    """Seconds per step of each contender: ``warmup`` steps of each, then ``repeats`` rounds in which each runs one
+    step in turn, so that a change of load or clock during the run falls on all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     sync(device)
-    times = []
+    times = {impl: [] for impl in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+        for impl, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[impl].append(time.perf_counter() - t0)
     return times
 
 
@@ -186,6 +191,8 @@ def engine_runner(engine, model_name, ref_state, batch, args, cache):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Its threads would otherwise spin on after each run, taking the cores from the contender timed next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(cache[key], options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda a: session.run(None, {name: a})[0]
@@ -291,8 +298,7 @@ def run_model(model_name, args, device):
                 row["kernels"] = " ".join(record.kernel_scopes(step))
             if device.type == "cuda":
                 row["cuda_peak_MB"] = f"{cuda_peak_bytes(step, device) / 2**20:.1f}"
-        for impl, step in steps.items():  # time after all checks, one contender after the other
-            times = time_step(step, device, args.repeats, args.warmup)
+        for impl, times in time_steps(steps, device, args.repeats, args.warmup).items():  # after all checks
             med = statistics.median(times)
             results[impl].update(median_ms=f"{med * 1e3:.1f}", min_ms=f"{min(times) * 1e3:.1f}",
                                  max_ms=f"{max(times) * 1e3:.1f}", runs=len(times), img_s=f"{batch / med:.2f}")
