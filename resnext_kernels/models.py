@@ -85,7 +85,7 @@ class ResNet(_prepacked.PreparedOwner, _torchvision_resnet()):
         image = x
         x = self.maxpool(self._stem(x))
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        if self._blocks_may_consume(x, image, layers):
+        if self._blocks_may_consume(x, image, layers, self.maxpool):
             for layer in layers:
                 for block in layer:
                     x = block._forward(x, consume=True) if type(block) is FusedResNeXtBlock else block(x)
@@ -94,17 +94,19 @@ class ResNet(_prepacked.PreparedOwner, _torchvision_resnet()):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     @staticmethod
-    def _blocks_may_consume(x: Tensor, image: Tensor, layers: tuple[nn.Module, ...]) -> bool:
+    def _blocks_may_consume(x: Tensor, image: Tensor, layers: tuple[nn.Module, ...], before: nn.Module) -> bool:
         """Whether each block may write its output over its input in CPU inference, saving an activation-sized
         allocation per block: its input is an intermediate of this forward (not the caller's tensor), nothing records
-        autograd or traces, and no hook could keep a block's input or output (a module's or a global one)."""
+        autograd or traces, and no hook could keep a block's input or output (a hook of a block, of a layer, of
+        ``before``, the module whose output enters the first block, or a global one)."""
         if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling() \
                 or not all(isinstance(layer, nn.Sequential) for layer in layers):
             return False
         if x.untyped_storage().data_ptr() == image.untyped_storage().data_ptr() or _global_hooks():
             return False
+        modules = (before, *layers, *(block for layer in layers for block in layer))
         return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                       for layer in layers for m in (layer, *layer))
+                       for m in modules)
 
 
 def resnet18(**kwargs) -> ResNet:

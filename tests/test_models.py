@@ -333,6 +333,11 @@ def test_model_inference_overwrites_only_its_own_intermediates(monkeypatch):
         out = ours(x)
         assert consumed == [True] * 16 and torch.equal(x, before)
         assert_close_to_reference(out, ref.double()(x.double()), what="logits")
+        handle = ours.maxpool.register_forward_hook(lambda module, args, output: None)  # sees the first input
+        consumed.clear()
+        ours(x)
+        handle.remove()
+        assert consumed == [False] * 16
 
         def keep(outputs):
             return lambda module, args, output: outputs.append(output)
