@@ -118,13 +118,6 @@ def cuda_peak_bytes(fn, device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
-class Contender:
-    def __init__(self, name, model, compiled=False):
-        self.name, self.model, self.compiled = name, model, compiled
-        self.module = model  # what is called (the compiled wrapper for compile)
-        self.optimizer = None
-
-
 def build(name, model_name, ref_state, device, dtype, layout):
     if name.startswith("resnext_kernels"):
         model = getattr(rk.models, model_name)()
